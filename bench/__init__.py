@@ -1,0 +1,1 @@
+"""Measurement harness: accuracy, FLOPs, latency, spectral bias and scaling of token reducers."""

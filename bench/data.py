@@ -1,0 +1,135 @@
+"""ImageNet validation folders: labels through the 1000-synset list, decoded once per process.
+
+A folder with only some classes must still get the right labels, so a class index is the
+position of the folder's wnid in timm's sorted list of the 1000 ImageNet-1k synsets, never the
+position of the folder among those present.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bench.errors import BenchError
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+WNID = re.compile(r"^n\d{8}$")
+_CACHE: dict[tuple, ImageSet] = {}
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed images ``(N, 3, H, W)``, their labels ``(N,)`` and where they came from."""
+
+    images: Tensor
+    labels: Tensor
+    paths: list[str]
+    root: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def synsets() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def list_images(root: str | Path, require_known_classes: bool = True) -> list[tuple[Path, int]]:
+    """``(path, class index)`` of every image under ``root/<wnid>/``, sorted by path.
+
+    Labels are looked up in the 1000-synset list. With ``require_known_classes=False`` (image
+    folders used without labels, such as calibration sets) unknown folder names get label -1.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise BenchError(f"data.root does not exist: {root} (set data.root=PATH or FATR_DATA_ROOT)")
+    if not root.is_dir():
+        raise BenchError(f"data.root is not a folder: {root}")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not subdirs:
+        if loose:
+            raise BenchError(
+                f"data.root {root} holds {len(loose)} images directly; expected the ImageNet val layout "
+                "<wnid>/<file>.JPEG (one folder per class)"
+            )
+        raise BenchError(f"data.root {root} is empty: expected the ImageNet val layout <wnid>/<file>.JPEG")
+    index = {w: i for i, w in enumerate(synsets())}
+    items: list[tuple[Path, int]] = []
+    for d in subdirs:
+        if d.name not in index:
+            if require_known_classes:
+                raise BenchError(
+                    f"folder {d.name!r} in {root} is not an ImageNet-1k synset id (like n01440764); "
+                    "expected the ImageNet val layout <wnid>/<file>.JPEG"
+                )
+            label = -1
+        else:
+            label = index[d.name]
+        items += [(f, label) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise BenchError(f"no images (.JPEG/.jpg/.png) found under {root}/<wnid>/")
+    return items
+
+
+def spread(n_total: int, limit: int | None) -> list[int]:
+    """Indices of an evenly spaced, deterministic subset, so quick runs still span the classes."""
+    if limit is None or limit >= n_total:
+        return list(range(n_total))
+    if limit <= 0:
+        raise BenchError(f"data.limit must be positive, got {limit}")
+    return [i * n_total // limit for i in range(limit)]
+
+
+def eval_transform(model: nn.Module, img_size: int | None = None):
+    """The model's own timm eval transform (resize, centre crop, normalise)."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    if img_size is not None:
+        cfg["input_size"] = (3, img_size, img_size)
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
+def load_imagenet_folder(
+    root: str | Path,
+    model: nn.Module | str,
+    limit: int | None = None,
+    img_size: int | None = None,
+    show_progress: bool = True,
+    require_known_classes: bool = True,
+) -> ImageSet:
+    """Decode and preprocess the folder once per process; later calls reuse the tensors."""
+    if isinstance(model, str):
+        from bench.models import create_model
+
+        model = create_model(model)
+    transform = eval_transform(model, img_size)
+    key = (str(Path(root).expanduser().resolve()), limit, repr(transform), require_known_classes)
+    if key in _CACHE:
+        return _CACHE[key]
+    items = list_images(root, require_known_classes)
+    items = [items[i] for i in spread(len(items), limit)]
+    tensors = []
+    for path, _ in tqdm(items, desc=f"decoding {Path(root).name}", disable=not show_progress, leave=False):
+        try:
+            with Image.open(path) as im:
+                tensors.append(transform(im.convert("RGB")))
+        except OSError as e:
+            raise BenchError(f"cannot read image {path}: {e}") from None
+    ds = ImageSet(
+        images=torch.stack(tensors),
+        labels=torch.tensor([label for _, label in items]),
+        paths=[str(p) for p, _ in items],
+        root=str(root),
+    )
+    _CACHE[key] = ds
+    return ds

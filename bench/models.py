@@ -1,0 +1,111 @@
+"""Loading timm ViTs with real weights: a local checkpoint, or the hub when it is reachable.
+
+Weights are loaded once per process and every job gets its own copy, because patching a model
+for a reducer mutates it.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from bench.errors import BenchError
+
+_CACHE: dict[tuple, nn.Module] = {}
+
+
+def create_model(name: str, img_size: int | None = None, **kw) -> nn.Module:
+    """``timm.create_model`` with a clear error for unknown names."""
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise BenchError(f"unknown model {name!r} (not a timm model name).{hint}")
+    if img_size is not None:
+        kw["img_size"] = img_size
+    return timm.create_model(name, **kw)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BenchError(f"checkpoint not found: {path} (set model.checkpoint=PATH or FATR_CHECKPOINT)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BenchError(f"{path} does not hold a state dict")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, name: str = "model") -> None:
+    """Strict load that names the keys that do not match instead of a wall of text."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        raise BenchError(f"checkpoint {path} does not match {name}: " + "; ".join(parts))
+    bad = [k for k in own if own[k].shape != state[k].shape]
+    if bad:
+        k = bad[0]
+        raise BenchError(
+            f"checkpoint {path} does not match {name}: {k} has shape {tuple(state[k].shape)}, "
+            f"model expects {tuple(own[k].shape)}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    name: str,
+    checkpoint: str | None = None,
+    pretrained: bool = False,
+    img_size: int | None = None,
+    random_init: bool = False,
+) -> nn.Module:
+    """A fresh eval-mode copy of the model with real weights.
+
+    ``checkpoint`` wins over ``pretrained`` (timm hub). ``random_init`` is only for smoke
+    tests: the numbers it gives mean nothing, so it has to be asked for explicitly.
+    """
+    key = (name, checkpoint, pretrained, img_size, random_init)
+    if key not in _CACHE:
+        kw = {"dynamic_img_size": True} if img_size is not None else {}
+        if checkpoint:
+            model = create_model(name, img_size=img_size, **kw)
+            load_checkpoint(model, checkpoint, name)
+        elif pretrained:
+            create_model(name)  # unknown-name check before any download attempt
+            try:
+                model = timm.create_model(name, pretrained=True, **({"img_size": img_size} if img_size else {}), **kw)
+            except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+                raise BenchError(
+                    f"could not fetch pretrained weights for {name} from the hub ({type(e).__name__}); "
+                    "set model.checkpoint=PATH (or FATR_CHECKPOINT) to a local safetensors/torch file"
+                ) from None
+        elif random_init:
+            model = create_model(name, img_size=img_size, **kw)
+        else:
+            raise BenchError(
+                f"no weights for {name}: set model.checkpoint=PATH (or FATR_CHECKPOINT) or model.pretrained=true"
+            )
+        _CACHE[key] = model.eval()
+    return copy.deepcopy(_CACHE[key]).eval()

@@ -1,0 +1,273 @@
+"""The one interface every token reducer implements, and the state it transforms.
+
+A reducer runs inside chosen transformer blocks between the attention residual and the MLP,
+so the MLP and every later block see fewer tokens. It never touches the model itself: the
+single ViT patch in :mod:`methods.patch` calls it with a :class:`TokenState` and uses what it
+returns. Keeping the model surgery in one place is what makes the comparison fair: every
+method pays exactly the same overhead for the same work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+ATTN = "attn"
+"""Need: the block's full attention probabilities ``(B, H, N, N)`` (forces the explicit path)."""
+CLS_ATTN = "cls_attn"
+"""Need: only the first prefix token's attention row ``(B, H, N)``; the block stays fused."""
+KEYS = "keys"
+"""Need: the block's keys ``(B, H, N, head_dim)``; the block stays fused."""
+NEEDS = frozenset({ATTN, CLS_ATTN, KEYS})
+
+
+class ReducerConfigError(ValueError):
+    """A reducer was configured with values that cannot work (raised before any forward pass)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a reducer may know about the model it is bound to."""
+
+    depth: int
+    num_heads: int
+    embed_dim: int
+    num_prefix: int
+    patch_grid: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_grid[0] * self.patch_grid[1]
+
+
+@dataclass
+class TokenState:
+    """Tokens between blocks plus the bookkeeping that reducers need to stay correct.
+
+    Prefix tokens (cls, dist, registers) are always the first ``num_prefix`` tokens and are
+    never merged or dropped, so timm heads that read ``x[:, 0]`` keep working.
+    """
+
+    x: Tensor
+    """Tokens ``(B, N, C)``."""
+    size: Tensor
+    """How many original patches each token stands for ``(B, N)``; prefix tokens count 1.
+    A size of 0 marks an empty slot, which proportional attention masks out."""
+    pos: Tensor
+    """Original patch index of each token ``(B, N)``; -1 for prefix and merged tokens."""
+    num_prefix: int
+    patch_grid: tuple[int, int]
+    """Patch grid of the input image (rows, cols): where ``pos`` indices live."""
+    grid: tuple[int, int] | None
+    """Current layout of the patch tokens when they still form a full grid, else None."""
+    source: Tensor | None = None
+    """Optional source map ``(B, N, P)``: which original patches each token covers."""
+    attn: Tensor | None = None
+    """This block's attention probabilities, only when the reducer asked for them."""
+    cls_attn: Tensor | None = None
+    """This block's first-prefix-token attention row ``(B, H, N)``, only when asked for."""
+    keys: Tensor | None = None
+    """This block's keys ``(B, H, N, head_dim)``, only when asked for."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Reducer-private bookkeeping carried across blocks (e.g. FATR's DC slots)."""
+    reduced: bool = False
+    """True once any token was merged or dropped (turns proportional attention on)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    def replace(self, **changes: Any) -> TokenState:
+        return dataclasses.replace(self, **changes)
+
+
+class TokenReducer(nn.Module):
+    """Base class of every method. Subclass it, implement :meth:`reduce`, register it.
+
+    A subclass passes its constructor arguments to ``super().__init__(**hparams)`` so that
+    runs can be recorded, hashed and rebuilt with a different budget knob.
+    """
+
+    budget_knob: ClassVar[str | None] = None
+    """Name of the constructor argument that budget matching solves for (None: not tunable)."""
+    budget_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    """Range of the budget knob searched by bisection."""
+    budget_knob_integer: ClassVar[bool] = False
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__()
+        self.hparams: dict[str, Any] = hparams
+        self.proportional_attention: bool = bool(hparams.get("prop_attn", True))
+        self.info: ModelInfo | None = None
+
+    # -- binding ---------------------------------------------------------------------------
+    def bind(self, info: ModelInfo) -> None:
+        """Check the configuration against the model; raise :class:`ReducerConfigError`."""
+        self.info = info
+
+    def with_knob(self, value: float) -> TokenReducer:
+        """A fresh reducer of the same kind with the budget knob set to ``value``."""
+        if self.budget_knob is None:
+            raise ReducerConfigError(f"{type(self).__name__} has no budget knob to tune")
+        return type(self)(**{**self.hparams, self.budget_knob: value})
+
+    # -- what the patch asks -----------------------------------------------------------------
+    def reduces_at(self, block: int) -> bool:
+        """Whether :meth:`reduce` runs in this block."""
+        return False
+
+    def needs(self, block: int) -> frozenset[str]:
+        """Which of ``ATTN``, ``CLS_ATTN``, ``KEYS`` the reducer reads in this block."""
+        return frozenset()
+
+    def reduce(self, state: TokenState, block: int) -> TokenState:
+        """Return the reduced state. Must keep the prefix tokens first and untouched."""
+        return state
+
+    def attention_bias(self, state: TokenState, block: int) -> Tensor | None:
+        """Additive logit bias ``(B, 1, 1, N)`` on top of proportional attention, or None."""
+        return None
+
+    def attention_gain(self, state: TokenState, block: int) -> Tensor | None:
+        """Per-head gain ω ``(H,)`` on the high-frequency part of attention, or None."""
+        return None
+
+    # -- cost model -------------------------------------------------------------------------
+    def token_counts(self, num_prefix: int, num_patches: int, depth: int) -> list[tuple[int, int]]:
+        """Token count entering each block and leaving its reduction, ``[(n_in, n_out)]``.
+
+        Used by the analytic MACs count and budget matching, and checked against real
+        forwards in the tests, so it must agree exactly with :meth:`reduce`.
+        """
+        n = num_prefix + num_patches
+        return [(n, n)] * depth
+
+    def overhead_macs(self, block: int, n_tokens: int, dim: int, heads: int) -> int:
+        """Multiply-accumulates the reducer itself spends in ``block`` (matmuls only)."""
+        return 0
+
+
+def check_block_indices(blocks: Sequence[int], depth: int, what: str = "reduction block") -> None:
+    """Reject block indices the model does not have, naming the valid range."""
+    for b in blocks:
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise ReducerConfigError(f"{what} index {b!r} is not an integer")
+        if not 0 <= b < depth:
+            raise ReducerConfigError(f"{what} index {b} is outside the model's depth: valid blocks are 0..{depth - 1}")
+
+
+def check_keep_rate(keep: float) -> float:
+    if not isinstance(keep, (int, float)) or isinstance(keep, bool) or not 0.0 < keep <= 1.0:
+        raise ReducerConfigError(f"keep_rate must be in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+class KeepRateReducer(TokenReducer):
+    """Shared schedule for methods that reduce at a few blocks to a fraction of the tokens.
+
+    EViT, FATR, pooling, clustering and pruning all take the same two knobs, ``blocks`` and
+    ``keep_rate``, so they can be compared at identical token counts. Subclasses refine
+    :meth:`count_step` when they add tokens of their own (EViT's fused token, FATR's DC tokens).
+    """
+
+    budget_knob = "keep_rate"
+    budget_range = (0.02, 1.0)
+
+    def __init__(
+        self,
+        blocks: Sequence[int] = (3, 6, 9),
+        keep_rate: float | Sequence[float] = 0.7,
+        **hparams: Any,
+    ) -> None:
+        blocks = [int(b) if isinstance(b, (int, float)) and float(b).is_integer() else b for b in blocks]
+        super().__init__(blocks=list(blocks), keep_rate=keep_rate, **hparams)
+        if len(set(blocks)) != len(blocks) or list(blocks) != sorted(blocks):
+            raise ReducerConfigError(f"blocks must be strictly increasing, got {list(blocks)}")
+        for b in blocks:
+            if not isinstance(b, int) or b < 0:
+                raise ReducerConfigError(f"reduction block index {b!r} must be a non-negative integer")
+        if isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool):
+            keeps = [check_keep_rate(keep_rate)] * len(blocks)
+        else:
+            keeps = [check_keep_rate(k) for k in keep_rate]
+            if len(keeps) != len(blocks):
+                raise ReducerConfigError(
+                    f"keep_rate has {len(keeps)} values but there are {len(blocks)} reduction blocks"
+                )
+        self.blocks: list[int] = list(blocks)
+        self.keep: dict[int, float] = dict(zip(blocks, keeps, strict=True))
+
+    def bind(self, info: ModelInfo) -> None:
+        check_block_indices(self.blocks, info.depth)
+        super().bind(info)
+
+    def reduces_at(self, block: int) -> bool:
+        return block in self.keep
+
+    def num_kept(self, block: int, n: int) -> int:
+        """Tokens kept of ``n`` candidates: ``ceil(keep * n)``, at least 1."""
+        return max(1, min(n, math.ceil(self.keep[block] * n - 1e-9)))
+
+    def count_step(self, block: int, special: int, patch: int) -> tuple[int, int]:
+        """(special, patch) token counts after this block's reduction."""
+        return special, self.num_kept(block, patch)
+
+    def token_counts(self, num_prefix: int, num_patches: int, depth: int) -> list[tuple[int, int]]:
+        special, patch = 0, num_patches
+        counts = []
+        for b in range(depth):
+            n_in = num_prefix + special + patch
+            if self.reduces_at(b):
+                special, patch = self.count_step(b, special, patch)
+            counts.append((n_in, num_prefix + special + patch))
+        return counts
+
+
+_REGISTRY: dict[str, type[TokenReducer]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a reducer buildable by name (``method=<name>``)."""
+
+    def deco(cls: type[TokenReducer]) -> type[TokenReducer]:
+        if not (isinstance(cls, type) and issubclass(cls, TokenReducer)):
+            raise TypeError(f"@register({name!r}) needs a TokenReducer subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a reducer named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        _REGISTRY[name] = cls
+        cls.method_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def reducer_class(name: str) -> type[TokenReducer]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; registered methods: {', '.join(available_methods())}"
+        ) from None
+
+
+def build_reducer(name: str, **hparams: Any) -> TokenReducer:
+    """Build a registered reducer by name, turning bad arguments into one clear error."""
+    cls = reducer_class(name)
+    try:
+        return cls(**hparams)
+    except TypeError as e:
+        raise ReducerConfigError(f"bad arguments for method {name!r}: {e}") from None

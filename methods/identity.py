@@ -1,0 +1,13 @@
+"""The unreduced baseline, as a reducer, so it runs through exactly the same patched code."""
+
+from __future__ import annotations
+
+from methods.base import TokenReducer, register
+
+
+@register("none")
+class NoReduction(TokenReducer):
+    """Keeps every token. Its logits equal the unpatched model's (tested on real weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()

@@ -1,0 +1,276 @@
+"""The one timm ViT patch that every reducer runs through.
+
+``apply_reducer`` swaps the classes of a timm ``VisionTransformer`` and of its blocks for
+subclasses whose ``forward`` threads a :class:`~methods.base.TokenState` through the blocks,
+computes attention the same way for every method, and calls the reducer between the
+attention residual and the MLP. ``remove_reducer`` swaps the original classes back.
+
+Attention stays fused (``F.scaled_dot_product_attention``) unless the block's reducer asked
+for the full attention map; proportional attention (``log(size)`` on the logits) goes in as
+the SDPA additive mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.base import ATTN, CLS_ATTN, KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
+from methods.tokens import initial_state
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a timm VisionTransformer this patch knows how to reduce."""
+
+
+class ReductionContext:
+    """Per-model state shared by the patched blocks during one forward pass."""
+
+    def __init__(self, reducer: TokenReducer, info: ModelInfo, trace_source: bool) -> None:
+        self.reducer = reducer
+        self.info = info
+        self.trace_source = trace_source
+        self.state: TokenState | None = None
+        self.image_hw: tuple[int, int] | None = None
+        self.last_state: TokenState | None = None
+        self.token_trace: list[int] = []
+        self.observers: list = []
+
+    def attention_bias(self, block: int, dtype: torch.dtype) -> Tensor | None:
+        state = self.state
+        assert state is not None
+        bias = None
+        if state.reduced and self.reducer.proportional_attention:
+            bias = state.size.log()[:, None, None, :]
+        extra = self.reducer.attention_bias(state, block)
+        if extra is not None:
+            bias = extra if bias is None else bias + extra
+        return None if bias is None else bias.to(dtype)
+
+
+def _attention(
+    attn: nn.Module,
+    x: Tensor,
+    bias: Tensor | None,
+    gain: Tensor | None,
+    valid: Tensor | None,
+    needs: frozenset[str],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """timm ``Attention.forward`` with a bias, an optional high-frequency gain and taps.
+
+    With gain ω (per head) the attention becomes ``A_LP + (1+ω)(A - A_LP)`` where ``A_LP``
+    averages over the valid tokens, i.e. ``(1+ω)·A·V - ω·mean(V)``: it is computed that way,
+    so the fused kernel still serves the blocks that need no explicit map.
+    """
+    b, n, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    taps: dict[str, Tensor] = {}
+    if KEYS in needs:
+        taps[KEYS] = k
+    drop = attn.attn_drop.p if attn.training else 0.0
+    if ATTN in needs:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.float().softmax(dim=-1)
+        if gain is not None:
+            lp = _mean_filter(valid, n, probs.device)
+            g = gain.float()[None, :, None, None]
+            probs = (1 + g) * probs - g * lp
+        taps[ATTN] = probs
+        out = attn.attn_drop(probs.to(v.dtype)) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        if gain is not None:
+            lp = _mean_filter(valid, n, v.device).to(v.dtype)
+            g = gain.to(v.dtype)[None, :, None, None]
+            out = (1 + g) * out - g * (lp @ v)
+        if CLS_ATTN in needs:
+            logits0 = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits0 = logits0 + bias
+            taps[CLS_ATTN] = logits0.float().softmax(dim=-1)[:, :, 0]
+    out = out.transpose(1, 2).reshape(b, n, h * d)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), taps
+
+
+def _mean_filter(valid: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """The DC filter ``A_LP`` as a (B|1, 1, 1, N) row: uniform weight over valid tokens."""
+    if valid is None:
+        return torch.full((1, 1, 1, n), 1.0 / n, device=device)
+    v = valid.float()
+    return (v / v.sum(-1, keepdim=True))[:, None, None, :]
+
+
+def _reduced_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    if attn_mask is not None or is_causal:
+        raise ReducerConfigError("token reduction does not support attention masks or causal attention")
+    ctx: ReductionContext = self._reduction_ctx
+    idx: int = self._reduction_index
+    reducer = ctx.reducer
+    state = ctx.state
+    if state is None or state.num_tokens != x.shape[1]:
+        raise RuntimeError("patched ViT block called outside the patched model's forward")
+    needs = reducer.needs(idx) if reducer.reduces_at(idx) else frozenset()
+    bias = ctx.attention_bias(idx, x.dtype)
+    gain = reducer.attention_gain(state, idx)
+    valid = (state.size > 0) if gain is not None and state.reduced else None
+    out, taps = _attention(self.attn, self.norm1(x), bias, gain, valid, needs)
+    x = x + self.drop_path1(self.ls1(out))
+    if reducer.reduces_at(idx):
+        snapshot = state.replace(x=x, attn=taps.get(ATTN), cls_attn=taps.get(CLS_ATTN), keys=taps.get(KEYS))
+        new = reducer.reduce(snapshot, idx)
+        for observe in ctx.observers:
+            observe(idx, snapshot, new)
+        state = new.replace(attn=None, cls_attn=None, keys=None)
+        ctx.state = state
+        x = state.x
+    ctx.token_trace.append(x.shape[1])
+    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    ctx.state = state.replace(x=x)
+    return x
+
+
+def _blocks_pre_hook(module: nn.Module, args: tuple) -> None:
+    ctx: ReductionContext = module._reduction_ctx
+    x = args[0]
+    grid = ctx.info.patch_grid
+    if ctx.image_hw is not None:
+        grid = _feature_grid(ctx.model_patch_embed, ctx.image_hw)
+    num_patches = x.shape[1] - ctx.info.num_prefix
+    if grid[0] * grid[1] != num_patches:
+        raise UnsupportedModelError(
+            f"{num_patches} patch tokens do not fill the {grid[0]}x{grid[1]} patch grid (patch dropout?)"
+        )
+    ctx.token_trace = []
+    ctx.state = initial_state(x, ctx.info.num_prefix, grid, ctx.trace_source)
+
+
+def _feature_grid(patch_embed: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(int(v) for v in patch_embed.dynamic_feat_size(hw))  # type: ignore[return-value]
+    p = patch_embed.patch_size
+    return hw[0] // p[0], hw[1] // p[1]
+
+
+def _model_pre_hook(module: nn.Module, args: tuple) -> None:
+    ctx: ReductionContext = module._reduction_ctx
+    img = args[0] if args else None
+    ctx.image_hw = tuple(img.shape[-2:]) if isinstance(img, Tensor) and img.dim() == 4 else None
+
+
+def _reduced_pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """timm's pooling, size-weighted so merged tokens count for the patches they cover."""
+    pool_type = self.global_pool if pool_type is None else pool_type
+    if not pool_type or pool_type == "token":
+        return x if not pool_type else x[:, 0]
+    state: TokenState = self._reduction_ctx.state
+    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    x = x[:, start:]
+    w = state.size[:, start:].to(x.dtype)[..., None]
+    avg = (x * w).sum(1) / w.sum(1).clamp_min(1e-12)
+    mx = x.masked_fill(w == 0, float("-inf")).amax(dim=1)
+    if pool_type == "avg":
+        return avg
+    if pool_type == "max":
+        return mx
+    if pool_type == "avgmax":
+        return 0.5 * (avg + mx)
+    raise UnsupportedModelError(f"global_pool={pool_type!r} is not supported with token reduction")
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type, methods: dict) -> type:
+    key = (cls, tuple(sorted(methods)))
+    if key not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[key] = type(f"Reduced{cls.__name__}", (cls,), {"_reduction_original_class": cls, **methods})
+    return _PATCHED_CLASSES[key]
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """Check that ``model`` is a timm ViT this patch supports and describe it."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"token reduction needs a timm VisionTransformer (ViT, DeiT, ...), got {type(model).__name__}"
+        )
+    for i, blk in enumerate(model.blocks):
+        base = getattr(type(blk), "_reduction_original_class", type(blk))
+        if base is not Block or type(blk.attn) is not Attention:
+            raise UnsupportedModelError(
+                f"block {i} is a {base.__name__} with {type(blk.attn).__name__}; only timm's standard "
+                "Block with Attention is supported"
+            )
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError("attention-pool heads (global_pool='map') are not supported")
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    return ModelInfo(
+        depth=len(model.blocks),
+        num_heads=model.blocks[0].attn.num_heads,
+        embed_dim=model.embed_dim,
+        num_prefix=model.num_prefix_tokens,
+        patch_grid=grid,  # type: ignore[arg-type]
+    )
+
+
+def apply_reducer(model: nn.Module, reducer: TokenReducer, trace_source: bool = False) -> nn.Module:
+    """Patch a timm ViT in place so ``reducer`` runs in its blocks; returns the model.
+
+    Re-applying replaces the previous reducer. The reducer becomes a submodule
+    (``model.token_reducer``) so its parameters (e.g. FATR's ω) follow ``.to()``.
+    """
+    if is_patched(model):
+        remove_reducer(model)
+    info = model_info(model)
+    reducer.bind(info)
+    ctx = ReductionContext(reducer, info, trace_source)
+    ctx.model_patch_embed = model.patch_embed
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = _patched_class(type(blk), {"forward": _reduced_block_forward})
+        blk._reduction_ctx = ctx
+        blk._reduction_index = i
+    model.__class__ = _patched_class(type(model), {"pool": _reduced_pool})
+    model._reduction_ctx = ctx
+    model.blocks._reduction_ctx = ctx
+    model._reduction_hooks = [
+        model.register_forward_pre_hook(_model_pre_hook),
+        model.blocks.register_forward_pre_hook(_blocks_pre_hook),
+    ]
+    model.token_reducer = reducer
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "_reduction_ctx")
+
+
+def reduction_context(model: nn.Module) -> ReductionContext:
+    if not is_patched(model):
+        raise ValueError("model is not patched; call apply_reducer(model, reducer) first")
+    return model._reduction_ctx
+
+
+def remove_reducer(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_reducer`: original classes, no hooks, no reducer submodule."""
+    if not is_patched(model):
+        return model
+    for h in model._reduction_hooks:
+        h.remove()
+    for blk in model.blocks:
+        blk.__class__ = blk._reduction_original_class
+        del blk._reduction_ctx, blk._reduction_index
+    model.__class__ = model._reduction_original_class
+    del model._reduction_ctx, model.blocks._reduction_ctx, model._reduction_hooks
+    del model.token_reducer
+    return model

@@ -1,0 +1,96 @@
+"""Batched token bookkeeping shared by all reducers: keep a subset, or merge into groups.
+
+Every reducer ends in one of these two operations, so sizes, positions and source maps are
+updated the same way everywhere and a bug here shows up in every method's tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from methods.base import TokenState
+
+
+def batch_gather(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[b, idx[b]]`` for ``t`` of shape (B, N, ...) and ``idx`` (B, K)."""
+    view = idx.reshape(idx.shape + (1,) * (t.dim() - 2))
+    return t.gather(1, view.expand(idx.shape + t.shape[2:]))
+
+
+def prefix_index(state: TokenState) -> Tensor:
+    """Indices (B, P) of the prefix tokens."""
+    b = state.x.shape[0]
+    return torch.arange(state.num_prefix, device=state.x.device).expand(b, -1)
+
+
+def keep_tokens(state: TokenState, idx: Tensor) -> TokenState:
+    """Keep the tokens at ``idx`` (B, K) (prefix included by the caller), copying them exactly."""
+    return state.replace(
+        x=batch_gather(state.x, idx),
+        size=batch_gather(state.size, idx),
+        pos=batch_gather(state.pos, idx),
+        source=None if state.source is None else batch_gather(state.source, idx),
+        grid=None,
+        reduced=True,
+    )
+
+
+def merge_groups(
+    state: TokenState, group: Tensor, num_groups: int, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Size-weighted mean of the tokens of each group.
+
+    ``group`` (B, N) holds each token's group in ``[0, num_groups)``; tokens with group -1 are
+    left out. Returns ``(x, size, source)`` of the groups; an empty group gets size 0 and a
+    zero token. ``weight`` overrides the per-token weights (default: sizes).
+    """
+    x, size = state.x, state.size
+    b, _, c = x.shape
+    w = size if weight is None else weight
+    valid = group >= 0
+    g = torch.where(valid, group, torch.zeros_like(group))
+    w = torch.where(valid, w, torch.zeros_like(w))
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    sums = x.new_zeros(b, num_groups, c, dtype=acc_dtype)
+    sums.scatter_add_(1, g[..., None].expand(-1, -1, c), x.to(acc_dtype) * w[..., None].to(acc_dtype))
+    wsum = size.new_zeros(b, num_groups, dtype=acc_dtype).scatter_add_(1, g, w.to(acc_dtype))
+    new_size = size.new_zeros(b, num_groups).scatter_add_(1, g, torch.where(valid, size, 0 * size))
+    merged = (sums / wsum.clamp_min(1e-12)[..., None]).to(x.dtype)
+    source = None
+    if state.source is not None:
+        src = state.source * valid[..., None].to(state.source.dtype)
+        source = state.source.new_zeros(b, num_groups, state.source.shape[-1])
+        source.scatter_add_(1, g[..., None].expand(-1, -1, src.shape[-1]), src)
+    return merged, new_size, source
+
+
+def merge_all(state: TokenState, group: Tensor, num_groups: int) -> TokenState:
+    """Replace every token by its group's size-weighted mean (prefix tokens in their own groups)."""
+    x, size, source = merge_groups(state, group, num_groups)
+    pos = torch.full(size.shape, -1, dtype=state.pos.dtype, device=size.device)
+    return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True)
+
+
+def concat_states(state: TokenState, parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]]) -> TokenState:
+    """Concatenate ``(x, size, pos, source)`` parts along the token axis into a new state."""
+    x = torch.cat([p[0] for p in parts], dim=1)
+    size = torch.cat([p[1] for p in parts], dim=1)
+    pos = torch.cat([p[2] for p in parts], dim=1)
+    source = None if state.source is None else torch.cat([p[3] for p in parts], dim=1)
+    return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True)
+
+
+def initial_state(x: Tensor, num_prefix: int, patch_grid: tuple[int, int], trace_source: bool) -> TokenState:
+    """State before the first block: every patch token has size 1 and its own position."""
+    b, n, _ = x.shape
+    num_patches = n - num_prefix
+    size = torch.ones(b, n, device=x.device, dtype=torch.float32)
+    pos = torch.arange(-num_prefix, num_patches, device=x.device).clamp_min(-1).expand(b, -1)
+    source = None
+    if trace_source:
+        source = torch.zeros(b, n, num_patches, device=x.device, dtype=torch.float32)
+        source[:, num_prefix:] = torch.eye(num_patches, device=x.device)
+    return TokenState(
+        x=x, size=size, pos=pos, num_prefix=num_prefix, patch_grid=patch_grid, grid=patch_grid, source=source
+    )

@@ -1,0 +1,149 @@
+"""Token Merging (Bolya et al., ICLR 2023): bipartite soft matching in every block.
+
+Written from the paper's algorithm: the metric is the block's keys averaged over heads,
+similarity is cosine, tokens alternate into sets A (even) and B (odd), each A token picks its
+most similar B token, and the ``r`` most similar A tokens are merged into their partners by
+size-weighted average. Prefix tokens are protected (never a source, never a destination).
+One deliberate difference in layout: prefix tokens are kept at the front (the paper's
+``[unmerged A, B]`` order would move a distillation token away from index 1, where timm's
+DeiT head reads it); the other tokens keep the paper's order. Attention is permutation
+equivariant, so this does not change any prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState, register
+from methods.tokens import merge_all
+
+
+def tome_schedule(r: float | Sequence[int], depth: int, inflection: float = 0.0) -> list[int]:
+    """Tokens to merge per block.
+
+    - a list: used as given (padded with zeros to the depth);
+    - ``inflection != 0``: ToMe's linear schedule, from ``r(1-inflection)`` up to
+      ``r(1+inflection)`` across the blocks (the paper's ``(r, inflection)`` form);
+    - a number: constant ``r``; a fractional ``r`` is spread by cumulative rounding so the
+      average per block is exactly ``r`` (lets budget matching hit a MACs target finely).
+    """
+    if isinstance(r, Sequence) and not isinstance(r, str):
+        rs = [int(v) for v in r]
+        if any(v < 0 for v in rs):
+            raise ReducerConfigError(f"ToMe r must be >= 0 in every block, got {rs}")
+        if len(rs) > depth:
+            raise ReducerConfigError(f"ToMe schedule has {len(rs)} entries but the model has {depth} blocks")
+        return rs + [0] * (depth - len(rs))
+    if not isinstance(r, (int, float)) or isinstance(r, bool):
+        raise ReducerConfigError(f"ToMe r must be a number or a list, got {r!r}")
+    if r < 0:
+        raise ReducerConfigError(f"ToMe r must be >= 0, got {r}")
+    if inflection:
+        lo = int(r * (1.0 - inflection))
+        hi = 2 * r - lo
+        step = (hi - lo) / max(depth - 1, 1)
+        return [int(lo + step * i) for i in range(depth)]
+    return [round((i + 1) * r) - round(i * r) for i in range(depth)]
+
+
+def bipartite_groups(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, int]:
+    """Assign every token to its output slot under ToMe's bipartite soft matching.
+
+    Returns ``(group, num_out)``: ``group`` (B, N) maps each token to an output slot, merged
+    A tokens share their B partner's slot, and slots ``0..num_prefix-1`` are the prefix tokens.
+    """
+    bsz, n, _ = metric.shape
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    na, nb = a.shape[1], b.shape[1]
+    scores = a @ b.transpose(-1, -2)
+    tok_a = torch.arange(0, n, 2, device=metric.device)
+    tok_b = torch.arange(1, n, 2, device=metric.device)
+    scores = scores.masked_fill((tok_a < num_prefix)[None, :, None], -math.inf)
+    scores = scores.masked_fill((tok_b < num_prefix)[None, None, :], -math.inf)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_idx = edge_idx[:, r:].sort(dim=-1).values
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx.gather(1, src_idx)
+    n_unm = na - r
+    slot_a = torch.empty(bsz, na, dtype=torch.long, device=metric.device)
+    slot_a.scatter_(1, unm_idx, torch.arange(n_unm, device=metric.device).expand(bsz, -1))
+    slot_a.scatter_(1, src_idx, n_unm + dst_idx)
+    slot_b = (n_unm + torch.arange(nb, device=metric.device)).expand(bsz, -1)
+    group = torch.empty(bsz, n, dtype=torch.long, device=metric.device)
+    group[:, tok_a] = slot_a
+    group[:, tok_b] = slot_b
+    # Move the prefix slots to the front; they are the same in every image (never merged).
+    num_out = n - r
+    prefix_slots = group[0, :num_prefix]
+    is_prefix = torch.zeros(num_out, dtype=torch.bool, device=metric.device)
+    is_prefix[prefix_slots] = True
+    order = torch.cat([prefix_slots, torch.nonzero(~is_prefix).flatten()])
+    remap = torch.empty_like(order)
+    remap[order] = torch.arange(num_out, device=metric.device)
+    return remap[group], num_out
+
+
+def tome_merge(state: TokenState, r: int) -> TokenState:
+    """One ToMe step on a state whose ``keys`` tap is set."""
+    protected = state.num_prefix
+    r = min(r, (state.num_tokens - protected) // 2)
+    if r <= 0:
+        return state
+    metric = state.keys.mean(dim=1)
+    group, num_out = bipartite_groups(metric, r, state.num_prefix)
+    return merge_all(state, group, num_out)
+
+
+@register("tome")
+class ToMe(TokenReducer):
+    """ToMe: merge ``r`` tokens in every block (or per the schedule).
+
+    ``prop_attn`` (proportional attention, on by default) should be off for MAE-style
+    models fine-tuned without it.
+    """
+
+    budget_knob = "r"
+    budget_range = (0.0, 60.0)
+
+    def __init__(self, r: float | Sequence[int] = 13, inflection: float = 0.0, prop_attn: bool = True) -> None:
+        if isinstance(r, Sequence) and not isinstance(r, str):
+            r = [int(v) for v in r]
+        super().__init__(r=r, inflection=inflection, prop_attn=prop_attn)
+        tome_schedule(r, len(r) if isinstance(r, list) else 1, inflection)  # validate early
+        self.schedule: list[int] = []
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        self.schedule = tome_schedule(self.hparams["r"], info.depth, self.hparams["inflection"])
+
+    def reduces_at(self, block: int) -> bool:
+        return block < len(self.schedule) and self.schedule[block] > 0
+
+    def needs(self, block: int) -> frozenset[str]:
+        return frozenset({KEYS})
+
+    def reduce(self, state: TokenState, block: int) -> TokenState:
+        return tome_merge(state, self.schedule[block])
+
+    def token_counts(self, num_prefix: int, num_patches: int, depth: int) -> list[tuple[int, int]]:
+        schedule = tome_schedule(self.hparams["r"], depth, self.hparams["inflection"])
+        n = num_prefix + num_patches
+        counts = []
+        for r in schedule:
+            out = n - max(0, min(r, (n - num_prefix) // 2))
+            counts.append((n, out))
+            n = out
+        return counts
+
+    def overhead_macs(self, block: int, n_tokens: int, dim: int, heads: int) -> int:
+        """Similarity of A against B on head-averaged keys: ``ceil(N/2)·floor(N/2)·d``."""
+        prefix = self.info.num_prefix if self.info else 1
+        if block >= len(self.schedule) or min(self.schedule[block], (n_tokens - prefix) // 2) <= 0:
+            return 0
+        return math.ceil(n_tokens / 2) * (n_tokens // 2) * (dim // heads)

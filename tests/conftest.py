@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random ViTs for fast property tests, and the real DeiT-Tiny.
+
+Tests that need the real weights and images read them from ``FATR_SHARED`` (default
+``../shared`` beside the checkout) and skip with the reason when they are absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FATR_SHARED", REPO.parent / "shared"))
+WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
+VAL = SHARED / "data" / "imagenet-val-1300"
+CALIB = SHARED / "data" / "imagenet-calib-1000"
+
+
+def tiny_vit(**kw) -> torch.nn.Module:
+    """A 6-block ViT on a 8x8 patch grid (64 patches): fast, but deep enough for schedules."""
+    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
+    args.update(kw)
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(**args).eval()
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 32, 32, generator=g)
+
+
+def _need_shared():
+    """Skip where the real data is absent (a user's machine); fail where CI requires it."""
+    missing = [p for p in (WEIGHTS, VAL, CALIB) if not p.exists()]
+    if missing:
+        reason = f"real data not found: {', '.join(map(str, missing))} (set FATR_SHARED)"
+        if os.environ.get("FATR_REQUIRE_SHARED") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def deit_tiny():
+    _need_shared()
+    from bench.models import load_model
+
+    return load_model("deit_tiny_patch16_224", checkpoint=str(WEIGHTS))
+
+
+@pytest.fixture(scope="session")
+def val_batch():
+    """The first 64 real validation images (sorted paths) and labels, model transform applied."""
+    _need_shared()
+    from bench.data import load_imagenet_folder
+
+    ds = load_imagenet_folder(str(VAL), "deit_tiny_patch16_224", limit=64, show_progress=False)
+    return ds.images, ds.labels

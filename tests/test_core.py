@@ -1,0 +1,244 @@
+"""Properties of the interface, the ViT patch, ToMe and EViT on tiny random ViTs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+from helpers import patch_sizes, run_capturing
+
+from methods import (
+    ReducerConfigError,
+    TokenReducer,
+    UnknownMethodError,
+    UnsupportedModelError,
+    apply_reducer,
+    available_methods,
+    build_reducer,
+    register,
+    remove_reducer,
+)
+from methods.tome import bipartite_groups, tome_schedule
+
+VARIANTS = {
+    "plain": {},
+    "distilled": {"_cls": "distilled"},
+    "registers": {"reg_tokens": 4},
+    "layerscale_qknorm": {"init_values": 1e-1, "qk_norm": True},
+    "avgpool": {"global_pool": "avg", "class_token": True},
+    "avgpool_no_cls": {"global_pool": "avg", "class_token": False},
+}
+
+
+def make_variant(name):
+    kw = dict(VARIANTS[name])
+    if kw.pop("_cls", None) == "distilled":
+        from timm.models.deit import VisionTransformerDistilled
+
+        torch.manual_seed(0)
+        return VisionTransformerDistilled(
+            img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
+        ).eval()
+    return tiny_vit(**kw)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_no_reduction_is_exact_and_removable(variant, images):
+    model = make_variant(variant)
+    with torch.no_grad():
+        ref = model(images)
+    for name, kw in [("none", {}), ("tome", {"r": 0})]:
+        logits, steps, _ = run_capturing(model, build_reducer(name, **kw), images)
+        assert torch.equal(logits, ref), name
+        assert steps == []
+    if model.num_prefix_tokens:
+        logits, steps, _ = run_capturing(model, build_reducer("evit", blocks=[1, 3], keep_rate=1.0), images)
+        assert (logits - ref).abs().max() < 1e-5
+    remove_reducer(model)
+    assert type(model).__name__ in ("VisionTransformer", "VisionTransformerDistilled")
+    assert not hasattr(model, "token_reducer")
+    with torch.no_grad():
+        assert torch.equal(model(images), ref)
+
+
+REDUCERS = [
+    ("tome", {"r": 5}),
+    ("tome", {"r": 4, "inflection": 0.5}),
+    ("tome", {"r": [9, 0, 7, 3]}),
+    ("evit", {"blocks": [1, 3], "keep_rate": 0.6}),
+    ("evit", {"blocks": [0, 2, 4], "keep_rate": [0.9, 0.5, 0.7], "fuse": False}),
+]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name,kw", REDUCERS)
+def test_reducer_properties(variant, name, kw, images):
+    model = make_variant(variant)
+    if name == "evit" and model.num_prefix_tokens == 0:
+        with pytest.raises(ReducerConfigError, match="class token"):
+            apply_reducer(model, build_reducer(name, **kw))
+        return
+    reducer = build_reducer(name, **kw)
+    logits, steps, ctx = run_capturing(model, reducer, images)
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    num_patches = 64
+    prefix = model.num_prefix_tokens
+    counts = reducer.token_counts(prefix, num_patches, len(model.blocks))
+    assert ctx.token_trace == [out for _, out in counts]
+    assert steps, "reducer never ran"
+    pruning = name == "evit" and not kw.get("fuse", True)
+    for _, before, after in steps:
+        assert after.x.shape[:2] == after.size.shape == after.pos.shape
+        assert torch.equal(after.x[:, :prefix], before.x[:, :prefix]), "prefix tokens changed"
+        assert torch.all(after.size[:, :prefix] == 1)
+        src = after.source[:, prefix:]
+        assert torch.all(after.source[:, :prefix] == 0)
+        assert torch.allclose(src.sum(-1), patch_sizes(after)), "source map disagrees with sizes"
+        cover = src.sum(1)
+        if pruning:
+            assert torch.all((cover == 0) | (cover == 1)), "pruned source map must be a subset"
+        else:
+            assert torch.all(cover == 1), "source map must partition the grid"
+            assert torch.allclose(patch_sizes(after).sum(-1), torch.full((3,), float(num_patches)))
+
+
+def test_batch_size_one_and_odd_token_counts():
+    # 7x7 grid with cls + dist = 51 tokens (odd), batch of one
+    from timm.models.deit import VisionTransformerDistilled
+
+    model = VisionTransformerDistilled(img_size=28, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+    model.eval()
+    x = torch.randn(1, 3, 28, 28)
+    for name, kw in [("tome", {"r": 7}), ("evit", {"blocks": [1, 2], "keep_rate": 0.55})]:
+        reducer = build_reducer(name, **kw)
+        logits, steps, ctx = run_capturing(model, reducer, x)
+        assert logits.shape == (1, 5)
+        assert ctx.token_trace == [o for _, o in reducer.token_counts(2, 49, 4)]
+
+
+def test_bf16_autocast_runs(images):
+    model = tiny_vit()
+    for name, kw in REDUCERS:
+        apply_reducer(model, build_reducer(name, **kw))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images)
+        assert torch.isfinite(out.float()).all()
+
+
+def _reference_tome(x, metric, size, r, prefix):
+    """Slow per-image ToMe: loops over tokens, returns merged tokens in the patch's order."""
+    outs = []
+    for b in range(x.shape[0]):
+        n = x.shape[1]
+        m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+        a_tok, b_tok = list(range(0, n, 2)), list(range(1, n, 2))
+        best = {}
+        for i in a_tok:
+            if i < prefix:
+                continue
+            sims = [(float(m[i] @ m[j]), j) for j in b_tok if j >= prefix]
+            s, j = max(sims, key=lambda t: t[0])
+            best[i] = (s, j)
+        merged = sorted(best, key=lambda i: -best[i][0])[:r]
+        acc = {j: (x[b, j] * size[b, j], size[b, j].clone()) for j in b_tok}
+        for i in merged:
+            j = best[i][1]
+            acc[j] = (acc[j][0] + x[b, i] * size[b, i], acc[j][1] + size[b, i])
+        rows = [x[b, i] for i in range(prefix)]
+        rows += [x[b, i] for i in a_tok if i >= prefix and i not in merged]
+        rows += [acc[j][0] / acc[j][1] for j in b_tok if j >= prefix]
+        outs.append(torch.stack(rows))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_tome_matches_slow_reference(prefix):
+    g = torch.Generator().manual_seed(3)
+    x, metric = torch.randn(2, 21, 8, generator=g), torch.randn(2, 21, 5, generator=g)
+    size = torch.randint(1, 4, (2, 21), generator=g).float()
+    size[:, :prefix] = 1
+    from methods.base import TokenState
+    from methods.tokens import merge_all
+
+    state = TokenState(
+        x=x, size=size, pos=torch.zeros(2, 21, dtype=torch.long), num_prefix=prefix, patch_grid=(4, 5), grid=None
+    )
+    group, n_out = bipartite_groups(metric, 6, prefix)
+    out = merge_all(state, group, n_out)
+    ref = _reference_tome(x, metric, size, 6, prefix)
+    assert out.x.shape == ref.shape == (2, 15, 8)
+    assert torch.allclose(out.x, ref, atol=1e-5)
+
+
+def test_evit_fused_token_is_attention_weighted_sum(images):
+    model = tiny_vit()
+    _, steps, _ = run_capturing(model, build_reducer("evit", blocks=[2], keep_rate=0.5), images)
+    ((_, before, after),) = steps
+    score = before.cls_attn.mean(1)[:, 1:]
+    kept = math.ceil(0.5 * 64)
+    order = score.argsort(-1, descending=True)
+    rest = order[:, kept:] + 1
+    w = score.gather(1, order[:, kept:])
+    expect = (before.x.gather(1, rest[..., None].expand(-1, -1, 48)) * w[..., None]).sum(1)
+    assert after.num_tokens == 1 + kept + 1
+    assert torch.allclose(after.x[:, -1], expect, atol=1e-6)
+    top = order[:, :kept].sort(-1).values + 1
+    assert torch.equal(after.x[:, 1:-1], before.x.gather(1, top[..., None].expand(-1, -1, 48)))
+
+
+def test_tome_schedules():
+    assert tome_schedule(13, 12) == [13] * 12
+    assert tome_schedule([1, 2], 4) == [1, 2, 0, 0]
+    assert sum(tome_schedule(7.5, 12)) == 90
+    s = tome_schedule(8, 12, inflection=0.5)
+    assert s[0] == 4 and s[-1] == 12 and s == sorted(s)
+
+
+def test_clear_errors():
+    with pytest.raises(UnknownMethodError, match="registered methods: .*tome"):
+        build_reducer("nope")
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ReducerConfigError, match="keep_rate must be in"):
+            build_reducer("evit", keep_rate=bad)
+    with pytest.raises(ReducerConfigError, match="r must be >= 0"):
+        build_reducer("tome", r=-1)
+    with pytest.raises(ReducerConfigError, match="outside the model's depth: valid blocks are 0..5"):
+        apply_reducer(tiny_vit(), build_reducer("evit", blocks=[3, 6]))
+    with pytest.raises(UnsupportedModelError, match="needs a timm VisionTransformer"):
+        apply_reducer(timm.create_model("resnet10t", num_classes=3), build_reducer("none"))
+    with pytest.raises(ReducerConfigError, match="bad arguments for method 'tome'"):
+        build_reducer("tome", keep_rate=0.5)
+
+
+class DropLastHalf(TokenReducer):
+    """A user's reducer, defined here and not in the project: keeps the first half of the tokens."""
+
+    def __init__(self, block: int = 2) -> None:
+        super().__init__(block=block)
+        self.block = block
+
+    def reduces_at(self, block):
+        return block == self.block
+
+    def reduce(self, state, block):
+        from methods.tokens import keep_tokens
+
+        n = state.num_tokens
+        keep = torch.arange(state.num_prefix + (n - state.num_prefix) // 2, device=state.x.device)
+        return keep_tokens(state, keep.expand(state.x.shape[0], -1))
+
+
+def test_user_reducer_plugs_in_with_one_class(images):
+    from hydra.utils import instantiate
+
+    reducer = instantiate({"_target_": f"{__name__}.DropLastHalf", "block": 1})
+    _, _, ctx = run_capturing(tiny_vit(), reducer, images)
+    assert ctx.token_trace == [65, 33, 33, 33, 33, 33]
+
+    register("test_drop_last_half")(DropLastHalf)
+    assert "test_drop_last_half" in available_methods()
+    _, _, ctx = run_capturing(tiny_vit(), build_reducer("test_drop_last_half"), images)
+    assert ctx.token_trace == [65, 65, 33, 33, 33, 33]
