@@ -88,7 +88,8 @@ def _attention(
         if gain is not None:
             lp = _mean_filter(valid, n, v.device).to(v.dtype)
             g = gain.to(v.dtype)[None, :, None, None]
-            out = (1 + g) * out - g * (lp @ v)
+            mean_v = (lp.transpose(-1, -2) * v).sum(dim=-2, keepdim=True)
+            out = (1 + g) * out - g * mean_v
         if CLS_ATTN in needs:
             logits0 = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
             if bias is not None:

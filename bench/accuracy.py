@@ -1,0 +1,51 @@
+"""Top-1, top-5 and agreement with the unreduced model, on the same images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Predictions:
+    top5: Tensor
+    """(N, 5) class indices, best first."""
+
+    @property
+    def top1(self) -> Tensor:
+        return self.top5[:, 0]
+
+
+def predict(
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int = 100,
+    device: torch.device | str = "cpu",
+    desc: str = "accuracy",
+    show_progress: bool = True,
+) -> Predictions:
+    """Top-5 predictions for every image (fp32, eval mode, no grad)."""
+    model.eval().to(device)
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress, leave=False):
+            logits = model(images[i : i + batch_size].to(device, non_blocking=True))
+            out.append(logits.topk(5, dim=-1).indices.cpu())
+    return Predictions(torch.cat(out))
+
+
+def accuracy_metrics(preds: Predictions, labels: Tensor, reference: Predictions | None = None) -> dict[str, float]:
+    """Percentages. ``agreement``: how often the top-1 equals the reference model's top-1."""
+    if (labels < 0).any():
+        raise ValueError("accuracy needs labelled images (labels >= 0)")
+    m = {
+        "top1": 100.0 * (preds.top1 == labels).float().mean().item(),
+        "top5": 100.0 * (preds.top5 == labels[:, None]).any(dim=1).float().mean().item(),
+        "num_images": int(len(labels)),
+    }
+    if reference is not None:
+        m["agreement"] = 100.0 * (preds.top1 == reference.top1).float().mean().item()
+    return m

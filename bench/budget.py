@@ -1,0 +1,87 @@
+"""Budget matching: run every method at the same MACs, so accuracy differences mean something.
+
+Each method exposes one main knob (ToMe's ``r``, everyone else's ``keep_rate``). We solve it
+by bisection on the analytic MACs — the count the tests hold within 2% of fvcore's — so the
+solve takes microseconds and needs no forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.errors import BenchError
+from bench.flops import VitShape, analytic_macs
+from methods import ModelInfo, TokenReducer
+from methods.identity import NoReduction
+
+
+@dataclass(frozen=True)
+class BudgetSolution:
+    reducer: TokenReducer
+    knob: str
+    value: float
+    macs: int
+    target_macs: int
+    baseline_macs: int
+
+    @property
+    def ratio(self) -> float:
+        return self.macs / self.baseline_macs
+
+
+def _macs(reducer: TokenReducer, shape: VitShape, info: ModelInfo) -> int:
+    reducer.bind(info)
+    return analytic_macs(shape, reducer, info.num_patches)
+
+
+def match_budget(
+    reducer: TokenReducer,
+    macs_ratio: float,
+    shape: VitShape,
+    info: ModelInfo,
+    tolerance: float = 0.02,
+    method: str = "",
+) -> BudgetSolution:
+    """Rebuild ``reducer`` with its knob set so its MACs are ``macs_ratio`` of the unreduced
+    model's (within ``tolerance``), or say which ratios the method can reach."""
+    name = method or type(reducer).__name__
+    if not 0 < macs_ratio <= 1:
+        raise BenchError(f"budget.macs_ratio must be in (0, 1], got {macs_ratio}")
+    base = _macs(NoReduction(), shape, info)
+    target = macs_ratio * base
+    knob = reducer.budget_knob
+    if knob is None:
+        macs = _macs(reducer, shape, info)
+        if abs(macs / target - 1) > tolerance:
+            raise BenchError(
+                f"method {name} has no budget knob and runs at macs_ratio {macs / base:.3f}, not {macs_ratio}"
+            )
+        return BudgetSolution(reducer, "", float("nan"), macs, int(target), base)
+    lo, hi = reducer.budget_range
+
+    def cost(value: float) -> tuple[TokenReducer, int]:
+        r = reducer.with_knob(value)
+        return r, _macs(r, shape, info)
+
+    # MACs fall as r grows (ToMe) and rise as keep_rate grows: find the direction first.
+    (_, c_lo), (_, c_hi) = cost(lo), cost(hi)
+    reach = (min(c_lo, c_hi) / base, max(c_lo, c_hi) / base)
+    increasing = c_hi > c_lo
+    a, b = lo, hi
+    best = None
+    for _ in range(60):
+        mid = (a + b) / 2
+        r, c = cost(mid)
+        if best is None or abs(c - target) < abs(best[1] - target):
+            best = (r, c, mid)
+        if (c < target) == increasing:
+            a = mid
+        else:
+            b = mid
+    r, c, value = best
+    if abs(c / target - 1) > tolerance:
+        raise BenchError(
+            f"budget macs_ratio={macs_ratio} is impossible for method {name}: it reaches "
+            f"macs_ratio {reach[0]:.3f}..{reach[1]:.3f} with {knob} in [{lo}, {hi}]"
+        )
+    return BudgetSolution(r, knob, float(value), int(c), int(target), base)

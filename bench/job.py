@@ -1,0 +1,228 @@
+"""One benchmark job: one method, one budget, every enabled measurement, one record.
+
+Jobs that run in the same process (Hydra's basic launcher) share the loaded weights, the
+decoded images and the unreduced baseline, so a sweep spends its time in the models.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from bench.accuracy import Predictions, accuracy_metrics, predict
+from bench.budget import match_budget
+from bench.data import ImageSet, load_imagenet_folder
+from bench.errors import BenchError
+from bench.flops import VitShape, analytic_macs, fvcore_macs
+from bench.latency import measure_latency
+from bench.models import load_model
+from bench.store import append_record, config_hash, device_name, git_commit, now_iso, recorded_hashes
+from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
+from methods.identity import NoReduction
+from methods.patch import model_info
+
+_BASELINES: dict[tuple, Baseline] = {}
+
+
+@dataclass
+class Baseline:
+    preds: Predictions | None
+    metrics: dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return dev
+
+
+def build_reducer_from_config(method_cfg: DictConfig) -> TokenReducer:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if "reducer" not in method_cfg or "_target_" not in method_cfg.reducer:
+        raise BenchError("method config needs a 'reducer' with a '_target_' class")
+    try:
+        reducer = instantiate(method_cfg.reducer, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise BenchError(f"cannot build method {method_cfg.get('name')!r}: {cause}") from None
+    if not isinstance(reducer, TokenReducer):
+        raise BenchError(f"{method_cfg.reducer._target_} is not a TokenReducer subclass")
+    return reducer
+
+
+def job_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What determines a job's numbers: the key for resume and for 'latest per config'."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data["root"] = str(Path(data["root"]).expanduser().resolve())
+    return {
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": data,
+        "budget": OmegaConf.to_container(cfg.budget, resolve=True),
+        "bench": OmegaConf.to_container(cfg.bench, resolve=True),
+        "device": str(resolve_device(cfg.device)),
+    }
+
+
+def flop_metrics(model: nn.Module, reducer: TokenReducer, data: ImageSet, device: torch.device) -> dict[str, Any]:
+    """fvcore and analytic GMACs per image (they must agree within 2%), and parameters."""
+    one = data.images[:1].to(device)
+    return {
+        "gmacs": fvcore_macs(model, one) / 1e9,
+        "gmacs_analytic": analytic_macs(VitShape.of(model), reducer, model_info(model).num_patches) / 1e9,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def measure(
+    cfg: DictConfig,
+    model: nn.Module,
+    reducer: TokenReducer,
+    data: ImageSet,
+    device: torch.device,
+    base: Baseline | None,
+) -> tuple[dict[str, Any], Predictions | None]:
+    """Every enabled measurement of one patched model; relative numbers against ``base``."""
+    name = cfg.method.name if base is not None else "unreduced"
+    metrics: dict[str, Any] = {}
+    preds = None
+    if cfg.bench.accuracy:
+        preds = predict(model, data.images, cfg.data.batch_size, device, name, cfg.progress)
+        metrics.update(accuracy_metrics(preds, data.labels, base.preds if base else None))
+        if base is not None:
+            metrics["baseline_top1"] = base.metrics["top1"]
+            metrics["delta_top1"] = metrics["top1"] - base.metrics["top1"]
+    if cfg.bench.flops:
+        metrics.update(flop_metrics(model, reducer, data, device))
+        if base is not None:
+            metrics["baseline_gmacs"] = base.metrics["gmacs"]
+            metrics["macs_ratio"] = metrics["gmacs"] / base.metrics["gmacs"]
+    if cfg.bench.latency.enabled:
+        lat = cfg.bench.latency
+        x = data.images[: lat.batch_size]
+        if len(x) < lat.batch_size:
+            x = x.repeat((lat.batch_size + len(x) - 1) // len(x), 1, 1, 1)[: lat.batch_size]
+        reference = model_without_reducer(model)
+        metrics.update(
+            measure_latency(model, reference, x.to(device), lat.warmup, lat.iters, lat.amp, lat.threads, cfg.progress)
+        )
+        if "macs_ratio" in metrics:
+            # 1.0 = latency fell exactly as much as MACs did
+            metrics["speedup_efficiency"] = metrics["speedup"] * metrics["macs_ratio"]
+    for hook in EXTRA_MEASUREMENTS:
+        metrics.update(hook(cfg, model, reducer, data, device))
+    return metrics, preds
+
+
+def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.device) -> Baseline:
+    """The unreduced model on the same images: measured and recorded once per process."""
+    key = (str(cfg.model), str(cfg.data), str(device), str(cfg.bench))
+    if key not in _BASELINES:
+        plain = model_without_reducer(model)
+        metrics, preds = measure(cfg, plain, NoReduction(), data, device, None)
+        _BASELINES[key] = Baseline(preds, metrics)
+        base_cfg = cfg.copy()
+        with open_dict(base_cfg):
+            base_cfg.method = OmegaConf.create(
+                {"name": "none", "reducer": {"_target_": "methods.identity.NoReduction"}}
+            )
+            base_cfg.budget.macs_ratio = None
+        _record(base_cfg, NoReduction(), {"macs_ratio_target": None}, data, device, metrics, 0.0)
+    return _BASELINES[key]
+
+
+def _record(
+    cfg: DictConfig,
+    reducer: TokenReducer,
+    budget: dict[str, Any],
+    data: ImageSet,
+    device: torch.device,
+    metrics: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    identity = job_identity(cfg)
+    record = {
+        "config_hash": config_hash(identity),
+        "method": cfg.method.name,
+        "reducer": type(reducer).__name__,
+        "hparams": reducer.hparams,
+        "model": cfg.model.name,
+        "data_root": identity["data"]["root"],
+        "num_images": len(data),
+        "budget": budget,
+        "config": identity,
+        "metrics": metrics,
+        "device": device_name(device),
+        "git_commit": git_commit(),
+        "timestamp": now_iso(),
+        "seconds": seconds,
+        "sweep_dir": _sweep_dir(),
+    }
+    append_record(cfg.results_dir, record)
+    return record
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run one job; returns its record, or None when ``resume`` skipped it."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    digest = config_hash(job_identity(cfg))
+    if cfg.resume and digest in recorded_hashes(cfg.results_dir):
+        print(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true")
+        return None
+    method = cfg.method.name
+    t_start = time.perf_counter()
+    model = load_model(
+        cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained, random_init=cfg.model.get("random_init", False)
+    )
+    reducer = build_reducer_from_config(cfg.method)
+    info = model_info(model)
+    budget: dict[str, Any] = {"macs_ratio_target": cfg.budget.macs_ratio}
+    if cfg.budget.macs_ratio is not None and not isinstance(reducer, NoReduction):
+        sol = match_budget(
+            reducer, float(cfg.budget.macs_ratio), VitShape.of(model), info, float(cfg.budget.tolerance), method
+        )
+        reducer = sol.reducer
+        budget.update(knob=sol.knob, knob_value=sol.value, macs_ratio_analytic=sol.ratio)
+    try:
+        apply_reducer(model, reducer)
+    except ReducerConfigError as e:
+        raise BenchError(f"method {method}: {e}") from None
+    model.to(device)
+    data = load_imagenet_folder(cfg.data.root, model, limit=cfg.data.limit, show_progress=cfg.progress)
+    base = baseline(cfg, model, data, device)
+    metrics, _ = measure(cfg, model, reducer, data, device, base)
+    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start)
+
+
+def model_without_reducer(model: nn.Module) -> nn.Module:
+    """An unreduced copy that runs through the same patched code (``none`` reducer)."""
+    ref = copy.deepcopy(model)
+    remove_reducer(ref)
+    apply_reducer(ref, NoReduction())
+    return ref
+
+
+def _sweep_dir() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().sweep.dir)
+    except (ValueError, ImportError):
+        return None
+
+
+EXTRA_MEASUREMENTS: list = []
+"""Further measurements (spectral, scaling) append ``hook(cfg, model, reducer, data, device) -> dict``."""

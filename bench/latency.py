@@ -1,0 +1,122 @@
+"""Latency: the reduced and the unreduced model timed in alternation, on the same batch.
+
+Machines are shared and noisy, so a speedup is only meaningful as a ratio measured in one run:
+each timed iteration runs both models back to back and the speedup is the median of the
+per-iteration ratios. CUDA uses events after warm-up (optionally bf16 autocast); the CPU uses
+wall clock with a fixed thread count. Peak memory is CUDA's max allocated, or on the CPU the
+process's peak RSS (VmHWM, reset before each model where Linux allows it).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def peak_memory_mb(model: nn.Module, x: Tensor, amp: bool) -> float:
+    """Peak memory of one forward: CUDA max allocated, or the CPU process peak RSS."""
+    device = x.device
+    with torch.no_grad(), _autocast(device, amp):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            model(x)
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        exact = _reset_cpu_peak()
+        model(x)
+        return _cpu_rss_mb("VmHWM") if exact else float("nan")
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def measure_latency(
+    model: nn.Module,
+    reference: nn.Module,
+    x: Tensor,
+    warmup: int = 3,
+    iters: int = 10,
+    amp: bool = False,
+    threads: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Median ms per batch for ``model`` and ``reference``, and the median per-pair speedup."""
+    device = x.device
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        timer = _Timer(device)
+        model.eval()
+        reference.eval()
+        ms, ms_ref = [], []
+        with torch.no_grad(), _autocast(device, amp):
+            for _ in range(warmup):
+                model(x)
+                reference(x)
+            for i in tqdm(range(iters), desc="latency", disable=not show_progress, leave=False):
+                # alternate which model goes first, so neither always runs on a warmer cache
+                first, second = (model, reference) if i % 2 == 0 else (reference, model)
+                a = timer(lambda m=first: m(x))
+                b = timer(lambda m=second: m(x))
+                (ms if first is model else ms_ref).append(a)
+                (ms_ref if first is model else ms).append(b)
+        mem = peak_memory_mb(model, x, amp)
+        mem_ref = peak_memory_mb(reference, x, amp)
+    finally:
+        torch.set_num_threads(old_threads)
+    med, med_ref = statistics.median(ms), statistics.median(ms_ref)
+    batch = x.shape[0]
+    return {
+        "latency_ms": med,
+        "latency_ms_baseline": med_ref,
+        "img_per_s": 1e3 * batch / med,
+        "img_per_s_baseline": 1e3 * batch / med_ref,
+        "speedup": statistics.median(r / m for r, m in zip(ms_ref, ms, strict=True)),
+        "latency_batch": batch,
+        "latency_iters": iters,
+        "amp_bf16": bool(amp),
+        "peak_mem_mb": mem,
+        "peak_mem_mb_baseline": mem_ref,
+        "threads": torch.get_num_threads() if device.type != "cpu" or not threads else threads,
+    }

@@ -1,0 +1,106 @@
+"""The run store: one JSON line per finished job in ``results/runs.jsonl``.
+
+Appends are a single ``write`` of one complete line under an exclusive lock, then fsync, so a
+job killed at any moment leaves either its whole record or nothing, and parallel jobs
+(joblib, SLURM array tasks on a shared filesystem) never interleave. Readers skip a damaged
+line with a warning rather than failing the whole leaderboard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUNS_FILE = "runs.jsonl"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable short hash of what determines a job's numbers (not when or where it ran)."""
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def git_commit(repo: Path | None = None) -> str:
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
+    path = Path(results_dir) / RUNS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # A previous writer killed mid-line must not glue its fragment onto our record.
+        if os.fstat(fd).st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    return path
+
+
+def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(results_dir) / RUNS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{n} is not a complete record (interrupted write?); skipped", stacklevel=2)
+    return records
+
+
+def recorded_hashes(results_dir: str | Path) -> set[str]:
+    return {r["config_hash"] for r in read_records(results_dir) if "config_hash" in r}

@@ -1,0 +1,245 @@
+"""FATR on tiny random ViTs: HF copies, DC means, scores, attention re-weighting, ω calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_vit
+from helpers import run_capturing
+from PIL import Image
+
+from fatr import FATR, hf_scores
+from fatr.calibrate import check_disjoint, fit_omega, main
+from fatr.dc import window_of
+from fatr.reducer import DC_GRID, DC_SLOTS
+from methods import ReducerConfigError, apply_reducer, build_reducer, remove_reducer
+from methods.patch import _attention
+
+CONFIGS = [
+    {"blocks": [1, 3, 4]},
+    {"blocks": [1, 3, 4], "score": "abs", "dc_grid": 1},
+    {"blocks": [0, 2, 4], "score": "std", "dc_grid": [4, 2, 1], "keep_rate": [0.8, 0.6, 0.5]},
+]
+
+
+def _check_step(before, after, keep_rate):
+    p = before.num_prefix
+    d_prev = before.extra.get(DC_SLOTS, 0)
+    w = after.extra[DC_GRID]
+    d = after.extra[DC_SLOTS]
+    assert d == w * w
+    assert torch.equal(after.x[:, :p], before.x[:, :p])
+    hf_x, hf_pos = after.x[:, p + d :], after.pos[:, p + d :]
+    for b in range(before.x.shape[0]):
+        src_index = {int(q): j for j, q in enumerate(before.pos[b].tolist()) if q >= 0}
+        # HF tokens are bit-identical copies of input tokens
+        for i, q in enumerate(hf_pos[b].tolist()):
+            assert torch.equal(hf_x[b, i], before.x[b, src_index[q]])
+        kept = set(hf_pos[b].tolist())
+        lf = [j for j in range(p + d_prev, before.num_tokens) if int(before.pos[b, j]) not in kept]
+        # each DC token = size-weighted mean of exactly its window's LF tokens and earlier DC tokens
+        for win in range(d):
+            members = [j for j in lf if int(window_of(before.pos[b, j], before.patch_grid, w)) == win]
+            if d_prev:
+                wp = before.extra[DC_GRID]
+                members += [p + k for k in range(d_prev) if (k // wp) * w // wp * w + (k % wp) * w // wp == win]
+            sizes = before.size[b, members]
+            if sizes.sum() == 0:
+                assert after.size[b, p + win] == 0
+                continue
+            expect = (before.x[b, members] * sizes[:, None]).sum(0) / sizes.sum()
+            assert torch.allclose(after.x[b, p + win], expect, atol=1e-5)
+            assert after.size[b, p + win] == sizes.sum()
+    assert torch.equal(after.size[:, p:].sum(1), before.size[:, p:].sum(1)), "sizes not conserved"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_fatr_step_properties(cfg, images):
+    model = tiny_vit()
+    reducer = build_reducer("fatr", **cfg)
+    logits, steps, ctx = run_capturing(model, reducer, images)
+    assert torch.isfinite(logits).all()
+    assert ctx.token_trace == [o for _, o in reducer.token_counts(1, 64, 6)]
+    assert len(steps) == 3
+    for _, before, after in steps:
+        _check_step(before, after, cfg.get("keep_rate", 0.7))
+        cover = after.source[:, 1:].sum(1)
+        assert torch.all(cover == 1), "source map must partition the grid"
+
+
+def _slow_scores(attn, valid, variant):
+    b_, h_, n_, _ = attn.shape
+    out = torch.zeros(b_, n_)
+    for b in range(b_):
+        qs = [q for q in range(n_) if valid[b, q]]
+        n = len(qs)
+        for k in range(n_):
+            per_head = []
+            for h in range(h_):
+                col = [float(attn[b, h, q, k]) for q in qs]
+                if variant == "signed":
+                    per_head.append(sum(c - 1 / n for c in col) / n)
+                elif variant == "abs":
+                    per_head.append(sum(abs(c - 1 / n) for c in col) / n)
+                else:
+                    m = sum(col) / n
+                    per_head.append(sum((c - m) ** 2 for c in col) ** 0.5)
+            out[b, k] = sum(per_head) / h_
+    return out
+
+
+@pytest.mark.parametrize("variant", ["signed", "abs", "std"])
+def test_scores_match_slow_reference(variant):
+    g = torch.Generator().manual_seed(0)
+    attn = torch.randn(2, 3, 7, 7, generator=g).softmax(-1)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 2] = False
+    attn[1, :, :, 2] = 0
+    attn[1] = attn[1] / attn[1].sum(-1, keepdim=True)
+    assert torch.allclose(hf_scores(attn, variant, valid), _slow_scores(attn, valid, variant), atol=1e-6)
+
+
+def test_std_score_is_zero_for_constant_attention_column():
+    attn = torch.randn(1, 2, 5, 5).softmax(-1)
+    attn[..., 3] = 0.2
+    assert hf_scores(attn, "std")[0, 3].abs() < 1e-7
+    with pytest.raises(ValueError, match="choose one of"):
+        hf_scores(attn, "loud")
+
+
+def _attn_module(h=3, c=24):
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    return Attention(c, num_heads=h, qkv_bias=True).eval()
+
+
+def test_fused_reweighting_equals_explicit_a_hat_v():
+    attn = _attn_module()
+    x = torch.randn(2, 9, 24)
+    size = torch.rand(2, 9) * 3 + 0.5
+    size[1, 4] = 0  # an empty DC slot
+    valid = size > 0
+    bias = size.log()[:, None, None, :]
+    bias[:, :, :, 1:3] += torch.tensor(1.7).log()  # DC columns scaled by 1 + ω2
+    gain = torch.tensor([0.5, -0.3, 1.2])
+    fused, _ = _attention(attn, x, bias, gain, valid, frozenset())
+    explicit, taps = _attention(attn, x, bias, gain, valid, frozenset({"attn"}))
+    # by hand: A = softmax(logits + bias); Â = A_LP + (1+ω)(A - A_LP); out = proj(Â V)
+    q, k, v = attn.qkv(x).reshape(2, 9, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    a = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(-1)
+    lp = (valid.float() / valid.sum(-1, keepdim=True))[:, None, None, :]
+    a_hat = lp + (1 + gain[None, :, None, None]) * (a - lp)
+    assert torch.allclose(a_hat.sum(-1), torch.ones(2, 3, 9), atol=1e-6), "rows of Â must sum to 1"
+    by_hand = attn.proj((a_hat @ v).transpose(1, 2).reshape(2, 9, 24))
+    assert torch.allclose(fused, by_hand, atol=1e-5)
+    assert torch.allclose(explicit, by_hand, atol=1e-5)
+    assert torch.allclose(taps["attn"], a_hat, atol=1e-6)
+
+
+def test_omega_zero_equals_plain_proportional_attention(images):
+    model = tiny_vit()
+    cfg = {"blocks": [1, 3]}
+    with torch.no_grad():
+        apply_reducer(model, build_reducer("fatr", **cfg))
+        plain = model(images)
+    reducer = build_reducer("fatr", **cfg)
+    apply_reducer(model, reducer)
+    reducer.omega1.requires_grad_(True)  # forces the re-weighting path with ω = 0
+    forced = model(images)
+    assert reducer._omega_active()
+    assert torch.allclose(forced, plain, atol=1e-5)
+
+
+def test_omega2_scales_attention_paid_to_dc_tokens(images):
+    model = tiny_vit()
+    reducer = build_reducer("fatr", blocks=[1, 3])
+    _, steps0, _ = run_capturing(model, reducer, images)
+    with torch.no_grad():
+        reducer.omega2[3] = 1.0  # DC columns x2 at block 3
+    _, steps1, _ = run_capturing(model, reducer, images)
+    a0, a1 = steps0[1][1].attn, steps1[1][1].attn  # block 3, before its reduction
+    d = steps0[0][2].extra[DC_SLOTS]
+    dc = slice(1, 1 + d)
+    ratio0 = a0[..., dc] / a0[..., -1:]
+    ratio1 = a1[..., dc] / a1[..., -1:]
+    assert torch.allclose(ratio1, 2 * ratio0, rtol=1e-4)
+
+
+def test_fatr_errors():
+    with pytest.raises(ReducerConfigError, match="choose one of"):
+        build_reducer("fatr", score="loud")
+    with pytest.raises(ReducerConfigError, match="does not nest"):
+        build_reducer("fatr", dc_grid=[2, 3, 1])
+    with pytest.raises(ReducerConfigError, match="finer than"):
+        apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=16))
+    with pytest.raises(ReducerConfigError, match="omega file not found"):
+        apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], omega_path="/nonexistent.pt"))
+
+
+def test_fit_omega_reduces_kl_and_round_trips(tmp_path, images):
+    model = tiny_vit()
+    imgs = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    reducer = FATR(blocks=[1, 3], keep_rate=0.4)
+    history = fit_omega(model, reducer, imgs, epochs=6, batch_size=6, lr=0.1, show_progress=False)
+    assert history[-1] < history[0], history
+    assert reducer.omega1.abs().sum() > 0
+    from fatr.calibrate import save_omega
+
+    path = save_omega(reducer, tmp_path / "omega.pt", {"blocks": [1, 3], "keep_rate": 0.4})
+    with torch.no_grad():
+        trained = model(images)
+    remove_reducer(model)
+    loaded = FATR(blocks=[1, 3], keep_rate=0.4, omega_path=str(path))
+    apply_reducer(model, loaded)
+    with torch.no_grad():
+        assert torch.allclose(model(images), trained)
+    with pytest.warns(UserWarning, match="keep_rate"):
+        apply_reducer(model, FATR(blocks=[1, 3], keep_rate=0.5, omega_path=str(path)))
+
+
+def _folder(root, names, wnid="n01440764"):
+    d = root / wnid
+    d.mkdir(parents=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (64, 48), (i * 40, 90, 200 - i * 30)).save(d / name)
+    return root
+
+
+def test_calibrate_command_on_a_tiny_folder(tmp_path, capsys):
+    calib = _folder(tmp_path / "calib", ["a.JPEG", "b.JPEG", "c.JPEG"])
+    out = tmp_path / "omega.pt"
+    rc = main(
+        [
+            "--random-init",
+            "--calib-root",
+            str(calib),
+            "--out",
+            str(out),
+            "--eval-root",
+            "",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--model",
+            "deit_tiny_patch16_224",
+        ]
+    )
+    assert rc == 0 and out.exists()
+    saved = torch.load(out, weights_only=True)
+    assert saved["omega1"].shape == (12, 3) and saved["meta"]["num_images"] == 3
+    assert "saved ω" in capsys.readouterr().out
+
+
+def test_calibration_refuses_evaluation_images(tmp_path, capsys):
+    ev = _folder(tmp_path / "eval", ["x.JPEG", "y.JPEG"])
+    calib = _folder(tmp_path / "calib", ["y.JPEG", "z.JPEG"])
+    from bench.errors import BenchError
+
+    with pytest.raises(BenchError, match="is the evaluation folder"):
+        check_disjoint(str(ev), str(ev))
+    with pytest.raises(BenchError, match="shares 1 images"):
+        check_disjoint(str(calib), str(ev))
+    rc = main(["--random-init", "--calib-root", str(ev), "--eval-root", str(ev), "--out", str(tmp_path / "o.pt")])
+    assert rc == 2 and "must not see eval images" in capsys.readouterr().err
