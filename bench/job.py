@@ -22,7 +22,7 @@ from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError
 from bench.flops import VitShape, analytic_macs, fvcore_macs
 from bench.latency import measure_latency
-from bench.models import load_model
+from bench.models import load_model, set_resolution
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, recorded_hashes
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
@@ -121,8 +121,11 @@ def measure(
         if "macs_ratio" in metrics:
             # 1.0 = latency fell exactly as much as MACs did
             metrics["speedup_efficiency"] = metrics["speedup"] * metrics["macs_ratio"]
-    for hook in EXTRA_MEASUREMENTS:
-        metrics.update(hook(cfg, model, reducer, data, device))
+    if base is not None:  # relative analyses of a reduced model; the unreduced one is their reference
+        from bench.extras import scaling_job, spectral_job
+
+        metrics.update(spectral_job(cfg, model, reducer, data, device))
+        metrics.update(scaling_job(cfg, model, reducer, data, device))
     return metrics, preds
 
 
@@ -187,6 +190,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     model = load_model(
         cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained, random_init=cfg.model.get("random_init", False)
     )
+    img_size = cfg.model.get("img_size")
+    if img_size:
+        set_resolution(model, int(img_size))
     reducer = build_reducer_from_config(cfg.method)
     info = model_info(model)
     budget: dict[str, Any] = {"macs_ratio_target": cfg.budget.macs_ratio}
@@ -201,7 +207,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     except ReducerConfigError as e:
         raise BenchError(f"method {method}: {e}") from None
     model.to(device)
-    data = load_imagenet_folder(cfg.data.root, model, limit=cfg.data.limit, show_progress=cfg.progress)
+    data = load_imagenet_folder(
+        cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
+    )
     base = baseline(cfg, model, data, device)
     metrics, _ = measure(cfg, model, reducer, data, device, base)
     return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start)
@@ -222,7 +230,3 @@ def _sweep_dir() -> str | None:
         return str(HydraConfig.get().sweep.dir)
     except (ValueError, ImportError):
         return None
-
-
-EXTRA_MEASUREMENTS: list = []
-"""Further measurements (spectral, scaling) append ``hook(cfg, model, reducer, data, device) -> dict``."""

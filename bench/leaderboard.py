@@ -219,13 +219,12 @@ def write_leaderboard(results_dir: str | Path) -> list[Path]:
     if not df.empty and "speedup" in df:
         plot_latency(df, results_dir / "latency.png")
         paths.append(results_dir / "latency.png")
-    for hook in EXTRA_SECTIONS:
-        paths += hook(df, read_records(results_dir), results_dir)
+    from bench.extras import scaling_section, spectral_section
+
+    records = read_records(results_dir)
+    paths += spectral_section(records, results_dir)
+    paths += scaling_section(records, results_dir)
     return paths
-
-
-EXTRA_SECTIONS: list = []
-"""Further generators (spectral, scaling): ``hook(df, records, results_dir) -> list[Path]``."""
 
 
 def summary(records: list[dict[str, Any]]) -> str:

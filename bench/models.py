@@ -109,3 +109,13 @@ def load_model(
             )
         _CACHE[key] = model.eval()
     return copy.deepcopy(_CACHE[key]).eval()
+
+
+def set_resolution(model: nn.Module, size: int) -> nn.Module:
+    """Run the ViT at ``size`` x ``size`` (position embeddings interpolated by timm)."""
+    patch = model.patch_embed.patch_size
+    if size % patch[0] or size % patch[1]:
+        raise BenchError(f"image size {size} is not divisible by the patch size {patch[0]}")
+    if tuple(model.patch_embed.img_size) != (size, size):
+        model.set_input_size(img_size=(size, size))
+    return model

@@ -36,6 +36,9 @@ class ReductionContext:
         self.last_state: TokenState | None = None
         self.token_trace: list[int] = []
         self.observers: list = []
+        """Called as ``observe(block, before, after)`` at every reduction (analysis tools)."""
+        self.extra_needs: frozenset[str] = frozenset()
+        """Taps requested at reduction blocks on top of the reducer's own (analysis tools)."""
 
     def attention_bias(self, block: int, dtype: torch.dtype) -> Tensor | None:
         state = self.state
@@ -82,6 +85,8 @@ def _attention(
             g = gain.float()[None, :, None, None]
             probs = (1 + g) * probs - g * lp
         taps[ATTN] = probs
+        if CLS_ATTN in needs:
+            taps[CLS_ATTN] = probs[:, :, 0]
         out = attn.attn_drop(probs.to(v.dtype)) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
@@ -119,7 +124,7 @@ def _reduced_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_
     state = ctx.state
     if state is None or state.num_tokens != x.shape[1]:
         raise RuntimeError("patched ViT block called outside the patched model's forward")
-    needs = reducer.needs(idx) if reducer.reduces_at(idx) else frozenset()
+    needs = (reducer.needs(idx) | ctx.extra_needs) if reducer.reduces_at(idx) else frozenset()
     bias = ctx.attention_bias(idx, x.dtype)
     gain = reducer.attention_gain(state, idx)
     valid = (state.size > 0) if gain is not None and state.reduced else None

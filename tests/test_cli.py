@@ -1,0 +1,100 @@
+"""The entry point as a user runs it: sweeps, launchers, plug-in reducers and bad input."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from bench_utils import FAST, image_folder, run_cli
+
+from bench.store import read_records
+
+
+@pytest.fixture(scope="module")
+def val(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("data") / "val")
+
+
+def test_comma_list_sweeps_without_dash_m(tmp_path, val):
+    out = run_cli(["method=tome,evit", f"data.root={val}", *FAST], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    records = read_records(tmp_path / "results")
+    assert [r["method"] for r in records] == ["none", "tome", "evit"]
+    assert "top-1 %" in out.stdout and "tome" in out.stdout  # the summary table
+    for name in ("leaderboard.md", "leaderboard.csv", "pareto.png", "latency.png"):
+        assert (tmp_path / "results" / name).exists(), name
+
+
+def test_unknown_method_lists_the_registered_ones(tmp_path):
+    out = run_cli(["method=nope"], tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'method/nope'" in out.stderr and "tome" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_data_root_is_one_line(tmp_path):
+    out = run_cli(["method=tome", "data.root=/nonexistent/val", *FAST], tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: data.root does not exist: /nonexistent/val (set data.root=PATH or FATR_DATA_ROOT)"]
+    assert "Traceback" not in out.stderr
+
+
+def test_user_reducer_from_its_own_yaml(tmp_path, val):
+    """A reducer class and a hydra yaml outside the project, found through hydra.searchpath."""
+    (tmp_path / "my_reducers.py").write_text(
+        textwrap.dedent("""
+        import torch
+        from methods import TokenReducer
+        from methods.tokens import keep_tokens
+
+        class EveryOther(TokenReducer):
+            def __init__(self, block: int = 5):
+                super().__init__(block=block)
+                self.block = block
+
+            def reduces_at(self, block):
+                return block == self.block
+
+            def reduce(self, state, block):
+                n = state.num_tokens
+                idx = torch.cat([torch.arange(state.num_prefix), torch.arange(state.num_prefix, n, 2)])
+                return keep_tokens(state, idx.expand(state.x.shape[0], -1))
+    """)
+    )
+    conf = tmp_path / "conf" / "method"
+    conf.mkdir(parents=True)
+    (conf / "every_other.yaml").write_text(
+        "name: every_other\nreducer:\n  _target_: my_reducers.EveryOther\n  block: 4\n"
+    )
+    args = [
+        "method=every_other",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "budget.macs_ratio=null",
+        "bench.flops=false",
+        "bench.scaling.enabled=false",
+        f"data.root={val}",
+        *FAST,
+    ]
+    out = run_cli(args, tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rec = read_records(tmp_path / "results")[-1]
+    assert rec["method"] == "every_other" and rec["hparams"] == {"block": 4}
+
+
+def test_submitit_local_launcher_runs_a_two_method_sweep(tmp_path, val):
+    args = [
+        "method=tome,evit",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=20",
+        "bench.scaling.enabled=false",
+        "bench.spectral.enabled=false",
+        f"data.root={val}",
+        *FAST,
+    ]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    methods = sorted({r["method"] for r in read_records(tmp_path / "results")})
+    assert methods == ["evit", "none", "tome"]
+    assert (tmp_path / "results" / "leaderboard.md").exists()
