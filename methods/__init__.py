@@ -18,7 +18,8 @@ from methods.base import (
 from methods.patch import UnsupportedModelError, apply_reducer, reduction_context, remove_reducer
 
 # Importing the method modules registers them.
-from methods import evit, identity, tome  # noqa: E402,F401  isort: skip
+from methods import dpcknn, evit, identity, kmedoids, pool, prune, tome  # noqa: E402,F401  isort: skip
+import fatr  # noqa: E402,F401  isort: skip  (FATR lives in its own package; registering it here lists it too)
 
 __all__ = [
     "ATTN",

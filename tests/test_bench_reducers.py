@@ -1,0 +1,55 @@
+"""One reduction step of every reducer on DeiT-Tiny-shaped random tokens (pytest-benchmark).
+
+Skipped by default (``--benchmark-skip`` in the pytest options); run them with
+``pytest --benchmark-only tests/test_bench_reducers.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods import build_reducer
+from methods.base import ATTN, CLS_ATTN, KEYS, ModelInfo
+from methods.tokens import initial_state
+
+B, GRID, C, HEADS = 64, (14, 14), 192, 3
+N = 1 + GRID[0] * GRID[1]
+INFO = ModelInfo(depth=12, num_heads=HEADS, embed_dim=C, num_prefix=1, patch_grid=GRID)
+
+CASES = {
+    "tome": {"r": 13},
+    "evit": {},
+    "kmedoids": {},
+    "dpcknn": {},
+    "pool": {},
+    "topk": {},
+    "random": {},
+}
+
+
+@pytest.fixture(scope="module")
+def taps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, N, C, generator=g)
+    keys = torch.randn(B, HEADS, N, C // HEADS, generator=g)
+    attn = torch.randn(B, HEADS, N, N, generator=g).softmax(-1)
+    return {"x": x, KEYS: keys, ATTN: attn, CLS_ATTN: attn[:, :, 0].contiguous()}
+
+
+@pytest.mark.benchmark(group="reduction-step")
+@pytest.mark.parametrize("name", list(CASES))
+def test_reduction_step(benchmark, name, taps):
+    torch.set_grad_enabled(False)
+    reducer = build_reducer(name, **CASES[name])
+    reducer.bind(INFO)
+    block = next(b for b in range(INFO.depth) if reducer.reduces_at(b))
+    needs = reducer.needs(block)
+    state = initial_state(taps["x"], 1, GRID, trace_source=False).replace(
+        attn=taps[ATTN] if ATTN in needs else None,
+        cls_attn=taps[CLS_ATTN] if CLS_ATTN in needs else None,
+        keys=taps[KEYS] if KEYS in needs else None,
+    )
+    out = benchmark.pedantic(reducer.reduce, args=(state, block), rounds=5, iterations=1, warmup_rounds=1)
+    expected = reducer.token_counts(1, GRID[0] * GRID[1], INFO.depth)[block][1]
+    assert out.x.shape == (B, expected, C)
