@@ -78,10 +78,19 @@ def match_budget(
             a = mid
         else:
             b = mid
+    if abs(best[1] / target - 1) > tolerance:
+        # MACs need not be monotone in the knob (pooling picks grid shapes): scan it finely.
+        for i in range(401):
+            value = lo + (hi - lo) * i / 400
+            r, c = cost(value)
+            if abs(c - target) < abs(best[1] - target):
+                best = (r, c, value)
     r, c, value = best
     if abs(c / target - 1) > tolerance:
-        raise BenchError(
-            f"budget macs_ratio={macs_ratio} is impossible for method {name}: it reaches "
-            f"macs_ratio {reach[0]:.3f}..{reach[1]:.3f} with {knob} in [{lo}, {hi}]"
+        where = (
+            f"the closest it gets is macs_ratio {c / base:.3f} ({knob}={value:.4g})"
+            if reach[0] <= macs_ratio <= reach[1]
+            else f"it reaches macs_ratio {reach[0]:.3f}..{reach[1]:.3f} with {knob} in [{lo}, {hi}]"
         )
+        raise BenchError(f"budget macs_ratio={macs_ratio} is impossible for method {name}: {where}")
     return BudgetSolution(r, knob, float(value), int(c), int(target), base)

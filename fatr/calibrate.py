@@ -116,6 +116,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="where to save ω (.pt)")
     ap.add_argument("--blocks", type=int, nargs="+", default=[3, 6, 9])
     ap.add_argument("--keep-rate", type=float, default=0.7)
+    ap.add_argument(
+        "--macs-ratio",
+        type=float,
+        default=None,
+        help="solve the keep rate for this MACs budget, as bench.run's budget.macs_ratio does",
+    )
     ap.add_argument("--score", default="signed")
     ap.add_argument("--dc-grid", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=2)
@@ -140,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = load_model(args.model, args.checkpoint, args.pretrained, random_init=args.random_init)
         reducer = FATR(blocks=args.blocks, keep_rate=args.keep_rate, score=args.score, dc_grid=args.dc_grid)
+        if args.macs_ratio is not None:
+            from bench.budget import match_budget
+            from bench.flops import VitShape
+            from methods.patch import model_info
+
+            reducer = match_budget(
+                reducer, args.macs_ratio, VitShape.of(model), model_info(model), method="fatr"
+            ).reducer
         data = load_imagenet_folder(args.calib_root, model, limit=args.limit, require_known_classes=False)
         t0 = time.perf_counter()
         history = fit_omega(model, reducer, data.images, args.epochs, args.batch_size, args.lr, args.seed)
@@ -149,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "model": args.model,
         "blocks": args.blocks,
-        "keep_rate": args.keep_rate,
+        "keep_rate": reducer.hparams["keep_rate"],
+        "macs_ratio": args.macs_ratio,
         "score": args.score,
         "dc_grid": args.dc_grid,
         "calib_root": str(Path(args.calib_root).resolve()),
