@@ -27,16 +27,16 @@ def hf_scores(attn: Tensor, variant: str = "signed", valid: Tensor | None = None
     a = attn.float()
     b, _, n, _ = a.shape
     if valid is None:
-        q_w = a.new_ones(b, 1, n, 1)
-        n_valid = a.new_full((b, 1, 1, 1), float(n))
+        q_w = a.new_ones(b, 1, 1, n)
     else:
-        q_w = valid.float()[:, None, :, None]
-        n_valid = q_w.sum(dim=2, keepdim=True)
-    if variant == "std":
-        col_mean = (a * q_w).sum(dim=2, keepdim=True) / n_valid
-        energy = (((a - col_mean) ** 2) * q_w).sum(dim=2)
-        return energy.sqrt().mean(dim=1)
-    hp = a - 1.0 / n_valid
+        q_w = valid.float()[:, None, None, :]
+    n_valid = q_w.sum(dim=-1, keepdim=True)  # (B, 1, 1, 1)
+    # Weighted sums over queries as batched row-vector products: one pass over A, no copies.
+    col_sum = (q_w @ a)[:, :, 0]  # (B, H, N): sum_q w_q A[q, k]
+    if variant == "signed":
+        return ((col_sum - 1.0) / n_valid[:, :, 0]).mean(dim=1)
     if variant == "abs":
-        hp = hp.abs()
-    return ((hp * q_w).sum(dim=2) / n_valid[:, :, 0]).mean(dim=1)
+        return ((q_w @ (a - 1.0 / n_valid).abs_())[:, :, 0] / n_valid[:, :, 0]).mean(dim=1)
+    centred = a - (col_sum / n_valid[:, :, 0])[:, :, None, :]
+    energy = (q_w @ centred.square_())[:, :, 0]
+    return energy.sqrt().mean(dim=1)

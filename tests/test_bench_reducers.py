@@ -1,7 +1,8 @@
-"""One reduction step of every reducer on DeiT-Tiny-shaped random tokens (pytest-benchmark).
+"""Benchmarks (pytest-benchmark): one reduction step of every reducer on the same
+DeiT-Tiny-shaped tokens, and a full reduced forward of every method on a small ViT.
 
 Skipped by default (``--benchmark-skip`` in the pytest options); run them with
-``pytest --benchmark-only tests/test_bench_reducers.py``.
+``pytest --benchmark-only``. Compare within one run: the machines are shared and noisy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ N = 1 + GRID[0] * GRID[1]
 INFO = ModelInfo(depth=12, num_heads=HEADS, embed_dim=C, num_prefix=1, patch_grid=GRID)
 
 CASES = {
+    "fatr": {},
     "tome": {"r": 13},
     "evit": {},
     "kmedoids": {},
@@ -40,7 +42,6 @@ def taps():
 @pytest.mark.benchmark(group="reduction-step")
 @pytest.mark.parametrize("name", list(CASES))
 def test_reduction_step(benchmark, name, taps):
-    torch.set_grad_enabled(False)
     reducer = build_reducer(name, **CASES[name])
     reducer.bind(INFO)
     block = next(b for b in range(INFO.depth) if reducer.reduces_at(b))
@@ -50,6 +51,31 @@ def test_reduction_step(benchmark, name, taps):
         cls_attn=taps[CLS_ATTN] if CLS_ATTN in needs else None,
         keys=taps[KEYS] if KEYS in needs else None,
     )
-    out = benchmark.pedantic(reducer.reduce, args=(state, block), rounds=5, iterations=1, warmup_rounds=1)
+    with torch.no_grad():
+        out = benchmark.pedantic(reducer.reduce, args=(state, block), rounds=5, iterations=1, warmup_rounds=1)
     expected = reducer.token_counts(1, GRID[0] * GRID[1], INFO.depth)[block][1]
     assert out.x.shape == (B, expected, C)
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    """DeiT-Tiny's architecture (random weights): 12 blocks, so every default schedule applies."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224").eval()
+
+
+@pytest.mark.benchmark(group="reduced-forward")
+@pytest.mark.parametrize("name", ["none", *CASES])
+def test_reduced_forward(benchmark, name, small_vit):
+    from methods import apply_reducer, reduction_context
+
+    reducer = build_reducer(name, **CASES.get(name, {}))
+    apply_reducer(small_vit, reducer)
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = benchmark.pedantic(small_vit, args=(x,), rounds=5, iterations=1, warmup_rounds=1)
+    assert out.shape == (8, 1000)
+    counts = reducer.token_counts(1, 196, 12)
+    assert reduction_context(small_vit).token_trace == [o for _, o in counts]
