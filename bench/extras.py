@@ -57,7 +57,8 @@ def _latest(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 
 def _label(r: dict[str, Any]) -> str:
     t = r.get("budget", {}).get("macs_ratio_target")
-    return r["method"] if t is None else f"{r['method']} @{t:.2f}"
+    name = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
+    return name if t is None else f"{name} @{t:.2f}"
 
 
 def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:

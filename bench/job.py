@@ -161,6 +161,7 @@ def _record(
         "method": cfg.method.name,
         "reducer": type(reducer).__name__,
         "hparams": reducer.hparams,
+        "variant": variant_label(reducer),
         "model": cfg.model.name,
         "data_root": identity["data"]["root"],
         "num_images": len(data),
@@ -213,6 +214,29 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     base = baseline(cfg, model, data, device)
     metrics, _ = measure(cfg, model, reducer, data, device, base)
     return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start)
+
+
+def variant_label(reducer: TokenReducer) -> str:
+    """The hyper-parameters that differ from the class defaults (the budget knob aside), so
+    that two configurations of one method stay apart in tables and plots."""
+    import inspect
+
+    params = inspect.signature(type(reducer).__init__).parameters
+    parts = []
+    for key, value in reducer.hparams.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if key == reducer.budget_knob or (default is not inspect.Parameter.empty and _same(value, default)):
+            continue
+        if key.endswith("_path") and isinstance(value, str):
+            value = Path(value).name
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
 
 
 def model_without_reducer(model: nn.Module) -> nn.Module:

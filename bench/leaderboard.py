@@ -15,7 +15,7 @@ import pandas as pd
 from bench.store import read_records
 
 COLUMNS = {
-    "method": "method",
+    "label": "method",
     "budget": "MACs target",
     "knob": "knob",
     "top1": "top-1 %",
@@ -51,7 +51,9 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
         knob = ""
         if b.get("knob"):
             knob = f"{b['knob']}={b['knob_value']:.4g}"
+        variant = r.get("variant") or ""
         row = {
+            "label": r.get("method", "") + (f" ({variant})" if variant else ""),
             "model": r.get("model"),
             "dataset": Path(r.get("data_root", "")).name,
             "images": r.get("num_images"),
@@ -145,8 +147,8 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
             data=reduced,
             x="gmacs",
             y="top1",
-            hue="method",
-            style="method",
+            hue="label",
+            style="label",
             markers=True,
             dashes=False,
             ax=ax,
@@ -177,11 +179,13 @@ def plot_latency(df: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     if not d.empty:
         d["budget"] = d["budget"].map(lambda v: "own knob" if v is None or v != v else f"{v:.2f}")
-        sns.barplot(data=d, x="method", y="speedup", hue="budget", ax=axes[0])
+        sns.barplot(data=d, x="label", y="speedup", hue="budget", ax=axes[0])
+        axes[0].tick_params(axis="x", rotation=30)
+        axes[0].set_xlabel("")
         axes[0].axhline(1.0, color="black", lw=1)
         axes[0].set_ylabel("speedup vs unreduced (×)")
         if "macs_ratio" in d:
-            sns.scatterplot(data=d, x="macs_ratio", y="speedup", hue="method", style="method", s=80, ax=axes[1])
+            sns.scatterplot(data=d, x="macs_ratio", y="speedup", hue="label", style="label", s=80, ax=axes[1])
             xs = sorted(d["macs_ratio"].dropna())
             if xs:
                 grid = [xs[0] * 0.95 + i * (1.0 - xs[0] * 0.95) / 50 for i in range(51)]
@@ -232,7 +236,7 @@ def summary(records: list[dict[str, Any]]) -> str:
     df = table(records)
     if df.empty:
         return "no jobs recorded"
-    cols = [c for c in ("method", "budget", "knob", "top1", "delta_top1", "agreement", "gmacs", "speedup") if c in df]
+    cols = [c for c in ("label", "budget", "knob", "top1", "delta_top1", "agreement", "gmacs", "speedup") if c in df]
     return df[cols].rename(columns=COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
