@@ -57,7 +57,7 @@ def _latest(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 
 def _label(r: dict[str, Any]) -> str:
     t = r.get("budget", {}).get("macs_ratio_target")
-    name = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
+    name = leaderboard.display_name(r)
     return name if t is None else f"{name} @{t:.2f}"
 
 
@@ -65,60 +65,38 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
     recs = _latest(records, "spectral_blocks")
     if not recs:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    from bench.plots import figure, lines_by_method, save
 
     rows, bands = [], []
     for r in recs:
         for b, row in enumerate(r["metrics"]["spectral_blocks"]):
-            rows.append({"method": _label(r), "block": b, "hf_energy": row["hf_energy"], "kind": "reduced"})
+            rows.append({"method": _label(r), "block": b, "hf_energy": row["hf_energy"]})
         for k, v in enumerate(r["metrics"]["spectral_band_rel"][-1]):
             bands.append({"method": _label(r), "band": k, "relative power": v})
     ref = recs[0]["metrics"]["spectral_blocks"]
     rows += [{"method": "unreduced", "block": b, "hf_energy": row["hf_energy_unreduced"]} for b, row in enumerate(ref)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.lineplot(
-        data=pd.DataFrame(rows),
-        x="block",
-        y="hf_energy",
-        hue="method",
-        style="method",
-        markers=True,
-        dashes=False,
-        ax=ax,
+    n_images = recs[0]["metrics"]["spectral_images"]
+    fig, (ax,) = figure()
+    lines_by_method(ax, pd.DataFrame(rows), "block", "hf_energy")
+    ax.set_ylabel("HF energy ratio ‖X − mean‖² / ‖X‖² (size-weighted)")
+    energy = save(
+        fig,
+        results_dir / "spectral_energy.png",
+        f"High-frequency energy of the patch tokens after each block ({n_images} images)",
+        legend_ax=ax,
     )
-    ax.set_ylabel("HF energy ratio ‖X − mean‖² / ‖X‖²")
-    ax.set_title(
-        f"High-frequency energy of the tokens after each block ({recs[0]['metrics']['spectral_images']} images)"
-    )
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    energy = results_dir / "spectral_energy.png"
-    fig.savefig(energy, dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.lineplot(
-        data=pd.DataFrame(bands),
-        x="band",
-        y="relative power",
-        hue="method",
-        style="method",
-        markers=True,
-        dashes=False,
-        ax=ax,
-    )
+    fig, (ax,) = figure()
+    lines_by_method(ax, pd.DataFrame(bands), "band", "relative power")
     ax.axhline(1.0, color="black", lw=1)
     ax.set_xlabel("radial frequency band of the patch grid (0 = DC … high)")
-    ax.set_ylabel("power relative to unreduced (last block)")
+    ax.set_ylabel("power relative to unreduced")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    band_path = results_dir / "spectral_bands.png"
-    fig.savefig(band_path, dpi=120)
-    plt.close(fig)
+    band_path = save(
+        fig,
+        results_dir / "spectral_bands.png",
+        f"Which spatial frequencies survive to the last block ({n_images} images)",
+        legend_ax=ax,
+    )
 
     lines = [
         "",
@@ -126,7 +104,9 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
         "",
         "After the last block, relative to the unreduced model on the same images. Removed/kept: mean FATR "
         "`std` score (high-frequency contribution) of the tokens each reducer merged or dropped vs those it "
-        "kept as they were, averaged over its reduction blocks.",
+        "kept as they were, averaged over its reduction blocks. Token-set metrics weight a merged token by its "
+        "size; effective and stable rank are bounded by the number of tokens left, so they fall with any "
+        "reduction: compare methods with each other rather than with 1.0.",
         "",
         "| method | HF energy (rel.) | effective rank (rel.) | stable rank (rel.) | removed HF score | kept HF score |",
         "|---|---|---|---|---|---|",
@@ -157,11 +137,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
     recs = _latest(records, "scaling")
     if not recs:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    from bench.plots import figure, lines_by_method, save
 
     rows = []
     for r in recs:
@@ -184,17 +160,17 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
             }
         )
     d = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = figure(2, 12, 4.8)
     for ax, y in zip(axes, ["latency ms (batch 1)", "GMACs"], strict=True):
-        sns.lineplot(data=d, x="tokens", y=y, hue="method", style="method", markers=True, dashes=False, ax=ax)
+        lines_by_method(ax, d, "tokens", y)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"Cost vs tokens (224 → {max(d['tokens'])} tokens) — {recs[0].get('device')}")
-    fig.tight_layout()
-    path = results_dir / "scaling.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save(
+        fig,
+        results_dir / "scaling.png",
+        f"Cost vs tokens ({min(d['tokens'])} → {max(d['tokens'])} tokens), {recs[0].get('device')}",
+        legend_ax=axes[0],
+    )
 
     lines = [
         "",
@@ -213,7 +189,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
         m = r["metrics"]
         res = m["resolution_at_base_latency"]
         res_s = (
-            "–"
+            "never: slower already at the base resolution"
             if math.isnan(res)
             else f"{res:.0f}" + (" (extrapolated)" if m["resolution_at_base_latency_extrapolated"] else "")
         )

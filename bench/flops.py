@@ -12,6 +12,7 @@ within 2% for every method.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +105,9 @@ NO_MAC_OPS = [
 
 def fvcore_macs(model: nn.Module, images: torch.Tensor) -> int:
     """MACs of one forward of ``images`` (per the whole batch) as fvcore traces them."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore's import trips torch.jit.script deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     handles = {op: _zero for op in NO_MAC_OPS}
     handles["aten::scaled_dot_product_attention"] = sdpa_macs

@@ -99,7 +99,9 @@ def measure(
     metrics: dict[str, Any] = {}
     preds = None
     if cfg.bench.accuracy:
+        t0 = time.perf_counter()
         preds = predict(model, data.images, cfg.data.batch_size, device, name, cfg.progress)
+        metrics["accuracy_seconds"] = time.perf_counter() - t0
         metrics.update(accuracy_metrics(preds, data.labels, base.preds if base else None))
         if base is not None:
             metrics["baseline_top1"] = base.metrics["top1"]

@@ -7,12 +7,13 @@ config), so re-running this reproduces them exactly.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bench.store import read_records
+from bench.store import config_hash, read_records
 
 COLUMNS = {
     "label": "method",
@@ -33,13 +34,33 @@ COLUMNS = {
 }
 
 
+def display_name(record: dict[str, Any]) -> str:
+    """Method name plus its non-default settings, short enough for a legend."""
+    variant = re.sub(r"omega_path=[^,]+", "ω calibrated", record.get("variant") or "")
+    return record.get("method", "") + (f" ({variant})" if variant else "")
+
+
+def result_key(record: dict[str, Any]) -> str:
+    """What a leaderboard row stands for: method, settings, budget, model, data and device —
+    but not which measurements a run switched on, so that a run measuring accuracy only and a
+    run measuring everything for the same configuration fill one row."""
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return str(record.get("config_hash"))
+    return config_hash({k: v for k, v in config.items() if k != "bench"})
+
+
 def latest_per_config(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    latest: dict[str, dict[str, Any]] = {}
-    for r in records:
-        h = r.get("config_hash")
-        if h and (h not in latest or r.get("timestamp", "") >= latest[h].get("timestamp", "")):
-            latest[h] = r
-    return list(latest.values())
+    """One record per configuration: each metric from the newest record that measured it."""
+    merged: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r.get("timestamp", "")):
+        key = result_key(r)
+        if key not in merged:
+            merged[key] = {**r, "metrics": dict(r.get("metrics", {}))}
+        else:
+            metrics = {**merged[key]["metrics"], **r.get("metrics", {})}
+            merged[key] = {**r, "metrics": metrics}
+    return list(merged.values())
 
 
 def table(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -51,9 +72,8 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
         knob = ""
         if b.get("knob"):
             knob = f"{b['knob']}={b['knob_value']:.4g}"
-        variant = r.get("variant") or ""
         row = {
-            "label": r.get("method", "") + (f" ({variant})" if variant else ""),
+            "label": display_name(r),
             "model": r.get("model"),
             "dataset": Path(r.get("data_root", "")).name,
             "images": r.get("num_images"),
@@ -133,79 +153,55 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def plot_pareto(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    from bench.plots import figure, lines_by_method, save
 
     d = df.dropna(subset=["top1", "gmacs"]).sort_values("gmacs")
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, (ax,) = figure()
     reduced = d[d["method"] != "none"]
     if not reduced.empty:
-        sns.lineplot(
-            data=reduced,
-            x="gmacs",
-            y="top1",
-            hue="label",
-            style="label",
-            markers=True,
-            dashes=False,
-            ax=ax,
-            markersize=8,
-        )
+        lines_by_method(ax, reduced, "gmacs", "top1", hue="label")
     base = d[d["method"] == "none"]
     if not base.empty:
         ax.scatter(base["gmacs"], base["top1"], marker="*", s=250, color="black", label="unreduced", zorder=5)
     ax.set_xlabel("GMACs per image (fvcore)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(_title(d, "Accuracy vs compute"))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, _title(d, "Accuracy vs compute"), legend_ax=ax)
 
 
 def plot_latency(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
+
+    from bench.plots import figure, save
 
     d = df.dropna(subset=["speedup"])
     d = d[d["method"] != "none"].copy()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = figure(2, 12, 4.8)
     if not d.empty:
         d["budget"] = d["budget"].map(lambda v: "own knob" if v is None or v != v else f"{v:.2f}")
         sns.barplot(data=d, x="label", y="speedup", hue="budget", ax=axes[0])
-        axes[0].tick_params(axis="x", rotation=30)
+        axes[0].tick_params(axis="x", rotation=60, labelsize=7)
         axes[0].set_xlabel("")
         axes[0].axhline(1.0, color="black", lw=1)
         axes[0].set_ylabel("speedup vs unreduced (×)")
+        axes[0].legend(title="MACs target", fontsize=7)
         if "macs_ratio" in d:
-            sns.scatterplot(data=d, x="macs_ratio", y="speedup", hue="label", style="label", s=80, ax=axes[1])
+            sns.scatterplot(data=d, x="macs_ratio", y="speedup", hue="label", style="label", s=70, ax=axes[1])
             xs = sorted(d["macs_ratio"].dropna())
-            if xs:
-                grid = [xs[0] * 0.95 + i * (1.0 - xs[0] * 0.95) / 50 for i in range(51)]
-                axes[1].plot(grid, [1 / g for g in grid], "k--", lw=1, label="speedup = 1/MACs ratio")
+            grid = [xs[0] * 0.95 + i * (1.0 - xs[0] * 0.95) / 50 for i in range(51)]
+            axes[1].plot(grid, [1 / g for g in grid], "k--", lw=1, label="speedup = 1 / MACs ratio")
+            axes[1].get_legend().remove()
             axes[1].set_xlabel("MACs ratio (reduced / unreduced)")
             axes[1].set_ylabel("measured speedup (×)")
-            axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(_title(df, "Latency"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, _title(df, "Latency"), legend_ax=axes[1])
 
 
 def _title(df: pd.DataFrame, what: str) -> str:
     if df.empty:
         return what
     dev = ", ".join(sorted(set(df["device"].dropna())))
-    return f"{what} — {', '.join(sorted(set(df['model'])))} on {int(df['images'].max())} images — {dev}"
+    return f"{what}: {', '.join(sorted(set(df['model'])))}, {int(df['images'].max())} images\n{dev}"
 
 
 def write_leaderboard(results_dir: str | Path) -> list[Path]:

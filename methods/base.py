@@ -184,13 +184,14 @@ class KeepRateReducer(TokenReducer):
         keep_rate: float | Sequence[float] = 0.7,
         **hparams: Any,
     ) -> None:
-        blocks = [int(b) if isinstance(b, (int, float)) and float(b).is_integer() else b for b in blocks]
-        super().__init__(blocks=list(blocks), keep_rate=keep_rate, **hparams)
-        if len(set(blocks)) != len(blocks) or list(blocks) != sorted(blocks):
-            raise ReducerConfigError(f"blocks must be strictly increasing, got {list(blocks)}")
+        if isinstance(blocks, int):
+            blocks = [blocks]
         for b in blocks:
-            if not isinstance(b, int) or b < 0:
+            if not isinstance(b, int) or isinstance(b, bool) or b < 0:
                 raise ReducerConfigError(f"reduction block index {b!r} must be a non-negative integer")
+        if list(blocks) != sorted(set(blocks)):
+            raise ReducerConfigError(f"blocks must be strictly increasing, got {list(blocks)}")
+        super().__init__(blocks=list(blocks), keep_rate=keep_rate, **hparams)
         if isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool):
             keeps = [check_keep_rate(keep_rate)] * len(blocks)
         else:

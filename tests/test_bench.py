@@ -189,3 +189,34 @@ def test_bad_input_is_one_clear_error(tmp_path, override, match):
 
     with pytest.raises((BenchError, ReducerConfigError), match=match):
         run_job(cfg)
+
+
+def test_leaderboard_merges_runs_of_one_config_that_measured_different_things():
+    from bench.leaderboard import latest_per_config
+
+    config = {"method": {"name": "tome"}, "model": {}, "data": {}, "budget": {"macs_ratio": 0.65}, "device": "cpu"}
+    full = {
+        "config": {**config, "bench": {"scaling": True}},
+        "config_hash": "h1",
+        "timestamp": "2026-01-01T00:00:00",
+        "method": "tome",
+        "metrics": {"top1": 70.0, "alpha_latency": 1.2},
+    }
+    quick = {
+        "config": {**config, "bench": {"scaling": False}},
+        "config_hash": "h2",
+        "timestamp": "2026-01-02T00:00:00",
+        "method": "tome",
+        "metrics": {"top1": 71.0},
+    }
+    other = {
+        "config": {**config, "budget": {"macs_ratio": 0.5}, "bench": {}},
+        "config_hash": "h3",
+        "timestamp": "2026-01-03T00:00:00",
+        "method": "tome",
+        "metrics": {"top1": 60.0},
+    }
+    rows = latest_per_config([quick, full, other])
+    assert len(rows) == 2
+    merged = next(r for r in rows if r["config_hash"] == "h2")
+    assert merged["metrics"] == {"top1": 71.0, "alpha_latency": 1.2}

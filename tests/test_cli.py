@@ -98,3 +98,20 @@ def test_submitit_local_launcher_runs_a_two_method_sweep(tmp_path, val):
     methods = sorted({r["method"] for r in read_records(tmp_path / "results")})
     assert methods == ["evit", "none", "tome"]
     assert (tmp_path / "results" / "leaderboard.md").exists()
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, val):
+    args = [
+        "method=tome,evit",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "bench.scaling.enabled=false",
+        "bench.spectral.enabled=false",
+        f"data.root={val}",
+        *FAST,
+    ]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = read_records(tmp_path / "results")
+    assert sorted({r["method"] for r in records}) == ["evit", "none", "tome"]
+    assert all(json_line.endswith("}") for json_line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines())

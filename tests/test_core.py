@@ -242,3 +242,23 @@ def test_user_reducer_plugs_in_with_one_class(images):
     assert "test_drop_last_half" in available_methods()
     _, _, ctx = run_capturing(tiny_vit(), build_reducer("test_drop_last_half"), images)
     assert ctx.token_trace == [65, 65, 33, 33, 33, 33]
+
+
+@pytest.mark.parametrize(
+    "name,kw,explicit_blocks",
+    [("none", {}, 0), ("tome", {"r": 4}, 0), ("evit", {"blocks": [1, 3]}, 0), ("fatr", {"blocks": [1, 3]}, 2)],
+)
+def test_explicit_attention_maps_only_where_a_reducer_needs_them(monkeypatch, images, name, kw, explicit_blocks):
+    """Blocks stay on fused SDPA unless their reducer asks for the full map (memory at high res)."""
+    import torch.nn.functional as F
+
+    import methods.patch as patch
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(patch.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_vit()
+    apply_reducer(model, build_reducer(name, **kw))
+    with torch.no_grad():
+        model(images)
+    assert len(calls) == len(model.blocks) - explicit_blocks
