@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -33,7 +35,6 @@ class SweepSummary(Callback):
         self.bar: tqdm | None = None
         self.sweep_dir: str | None = None
         self.results_dir = "results"
-        self.failed: list[str] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = str(config.hydra.sweep.dir)
@@ -45,11 +46,9 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if self.bar is not None:
             self.bar.update(1)
-        status = getattr(job_return, "status", None)
-        if status is not None and status.name == "FAILED":
-            self.failed.append(" ".join(config.hydra.overrides.task))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from bench.errors import FAILURE_FILE
         from bench.leaderboard import summary, write_leaderboard
         from bench.store import read_records
 
@@ -59,3 +58,9 @@ class SweepSummary(Callback):
         paths = write_leaderboard(self.results_dir)
         print("\n" + summary(records))
         print("\nleaderboard: " + ", ".join(str(p) for p in paths))
+        failures = sorted(Path(self.sweep_dir).glob(f"*/{FAILURE_FILE}"))
+        if failures:
+            print(f"\n{len(failures)} job(s) failed:", file=sys.stderr)
+            for f in failures:
+                print(f"  {f.parent.name}: {f.read_text().strip()}", file=sys.stderr)
+            sys.exit(2)

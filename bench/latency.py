@@ -3,8 +3,8 @@
 Machines are shared and noisy, so a speedup is only meaningful as a ratio measured in one run:
 each timed iteration runs both models back to back and the speedup is the median of the
 per-iteration ratios. CUDA uses events after warm-up (optionally bf16 autocast); the CPU uses
-wall clock with a fixed thread count. Peak memory is CUDA's max allocated, or on the CPU the
-process's peak RSS (VmHWM, reset before each model where Linux allows it).
+wall clock with a fixed thread count. Peak memory is what one forward allocates on top of the
+resident weights and inputs (see :func:`peak_memory_mb`).
 """
 
 from __future__ import annotations
@@ -12,26 +12,10 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class _Timer:
@@ -52,18 +36,31 @@ class _Timer:
 
 
 def peak_memory_mb(model: nn.Module, x: Tensor, amp: bool) -> float:
-    """Peak memory of one forward: CUDA max allocated, or the CPU process peak RSS."""
+    """Peak tensor memory one forward allocates on top of what was already resident (weights,
+    inputs), in MiB: the part that token reduction can change.
+
+    CUDA: ``max_memory_allocated`` minus the allocation before the forward. CPU: the process
+    RSS cannot tell (the allocator keeps freed pages), so the allocations and frees the torch
+    profiler records are replayed in time order and their running sum's maximum is taken.
+    """
     device = x.device
     with torch.no_grad(), _autocast(device, amp):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             model(x)
             torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device) / 2**20
-        exact = _reset_cpu_peak()
-        model(x)
-        return _cpu_rss_mb("VmHWM") if exact else float("nan")
+            return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            model(x)
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak / 2**20
 
 
 def _autocast(device: torch.device, amp: bool):

@@ -30,7 +30,7 @@ COLUMNS = {
     "img_per_s": "img/s",
     "speedup": "speedup",
     "speedup_efficiency": "speedup eff.",
-    "peak_mem_mb": "peak MiB",
+    "peak_mem_mb": "forward peak MiB",
 }
 
 
@@ -146,7 +146,8 @@ def markdown(df: pd.DataFrame) -> str:
         "the top-1 prediction equals the unreduced model's; GMACs per image from fvcore (with attention "
         "counted) and from the analytic formula; speedup is the median of per-iteration latency ratios "
         "against the unreduced model timed in alternation; speedup eff. = speedup × MACs ratio "
-        "(1.0 = latency fell exactly as much as MACs).",
+        "(1.0 = latency fell exactly as much as MACs); forward peak MiB is the tensor memory one forward of a "
+        "latency batch allocates on top of the resident weights and inputs.",
         "",
     ]
     return "\n".join(lines)
@@ -171,7 +172,7 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
 def plot_latency(df: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
 
-    from bench.plots import figure, save
+    from bench.plots import figure, palette, save
 
     d = df.dropna(subset=["speedup"])
     d = d[d["method"] != "none"].copy()
@@ -185,7 +186,16 @@ def plot_latency(df: pd.DataFrame, path: Path) -> None:
         axes[0].set_ylabel("speedup vs unreduced (×)")
         axes[0].legend(title="MACs target", fontsize=7)
         if "macs_ratio" in d:
-            sns.scatterplot(data=d, x="macs_ratio", y="speedup", hue="label", style="label", s=70, ax=axes[1])
+            sns.scatterplot(
+                data=d,
+                x="macs_ratio",
+                y="speedup",
+                hue="label",
+                style="label",
+                s=70,
+                palette=palette(d["label"].nunique()),
+                ax=axes[1],
+            )
             xs = sorted(d["macs_ratio"].dropna())
             grid = [xs[0] * 0.95 + i * (1.0 - xs[0] * 0.95) / 50 for i in range(51)]
             axes[1].plot(grid, [1 / g for g in grid], "k--", lw=1, label="speedup = 1 / MACs ratio")

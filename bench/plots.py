@@ -18,11 +18,29 @@ def figure(ncols: int = 1, width: float = 7.0, height: float = 4.5):
     return fig, list(axes[0])
 
 
+def palette(n: int) -> list:
+    """Distinct colours for up to 20 methods (seaborn's default repeats after 10)."""
+    import seaborn as sns
+
+    return sns.color_palette("tab10" if n <= 10 else "tab20", n)
+
+
 def lines_by_method(ax, data: pd.DataFrame, x: str, y: str, hue: str = "method") -> None:
     """One line per ``hue`` value with markers; the axis legend is removed (see :func:`save`)."""
     import seaborn as sns
 
-    sns.lineplot(data=data, x=x, y=y, hue=hue, style=hue, markers=True, dashes=False, markersize=7, ax=ax)
+    sns.lineplot(
+        data=data,
+        x=x,
+        y=y,
+        hue=hue,
+        style=hue,
+        markers=True,
+        dashes=False,
+        markersize=7,
+        palette=palette(data[hue].nunique()),
+        ax=ax,
+    )
     if ax.get_legend() is not None:
         ax.get_legend().remove()
     ax.grid(alpha=0.3, which="both")

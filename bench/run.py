@@ -1,7 +1,8 @@
 """Entry point: ``python -m bench.run method=fatr,tome,evit``.
 
 The primary config sets ``hydra.mode: MULTIRUN``, so comma-separated values sweep without
-``-m``. Bad input ends the job with one line on stderr and exit status 2, never a traceback.
+``-m``. Bad input ends the job with one line on stderr, never a traceback; the other jobs of
+the sweep still run, and the sweep exits with status 2 after listing the failed jobs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from bench.errors import BenchError
+from bench.errors import BenchError, record_failure
 from methods import ReducerConfigError, UnknownMethodError, UnsupportedModelError
 
 USER_ERRORS = (BenchError, ReducerConfigError, UnknownMethodError, UnsupportedModelError)
@@ -26,7 +27,8 @@ def main(cfg: DictConfig) -> dict | None:
         return run_job(cfg)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        record_failure(str(e))
+        return None
 
 
 if __name__ == "__main__":

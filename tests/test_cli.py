@@ -115,3 +115,22 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, val):
     records = read_records(tmp_path / "results")
     assert sorted({r["method"] for r in records}) == ["evit", "none", "tome"]
     assert all(json_line.endswith("}") for json_line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines())
+
+
+def test_an_impossible_budget_fails_one_job_not_the_sweep(tmp_path, val):
+    args = [
+        "method=evit",
+        "budget.macs_ratio=0.05,0.7",
+        "bench.scaling.enabled=false",
+        "bench.spectral.enabled=false",
+        "bench.latency.enabled=false",
+        f"data.root={val}",
+        *FAST,
+    ]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "error: budget macs_ratio=0.05 is impossible for method evit" in out.stderr
+    assert "1 job(s) failed" in out.stderr
+    budgets = [r["budget"]["macs_ratio_target"] for r in read_records(tmp_path / "results") if r["method"] == "evit"]
+    assert budgets == [0.7], "the job after the failing one must still run"
