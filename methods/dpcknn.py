@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
-from methods.grouping import assign_to_centres, merge_patch_groups, pairwise_sq_distances
+from methods.grouping import assign_to_centres, distance_matrix_macs, merge_patch_groups, pairwise_sq_distances
 
 
 def knn_sum(d2: Tensor, k: int) -> Tensor:
@@ -104,8 +104,4 @@ class DPCKNN(KeepRateReducer):
         return dpcknn_reduce(state, n, self.k)
 
     def overhead_macs(self, block: int, n_tokens: int, dim: int, heads: int) -> int:
-        """The distance matrix between the patch tokens: ``N²·C``."""
-        if not self.reduces_at(block):
-            return 0
-        n = n_tokens - (self.info.num_prefix if self.info else 1)
-        return n * n * dim if self.num_kept(block, n) < n else 0
+        return distance_matrix_macs(self, block, n_tokens, dim)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from methods.base import TokenState
+from methods.base import KeepRateReducer, TokenState
 from methods.tokens import merge_groups
 
 
@@ -94,3 +94,12 @@ def cluster_members(group: Tensor, k: int) -> tuple[Tensor, Tensor]:
     pos = start.gather(1, group)[:, :, None] + torch.minimum(slot, own_count - 1)
     members = order.gather(1, pos.view(b, -1)).view(b, n, m)
     return members, valid
+
+
+def distance_matrix_macs(reducer: KeepRateReducer, block: int, n_tokens: int, dim: int) -> int:
+    """What a clustering step costs in matmuls: the one distance matrix, ``N²·C`` over the
+    patch tokens (computed once per step; nothing when the step keeps every token)."""
+    if not reducer.reduces_at(block):
+        return 0
+    n = n_tokens - (reducer.info.num_prefix if reducer.info else 1)
+    return n * n * dim if reducer.num_kept(block, n) < n else 0

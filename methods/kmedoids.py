@@ -27,7 +27,13 @@ import torch
 from torch import Tensor
 
 from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
-from methods.grouping import assign_to_centres, cluster_members, merge_patch_groups, pairwise_sq_distances
+from methods.grouping import (
+    assign_to_centres,
+    cluster_members,
+    distance_matrix_macs,
+    merge_patch_groups,
+    pairwise_sq_distances,
+)
 
 
 def evenly_spaced(n: int, k: int, batch: int, device: torch.device) -> Tensor:
@@ -99,8 +105,4 @@ class KMedoids(KeepRateReducer):
         return kmedoids_reduce(state, k, self.iters)
 
     def overhead_macs(self, block: int, n_tokens: int, dim: int, heads: int) -> int:
-        """The distance matrix between the patch tokens: ``N²·C`` (computed once per step)."""
-        if not self.reduces_at(block):
-            return 0
-        n = n_tokens - (self.info.num_prefix if self.info else 1)
-        return n * n * dim if self.num_kept(block, n) < n else 0
+        return distance_matrix_macs(self, block, n_tokens, dim)

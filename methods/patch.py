@@ -33,8 +33,9 @@ class ReductionContext:
         self.trace_source = trace_source
         self.state: TokenState | None = None
         self.image_hw: tuple[int, int] | None = None
-        self.last_state: TokenState | None = None
         self.token_trace: list[int] = []
+        """Token count after each block's reduction in the last forward (checked against
+        ``TokenReducer.token_counts`` by the tests)."""
         self.observers: list = []
         """Called as ``observe(block, before, after)`` at every reduction (analysis tools)."""
         self.extra_needs: frozenset[str] = frozenset()
