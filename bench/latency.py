@@ -9,9 +9,11 @@ resident weights and inputs (see :func:`peak_memory_mb`).
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +55,7 @@ def peak_memory_mb(model: nn.Module, x: Tensor, amp: bool) -> float:
             torch.cuda.synchronize(device)
             return (torch.cuda.max_memory_allocated(device) - before) / 2**20
         activities = [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
             model(x)
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     running = peak = 0
@@ -61,6 +63,21 @@ def peak_memory_mb(model: nn.Module, x: Tensor, amp: bool) -> float:
         running += delta
         peak = max(peak, running)
     return peak / 2**20
+
+
+@contextmanager
+def _quiet_stderr():
+    """The profiler's C++ backend logs start/stop lines (and, without a GPU, a device-count
+    'ERROR') straight to file descriptor 2; keep them out of the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _autocast(device: torch.device, amp: bool):
