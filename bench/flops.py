@@ -162,3 +162,12 @@ def analytic_macs(shape: VitShape, reducer: TokenReducer, num_patches: int) -> i
         total += 2 * n_out * c * shape.mlp_hidden
         total += reducer.overhead_macs(block, n_in, c, shape.heads)
     return total + shape.num_head_layers * c * shape.num_classes
+
+
+def macs_report(model: nn.Module, reducer: TokenReducer, image: torch.Tensor) -> dict[str, float]:
+    """GMACs per image both ways for a patched model: fvcore on ``image`` (one image) and the
+    analytic count for its patch grid. They must agree within 2%."""
+    return {
+        "gmacs": fvcore_macs(model, image) / 1e9,
+        "gmacs_analytic": analytic_macs(VitShape.of(model), reducer, model_info(model).num_patches) / 1e9,
+    }

@@ -20,7 +20,7 @@ from bench.accuracy import Predictions, accuracy_metrics, predict
 from bench.budget import match_budget
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError
-from bench.flops import VitShape, analytic_macs, fvcore_macs
+from bench.flops import VitShape, macs_report
 from bench.latency import measure_latency
 from bench.models import load_model, set_resolution
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, recorded_hashes
@@ -78,12 +78,9 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
 
 def flop_metrics(model: nn.Module, reducer: TokenReducer, data: ImageSet, device: torch.device) -> dict[str, Any]:
     """fvcore and analytic GMACs per image (they must agree within 2%), and parameters."""
-    one = data.images[:1].to(device)
-    return {
-        "gmacs": fvcore_macs(model, one) / 1e9,
-        "gmacs_analytic": analytic_macs(VitShape.of(model), reducer, model_info(model).num_patches) / 1e9,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-    }
+    report: dict[str, Any] = macs_report(model, reducer, data.images[:1].to(device))
+    report["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return report
 
 
 def measure(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench.flops import VitShape, analytic_macs, fvcore_macs
+from bench.flops import fvcore_macs, macs_report
 from bench.latency import measure_latency
 from bench.models import set_resolution
 from methods import TokenReducer, apply_reducer, remove_reducer
@@ -84,8 +84,7 @@ def scaling_metrics(
         row: dict[str, Any] = {
             "resolution": size,
             "tokens": tokens,
-            "gmacs": fvcore_macs(red, x1) / 1e9,
-            "gmacs_analytic": analytic_macs(VitShape.of(red), reducer, info.num_patches) / 1e9,
+            **macs_report(red, reducer, x1),
             "gmacs_unreduced": fvcore_macs(ref, x1) / 1e9,
         }
         lat1 = measure_latency(red, ref, x1, warmup, iters, amp, threads, show_progress=False)
