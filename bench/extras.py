@@ -51,8 +51,9 @@ def scaling_job(cfg: DictConfig, model: nn.Module, reducer: TokenReducer, data: 
 # -- leaderboard sections -----------------------------------------------------------------------
 
 
-def _latest(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    return [r for r in leaderboard.latest_per_config(records) if key in r.get("metrics", {})]
+def _having(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The records (already one per configuration) that measured ``key``."""
+    return [r for r in records if key in r.get("metrics", {})]
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -62,7 +63,8 @@ def _label(r: dict[str, Any]) -> str:
 
 
 def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
-    recs = _latest(records, "spectral_blocks")
+    """Spectral table and plots from ``records`` merged one per configuration."""
+    recs = _having(records, "spectral_blocks")
     if not recs:
         return []
     from bench.plots import figure, lines_by_method, save
@@ -134,7 +136,8 @@ def _append(results_dir: Path, lines: list[str]) -> None:
 
 
 def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
-    recs = _latest(records, "scaling")
+    """Scaling table, plot and the high-resolution claim from merged ``records``."""
+    recs = _having(records, "scaling")
     if not recs:
         return []
     from bench.plots import figure, lines_by_method, save

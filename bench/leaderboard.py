@@ -85,13 +85,14 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "timestamp": r.get("timestamp"),
             "config_hash": r.get("config_hash"),
         }
-        for k in COLUMNS:
-            if k in m:
-                row[k] = m[k]
+        identity = list(row)
+        row.update({k: m[k] for k in COLUMNS if k in m})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    # A fixed column order (identity, then metrics as in COLUMNS), whichever record comes first.
+    df = df[identity + [c for c in COLUMNS if c in df.columns and c not in identity]]
     df["_budget"] = df["budget"].fillna(2.0)  # unreduced first within a setting
     sort = ["model", "dataset", "images", "_budget"] + (["top1"] if "top1" in df else [])
     asc = [True, True, True, False] + ([False] if "top1" in df else [])
@@ -217,7 +218,8 @@ def _title(df: pd.DataFrame, what: str) -> str:
 def write_leaderboard(results_dir: str | Path) -> list[Path]:
     """Rewrite every generated file in ``results_dir`` from its runs; returns the paths."""
     results_dir = Path(results_dir)
-    df = table(read_records(results_dir))
+    records = latest_per_config(read_records(results_dir))
+    df = table(records)
     results_dir.mkdir(parents=True, exist_ok=True)
     md, csv = results_dir / "leaderboard.md", results_dir / "leaderboard.csv"
     md.write_text(markdown(df))
@@ -231,7 +233,6 @@ def write_leaderboard(results_dir: str | Path) -> list[Path]:
         paths.append(results_dir / "latency.png")
     from bench.extras import scaling_section, spectral_section
 
-    records = read_records(results_dir)
     paths += spectral_section(records, results_dir)
     paths += scaling_section(records, results_dir)
     return paths
