@@ -83,11 +83,18 @@ def test_user_reducer_from_its_own_yaml(tmp_path, val):
     assert rec["method"] == "every_other" and rec["hparams"] == {"block": 4}
 
 
-def test_submitit_local_launcher_runs_a_two_method_sweep(tmp_path, val):
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20"],  # the path SLURM sweeps take
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],  # parallel local processes
+    ],
+    ids=["submitit_local", "joblib"],
+)
+def test_hydra_launchers_run_a_two_method_sweep(tmp_path, val, launcher):
     args = [
         "method=tome,evit",
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=20",
+        *launcher,
         "bench.scaling.enabled=false",
         "bench.spectral.enabled=false",
         f"data.root={val}",
@@ -97,24 +104,8 @@ def test_submitit_local_launcher_runs_a_two_method_sweep(tmp_path, val):
     assert out.returncode == 0, out.stderr[-3000:]
     methods = sorted({r["method"] for r in read_records(tmp_path / "results")})
     assert methods == ["evit", "none", "tome"]
+    assert all(line.endswith("}") for line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines())
     assert (tmp_path / "results" / "leaderboard.md").exists()
-
-
-def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, val):
-    args = [
-        "method=tome,evit",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "bench.scaling.enabled=false",
-        "bench.spectral.enabled=false",
-        f"data.root={val}",
-        *FAST,
-    ]
-    out = run_cli(args, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    records = read_records(tmp_path / "results")
-    assert sorted({r["method"] for r in records}) == ["evit", "none", "tome"]
-    assert all(json_line.endswith("}") for json_line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines())
 
 
 def test_an_impossible_budget_fails_one_job_not_the_sweep(tmp_path, val):
