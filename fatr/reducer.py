@@ -2,8 +2,19 @@
 
 Token layout after the first reduction: ``[prefix][DC slots][HF tokens]``. There is always one
 DC slot per window of the current ``dc_grid`` so the batch stays rectangular; a window without
-low-frequency tokens has a slot of size 0, which proportional attention masks out (``log 0``),
-so it takes no part in any later computation — the same as having no DC token.
+low-frequency tokens has a slot of size 0, which the attention bias masks out (``log 0``), so
+it takes no part in any later computation — the same as having no DC token.
+
+Where the paper (arXiv 2511.21477) leaves a choice open, this module picks as follows:
+
+- Scores use every valid query (prefix, DC and HF tokens) and rank only the HF candidates; DC
+  slots are never candidates (paper, Eqs. 7-9, read literally).
+- Eq. 11 at a later reduction: each existing DC token joins the new DC token of the (coarser)
+  window that contains it, as one more member of the window's mean, weighted by its size.
+- ω (Eq. 12) is re-weighted after the softmax with the DC columns taken out of the low/high
+  split (:mod:`methods.attention`), so ω1 = ω2 = 0 is exactly the unweighted model.
+- The DC positional term (appendix D) is one learnable vector per DC slot and reduction
+  block, added when the DC token is (re)built.
 """
 
 from __future__ import annotations
@@ -17,20 +28,46 @@ from torch import Tensor, nn
 
 from fatr.dc import check_dc_grids, coarsen_windows, window_of
 from fatr.scores import SCORES, hf_scores
+from methods.attention import AttentionReweight
 from methods.base import ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState, register
 from methods.tokens import batch_gather, merge_groups, prefix_index
 
 DC_SLOTS = "fatr_dc_slots"
 DC_GRID = "fatr_dc_grid"
+DC_EMPTY = "fatr_dc_empty"
+"""Whether any DC slot of the batch is empty (decides whether blocks need a mask)."""
+
+OMEGA2_FORMS = ("post_softmax", "logit")
+DC_WEIGHTS = ("mean", "attn")
 
 
-def fatr_reduce(state: TokenState, keep: int, score: str, dc_grid: int) -> TokenState:
-    """One FATR step on a state whose ``attn`` tap is set. Batched; no loop over images."""
+def attention_received(attn: Tensor, valid: Tensor) -> Tensor:
+    """Mean attention each token receives from the valid queries, heads averaged ``(B, N)``."""
+    q_w = valid.float()[:, None, :]  # (B, 1, N)
+    return (q_w @ attn.float().mean(dim=1))[:, 0] / q_w.sum(-1)
+
+
+def fatr_reduce(
+    state: TokenState,
+    keep: int,
+    score: str,
+    dc_grid: int,
+    dc_weight: str = "mean",
+    svd_rank: int = 4,
+    svd_iters: int | None = 2,
+) -> TokenState:
+    """One FATR step on a state whose ``attn`` tap is set. Batched; no loop over images.
+
+    ``dc_weight="mean"`` makes each DC token the size-weighted mean of its members (paper);
+    ``"attn"`` weights every member by its size times the attention it receives (the seed's
+    attention-weighted aggregation). A DC token's size is the number of patches it covers
+    either way.
+    """
     p = state.num_prefix
     d_prev = state.extra.get(DC_SLOTS, 0)
     start = p + d_prev
     valid = state.size > 0
-    scores = hf_scores(state.attn, score, valid)[:, start:]
+    scores = hf_scores(state.attn, score, valid, svd_rank, svd_iters)[:, start:]
     order = scores.argsort(dim=-1, descending=True) + start
     hf = order[:, :keep].sort(dim=-1).values
     lf = order[:, keep:]
@@ -41,7 +78,10 @@ def fatr_reduce(state: TokenState, keep: int, score: str, dc_grid: int) -> Token
         w_prev = state.extra[DC_GRID]
         group[:, p:start] = coarsen_windows(w_prev, dc_grid, group.device)
     group.scatter_(1, lf, window_of(batch_gather(state.pos, lf), state.patch_grid, dc_grid))
-    dc_x, dc_size, dc_src = merge_groups(state, group, dc_grid * dc_grid)
+    weight = None
+    if dc_weight == "attn":
+        weight = state.size * attention_received(state.attn, valid).clamp_min(1e-12)
+    dc_x, dc_size, dc_src = merge_groups(state, group, dc_grid * dc_grid, weight)
 
     keep_idx = torch.cat([prefix_index(state), hf], dim=1)
     b = state.x.shape[0]
@@ -60,12 +100,34 @@ def fatr_reduce(state: TokenState, keep: int, score: str, dc_grid: int) -> Token
 
 @register("fatr")
 class FATR(KeepRateReducer):
-    """Frequency-aware token reduction.
+    """Frequency-aware token reduction (Lee et al., NeurIPS 2025).
 
-    ω1 (per block and head) amplifies the high-frequency part of attention in every block
-    after the first reduction; ω2 (per block) scales the attention paid to DC tokens. Both
-    start at 0 (training-free: DC tokens then get plain proportional attention) and are
-    ``nn.Parameter``s, so ``python -m fatr.calibrate`` or a user's training loop can fit them.
+    Args:
+        blocks: blocks (0-based) after whose attention the tokens are reduced; the paper's
+            layers 4, 7, 10 are blocks 3, 6, 9.
+        keep_rate: fraction of the remaining HF candidates kept at each reduction (one value,
+            or one per block); 0.7 removes 30% as in the paper.
+        score: how a token's high-frequency contribution is measured: ``signed`` (the paper's
+            column mean of ``A_HP``), ``abs``, ``std``, or ``svd`` (the seed's leverage on the
+            top singular directions of ``A_HP``; see :mod:`fatr.scores`).
+        dc_grid: DC windows ``w`` per reduction block (``w x w`` local DC tokens; 1 = one global
+            DC token); one int for every block, or one per block. Later grids must divide
+            earlier ones. The paper uses ``[2, 1, 1]`` for DeiT-T/B and ``[2, 2, 1]`` for ViT-S.
+        omega_path: file with fitted ω (and DC positional terms) to load; None = ω = 0.
+        prop_attn: proportional attention (``log size`` on the logits) after the first
+            reduction. The paper has none (ω2 compensates DC tokens); True was this project's
+            earlier default.
+        omega2_form: ``post_softmax`` (paper: ``(1+ω2)·A`` on the DC columns, rows not
+            renormalised) or ``logit`` (a ``log(1+ω2)`` logit bias, renormalised by the softmax;
+            the earlier form here).
+        dc_weight: ``mean`` (size-weighted mean, paper) or ``attn`` (weights also scaled by the
+            attention each token receives, the seed's reading).
+        svd_rank: rank ``r`` of the subspace the ``svd`` score projects on.
+        svd_iters: subspace-iteration steps of the ``svd`` score; None = exact SVD.
+
+    ω1 and ω2 ``(depth, heads)`` and the DC positional term ``dc_pos[str(block)]``
+    ``(w², dim)`` are ``nn.Parameter``s, zero at start (training-free: the model is then
+    exactly the reduced model without re-weighting), so fine-tuning can train them.
     """
 
     def __init__(
@@ -73,54 +135,105 @@ class FATR(KeepRateReducer):
         blocks: Sequence[int] = (3, 6, 9),
         keep_rate: float | Sequence[float] = 0.7,
         score: str = "signed",
-        dc_grid: int | Sequence[int] = 2,
+        dc_grid: int | Sequence[int] = (2, 1, 1),
         omega_path: str | None = None,
-        prop_attn: bool = True,
+        prop_attn: bool = False,
+        omega2_form: str = "post_softmax",
+        dc_weight: str = "mean",
+        svd_rank: int = 4,
+        svd_iters: int | None = 2,
     ) -> None:
         if score not in SCORES:
             raise ReducerConfigError(f"unknown FATR score {score!r}; choose one of {', '.join(SCORES)}")
+        if omega2_form not in OMEGA2_FORMS:
+            raise ReducerConfigError(f"unknown omega2_form {omega2_form!r}; choose one of {', '.join(OMEGA2_FORMS)}")
+        if dc_weight not in DC_WEIGHTS:
+            raise ReducerConfigError(f"unknown dc_weight {dc_weight!r}; choose one of {', '.join(DC_WEIGHTS)}")
+        if not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank < 1:
+            raise ReducerConfigError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+        if svd_iters is not None and (not isinstance(svd_iters, int) or isinstance(svd_iters, bool) or svd_iters < 0):
+            raise ReducerConfigError(f"svd_iters must be a non-negative integer or null (exact SVD), got {svd_iters!r}")
+        if isinstance(dc_grid, tuple):
+            dc_grid = list(dc_grid)
         super().__init__(
-            blocks=blocks, keep_rate=keep_rate, score=score, dc_grid=dc_grid, omega_path=omega_path, prop_attn=prop_attn
+            blocks=blocks,
+            keep_rate=keep_rate,
+            score=score,
+            dc_grid=dc_grid,
+            omega_path=omega_path,
+            prop_attn=prop_attn,
+            omega2_form=omega2_form,
+            dc_weight=dc_weight,
+            svd_rank=svd_rank,
+            svd_iters=svd_iters,
         )
         grids = [dc_grid] * len(self.blocks) if isinstance(dc_grid, int) else list(dc_grid)
         if len(grids) != len(self.blocks):
             raise ReducerConfigError(
-                f"dc_grid has {len(grids)} values but there are {len(self.blocks)} reduction blocks"
+                f"dc_grid has {len(grids)} values but there are {len(self.blocks)} reduction blocks "
+                f"{self.blocks}: give one window size per block (e.g. dc_grid=[2{', 1' * (len(self.blocks) - 1)}])"
             )
         check_dc_grids(grids)
         self.score = score
         self.dc_grids: dict[int, int] = dict(zip(self.blocks, grids, strict=True))
         self.omega_path = omega_path
+        self.omega2_form = omega2_form
+        self.dc_weight = dc_weight
+        self.svd_rank = svd_rank
+        self.svd_iters = svd_iters
         self.omega1 = nn.Parameter(torch.zeros(0, 0))
-        self.omega2 = nn.Parameter(torch.zeros(0))
-        self._omega_cache: tuple[tuple[int, int], bool] | None = None
+        self.omega2 = nn.Parameter(torch.zeros(0, 0))
+        self.dc_pos = nn.ParameterDict()
+        self._active_cache: tuple[tuple[int, ...], bool] | None = None
 
     def bind(self, info: ModelInfo) -> None:
         super().bind(info)
         check_dc_grids(list(self.dc_grids.values()), info.patch_grid)
+        dev = self.omega1.device
         if self.omega1.shape != (info.depth, info.num_heads):
-            dev = self.omega1.device
             self.omega1 = nn.Parameter(torch.zeros(info.depth, info.num_heads, device=dev))
-            self.omega2 = nn.Parameter(torch.zeros(info.depth, device=dev))
+            self.omega2 = nn.Parameter(torch.zeros(info.depth, info.num_heads, device=dev))
+        shapes = {str(b): (w * w, info.embed_dim) for b, w in self.dc_grids.items()}
+        if {k: tuple(v.shape) for k, v in self.dc_pos.items()} != shapes:
+            self.dc_pos = nn.ParameterDict({k: nn.Parameter(torch.zeros(*s, device=dev)) for k, s in shapes.items()})
         if self.omega_path:
             self.load_omega(self.omega_path)
 
-    # -- ω -----------------------------------------------------------------------------------
+    # -- ω and the DC positional term ----------------------------------------------------------
     def load_omega(self, path: str | Path) -> dict:
-        """Load ω saved by ``python -m fatr.calibrate``; returns the file's metadata."""
+        """Load ω (and DC positional terms, if saved) from a file; returns its metadata.
+
+        Reads a reducer ``state_dict`` or the older ``{"omega1", "omega2", "meta"}`` files,
+        whose per-block ω2 ``(depth,)`` is broadcast to every head.
+        """
         path = Path(path).expanduser()
         if not path.is_file():
-            raise ReducerConfigError(f"FATR omega file not found: {path} (make one with python -m fatr.calibrate)")
-        saved = torch.load(str(path), map_location="cpu", weights_only=True)
+            raise ReducerConfigError(f"FATR omega file not found: {path} (fit one with python -m bench.finetune)")
+        try:
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
+            raise ReducerConfigError(f"FATR omega file {path} cannot be read: {type(e).__name__}: {e}") from None
+        if not isinstance(saved, dict) or "omega1" not in saved or "omega2" not in saved:
+            raise ReducerConfigError(f"FATR omega file {path} holds no omega1/omega2 tensors")
         w1, w2 = saved["omega1"], saved["omega2"]
+        if w2.dim() == 1 and w2.shape[0] == self.omega2.shape[0]:
+            w2 = w2[:, None].expand(-1, self.omega2.shape[1])
         if w1.shape != self.omega1.shape or w2.shape != self.omega2.shape:
             raise ReducerConfigError(
                 f"omega file {path} is for {tuple(w1.shape)} (blocks, heads), this model needs "
                 f"{tuple(self.omega1.shape)}"
             )
+        pos = {k.removeprefix("dc_pos."): v for k, v in saved.items() if k.startswith("dc_pos.")}
         with torch.no_grad():
             self.omega1.copy_(w1)
             self.omega2.copy_(w2)
+            for key, value in pos.items():
+                if key not in self.dc_pos or self.dc_pos[key].shape != value.shape:
+                    raise ReducerConfigError(
+                        f"omega file {path} has a DC positional term for block {key} of shape "
+                        f"{tuple(value.shape)}, which this FATR's dc_grid does not have"
+                    )
+                self.dc_pos[key].copy_(value)
         meta = dict(saved.get("meta", {}))
         mine = {
             "blocks": self.blocks,
@@ -137,31 +250,41 @@ class FATR(KeepRateReducer):
             )
         return meta
 
-    def _omega_active(self) -> bool:
-        """Whether ω is non-zero (or being trained), cached on the parameters' versions so
-        inference with ω = 0 skips the re-weighting without a device sync per block."""
-        if torch.is_grad_enabled() and (self.omega1.requires_grad or self.omega2.requires_grad):
+    def _learned_active(self) -> bool:
+        """Whether ω or a DC positional term is non-zero (or being trained). Cached on the
+        parameters' versions so inference with zeros skips the re-weighting without a device
+        sync per block."""
+        params = [self.omega1, self.omega2, *self.dc_pos.values()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return True
-        key = (self.omega1._version, self.omega2._version)
-        if self._omega_cache is None or self._omega_cache[0] != key:
-            active = bool(self.omega1.detach().any() or self.omega2.detach().any())
-            self._omega_cache = (key, active)
-        return self._omega_cache[1]
+        key = tuple(p._version for p in params) + tuple(id(p) for p in params)
+        if self._active_cache is None or self._active_cache[0] != key:
+            active = any(bool(p.detach().any()) for p in params)
+            self._active_cache = (key, active)
+        return self._active_cache[1]
 
-    def attention_gain(self, state: TokenState, block: int) -> Tensor | None:
-        if DC_SLOTS not in state.extra or not self._omega_active():
+    def attention_reweight(self, state: TokenState, block: int) -> AttentionReweight | None:
+        if DC_SLOTS not in state.extra or not self._learned_active():
             return None
-        return self.omega1[block]
+        if self.omega2_form == "logit":
+            return AttentionReweight(hp_gain=self.omega1[block])
+        p, d = state.num_prefix, state.extra[DC_SLOTS]
+        return AttentionReweight(hp_gain=self.omega1[block], span=(p, p + d), span_gain=self.omega2[block])
 
     def attention_bias(self, state: TokenState, block: int) -> Tensor | None:
         d = state.extra.get(DC_SLOTS, 0)
-        if not d or not self._omega_active():
+        if not d:
             return None
-        p = state.num_prefix
-        scale = (1 + self.omega2[block]).clamp_min(1e-3).log()
-        col = torch.zeros(state.num_tokens, device=state.x.device, dtype=scale.dtype)
-        col = col.index_put((torch.arange(p, p + d, device=col.device),), scale.expand(d))
-        return col[None, None, None, :]
+        bias = None
+        if not self.proportional_attention and state.extra.get(DC_EMPTY, False):
+            bias = torch.zeros_like(state.size).masked_fill(state.size == 0, float("-inf"))[:, None, None, :]
+        if self.omega2_form == "logit" and self._learned_active():
+            p = state.num_prefix
+            scale = (1 + self.omega2[block]).clamp_min(1e-3).log()  # (H,)
+            col = torch.zeros(scale.shape[0], state.num_tokens, device=state.x.device, dtype=scale.dtype)
+            col = torch.cat([col[:, :p], scale[:, None].expand(-1, d), col[:, p + d :]], dim=1)
+            bias = col[None, :, None, :] if bias is None else bias + col[None, :, None, :]
+        return bias
 
     # -- reduction -----------------------------------------------------------------------------
     def needs(self, block: int) -> frozenset[str]:
@@ -169,7 +292,22 @@ class FATR(KeepRateReducer):
 
     def reduce(self, state: TokenState, block: int) -> TokenState:
         patch = state.num_tokens - state.num_prefix - state.extra.get(DC_SLOTS, 0)
-        return fatr_reduce(state, self.num_kept(block, patch), self.score, self.dc_grids[block])
+        new = fatr_reduce(
+            state,
+            self.num_kept(block, patch),
+            self.score,
+            self.dc_grids[block],
+            self.dc_weight,
+            self.svd_rank,
+            self.svd_iters,
+        )
+        p, d = new.num_prefix, new.extra[DC_SLOTS]
+        if self._learned_active():
+            pos = self.dc_pos[str(block)].to(new.x.dtype)
+            x = torch.cat([new.x[:, :p], new.x[:, p : p + d] + pos, new.x[:, p + d :]], dim=1)
+            new = new.replace(x=x)
+        empty = not self.proportional_attention and bool((new.size[:, p : p + d] == 0).any())
+        return new.replace(extra={**new.extra, DC_EMPTY: empty})
 
     def count_step(self, block: int, special: int, patch: int) -> tuple[int, int]:
         return self.dc_grids[block] ** 2, self.num_kept(block, patch)

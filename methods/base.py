@@ -13,9 +13,12 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from methods.attention import AttentionReweight
 
 ATTN = "attn"
 """Need: the block's full attention probabilities ``(B, H, N, N)`` (forces the explicit path)."""
@@ -133,8 +136,12 @@ class TokenReducer(nn.Module):
         """Additive logit bias ``(B, 1, 1, N)`` on top of proportional attention, or None."""
         return None
 
-    def attention_gain(self, state: TokenState, block: int) -> Tensor | None:
-        """Per-head gain ω ``(H,)`` on the high-frequency part of attention, or None."""
+    def attention_reweight(self, state: TokenState, block: int) -> AttentionReweight | None:
+        """Post-softmax re-weighting of this block's attention (FATR's ω), or None.
+
+        See :mod:`methods.attention`: a gain on the high-pass part of attention and a gain on
+        a span of columns; the block stays on the fused kernel where it needs no map.
+        """
         return None
 
     # -- cost model -------------------------------------------------------------------------

@@ -5,17 +5,17 @@ subclasses whose ``forward`` threads a :class:`~methods.base.TokenState` through
 computes attention the same way for every method, and calls the reducer between the
 attention residual and the MLP. ``remove_reducer`` swaps the original classes back.
 
-Attention stays fused (``F.scaled_dot_product_attention``) unless the block's reducer asked
-for the full attention map; proportional attention (``log(size)`` on the logits) goes in as
-the SDPA additive mask.
+Attention itself is computed in :mod:`methods.attention`: fused
+(``F.scaled_dot_product_attention``) unless the block's reducer asked for the full attention
+map; proportional attention (``log(size)`` on the logits) goes in as the SDPA additive mask.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from methods.attention import attention_forward
 from methods.base import ATTN, CLS_ATTN, KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
 from methods.tokens import initial_state
 
@@ -53,69 +53,6 @@ class ReductionContext:
         return None if bias is None else bias.to(dtype)
 
 
-def _attention(
-    attn: nn.Module,
-    x: Tensor,
-    bias: Tensor | None,
-    gain: Tensor | None,
-    valid: Tensor | None,
-    needs: frozenset[str],
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """timm ``Attention.forward`` with a bias, an optional high-frequency gain and taps.
-
-    With gain ω (per head) the attention becomes ``A_LP + (1+ω)(A - A_LP)`` where ``A_LP``
-    averages over the valid tokens, i.e. ``(1+ω)·A·V - ω·mean(V)``: it is computed that way,
-    so the fused kernel still serves the blocks that need no explicit map.
-    """
-    b, n, _ = x.shape
-    h, d = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    taps: dict[str, Tensor] = {}
-    if KEYS in needs:
-        taps[KEYS] = k
-    drop = attn.attn_drop.p if attn.training else 0.0
-    if ATTN in needs:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.float().softmax(dim=-1)
-        if gain is not None:
-            lp = _mean_filter(valid, n, probs.device)
-            g = gain.float()[None, :, None, None]
-            probs = (1 + g) * probs - g * lp
-        taps[ATTN] = probs
-        if CLS_ATTN in needs:
-            taps[CLS_ATTN] = probs[:, :, 0]
-        out = attn.attn_drop(probs.to(v.dtype)) @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-        if gain is not None:
-            lp = _mean_filter(valid, n, v.device).to(v.dtype)
-            g = gain.to(v.dtype)[None, :, None, None]
-            mean_v = (lp.transpose(-1, -2) * v).sum(dim=-2, keepdim=True)
-            out = (1 + g) * out - g * mean_v
-        if CLS_ATTN in needs:
-            logits0 = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                logits0 = logits0 + bias
-            taps[CLS_ATTN] = logits0.float().softmax(dim=-1)[:, :, 0]
-    out = out.transpose(1, 2).reshape(b, n, h * d)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), taps
-
-
-def _mean_filter(valid: Tensor | None, n: int, device: torch.device) -> Tensor:
-    """The DC filter ``A_LP`` as a (B|1, 1, 1, N) row: uniform weight over valid tokens."""
-    if valid is None:
-        return torch.full((1, 1, 1, n), 1.0 / n, device=device)
-    v = valid.float()
-    return (v / v.sum(-1, keepdim=True))[:, None, None, :]
-
-
 def _reduced_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
     if attn_mask is not None or is_causal:
         raise ReducerConfigError("token reduction does not support attention masks or causal attention")
@@ -127,9 +64,9 @@ def _reduced_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_
         raise RuntimeError("patched ViT block called outside the patched model's forward")
     needs = (reducer.needs(idx) | ctx.extra_needs) if reducer.reduces_at(idx) else frozenset()
     bias = ctx.attention_bias(idx, x.dtype)
-    gain = reducer.attention_gain(state, idx)
-    valid = (state.size > 0) if gain is not None and state.reduced else None
-    out, taps = _attention(self.attn, self.norm1(x), bias, gain, valid, needs)
+    reweight = reducer.attention_reweight(state, idx)
+    valid = (state.size > 0) if reweight is not None and state.reduced else None
+    out, taps = attention_forward(self.attn, self.norm1(x), bias, reweight, valid, needs)
     x = x + self.drop_path1(self.ls1(out))
     if reducer.reduces_at(idx):
         snapshot = state.replace(x=x, attn=taps.get(ATTN), cls_attn=taps.get(CLS_ATTN), keys=taps.get(KEYS))

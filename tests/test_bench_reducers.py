@@ -29,6 +29,17 @@ CASES = {
     "random": {},
 }
 
+FATR_VARIANTS = {
+    "fatr:earlier_default": {"dc_grid": 2, "prop_attn": True, "omega2_form": "logit"},
+    "fatr:dc_weight=attn": {"dc_weight": "attn"},
+    "fatr:svd_exact": {"score": "svd", "svd_iters": None},
+    "fatr:svd_iters=2": {"score": "svd", "svd_iters": 2},
+    "fatr:svd_iters=3": {"score": "svd", "svd_iters": 3},
+    "fatr:svd_iters=2,dc_weight=attn": {"score": "svd", "svd_iters": 2, "dc_weight": "attn"},
+}
+"""FATR's options, benchmarked next to one ToMe step (the issue asks for the cost relative to it)."""
+STEP_CASES = {**CASES, **FATR_VARIANTS}
+
 
 @pytest.fixture(scope="module")
 def taps():
@@ -40,9 +51,9 @@ def taps():
 
 
 @pytest.mark.benchmark(group="reduction-step")
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(STEP_CASES))
 def test_reduction_step(benchmark, name, taps):
-    reducer = build_reducer(name, **CASES[name])
+    reducer = build_reducer(name.split(":")[0], **STEP_CASES[name])
     reducer.bind(INFO)
     block = next(b for b in range(INFO.depth) if reducer.reduces_at(b))
     needs = reducer.needs(block)

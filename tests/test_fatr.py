@@ -13,7 +13,7 @@ from fatr.calibrate import check_disjoint, fit_omega, main
 from fatr.dc import window_of
 from fatr.reducer import DC_GRID, DC_SLOTS
 from methods import ReducerConfigError, apply_reducer, build_reducer, remove_reducer
-from methods.patch import _attention
+from methods.attention import AttentionReweight, attention_forward
 
 CONFIGS = [
     {"blocks": [1, 3, 4]},
@@ -114,7 +114,8 @@ def _attn_module(h=3, c=24):
     return Attention(c, num_heads=h, qkv_bias=True).eval()
 
 
-def test_fused_reweighting_equals_explicit_a_hat_v():
+def test_legacy_logit_form_equals_explicit_a_hat_v():
+    """omega2_form=logit: ω2 as a logit bias on DC columns, ω1 on the high-pass part of all columns."""
     attn = _attn_module()
     x = torch.randn(2, 9, 24)
     size = torch.rand(2, 9) * 3 + 0.5
@@ -122,24 +123,24 @@ def test_fused_reweighting_equals_explicit_a_hat_v():
     valid = size > 0
     bias = size.log()[:, None, None, :]
     bias[:, :, :, 1:3] += torch.tensor(1.7).log()  # DC columns scaled by 1 + ω2
-    gain = torch.tensor([0.5, -0.3, 1.2])
-    fused, _ = _attention(attn, x, bias, gain, valid, frozenset())
-    explicit, taps = _attention(attn, x, bias, gain, valid, frozenset({"attn"}))
+    rw = AttentionReweight(hp_gain=torch.tensor([0.5, -0.3, 1.2]))
+    fused, _ = attention_forward(attn, x, bias, rw, valid, frozenset())
+    explicit, taps = attention_forward(attn, x, bias, rw, valid, frozenset({"attn"}))
     # by hand: A = softmax(logits + bias); Â = A_LP + (1+ω)(A - A_LP); out = proj(Â V)
     q, k, v = attn.qkv(x).reshape(2, 9, 3, 3, 8).permute(2, 0, 3, 1, 4)
     a = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(-1)
     lp = (valid.float() / valid.sum(-1, keepdim=True))[:, None, None, :]
-    a_hat = lp + (1 + gain[None, :, None, None]) * (a - lp)
+    a_hat = lp + (1 + rw.hp_gain[None, :, None, None]) * (a - lp)
     assert torch.allclose(a_hat.sum(-1), torch.ones(2, 3, 9), atol=1e-6), "rows of Â must sum to 1"
     by_hand = attn.proj((a_hat @ v).transpose(1, 2).reshape(2, 9, 24))
     assert torch.allclose(fused, by_hand, atol=1e-5)
     assert torch.allclose(explicit, by_hand, atol=1e-5)
-    assert torch.allclose(taps["attn"], a_hat, atol=1e-6)
+    assert torch.allclose(taps["attn"], a, atol=1e-6), "the tap is the attention A the reducer scores"
 
 
 def test_omega_zero_equals_plain_proportional_attention(images):
     model = tiny_vit()
-    cfg = {"blocks": [1, 3]}
+    cfg = {"blocks": [1, 3], "dc_grid": [2, 1], "prop_attn": True}
     with torch.no_grad():
         apply_reducer(model, build_reducer("fatr", **cfg))
         plain = model(images)
@@ -147,16 +148,16 @@ def test_omega_zero_equals_plain_proportional_attention(images):
     apply_reducer(model, reducer)
     reducer.omega1.requires_grad_(True)  # forces the re-weighting path with ω = 0
     forced = model(images)
-    assert reducer._omega_active()
+    assert reducer._learned_active()
     assert torch.allclose(forced, plain, atol=1e-5)
 
 
-def test_omega2_scales_attention_paid_to_dc_tokens(images):
+def test_logit_omega2_scales_attention_paid_to_dc_tokens(images):
     model = tiny_vit()
-    reducer = build_reducer("fatr", blocks=[1, 3])
+    reducer = build_reducer("fatr", blocks=[1, 3], dc_grid=[2, 1], omega2_form="logit", prop_attn=True)
     _, steps0, _ = run_capturing(model, reducer, images)
     with torch.no_grad():
-        reducer.omega2[3] = 1.0  # DC columns x2 at block 3
+        reducer.omega2[3] = 1.0  # DC columns x2 at block 3 (before the softmax renormalises)
     _, steps1, _ = run_capturing(model, reducer, images)
     a0, a1 = steps0[1][1].attn, steps1[1][1].attn  # block 3, before its reduction
     d = steps0[0][2].extra[DC_SLOTS]
@@ -174,13 +175,13 @@ def test_fatr_errors():
     with pytest.raises(ReducerConfigError, match="finer than"):
         apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=16))
     with pytest.raises(ReducerConfigError, match="omega file not found"):
-        apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], omega_path="/nonexistent.pt"))
+        apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=2, omega_path="/nonexistent.pt"))
 
 
 def test_fit_omega_reduces_kl_and_round_trips(tmp_path, images):
     model = tiny_vit()
     imgs = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    reducer = FATR(blocks=[1, 3], keep_rate=0.4)
+    reducer = FATR(blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.4)
     history = fit_omega(model, reducer, imgs, epochs=6, batch_size=6, lr=0.1, show_progress=False)
     assert history[-1] < history[0], history
     assert reducer.omega1.abs().sum() > 0
@@ -190,12 +191,12 @@ def test_fit_omega_reduces_kl_and_round_trips(tmp_path, images):
     with torch.no_grad():
         trained = model(images)
     remove_reducer(model)
-    loaded = FATR(blocks=[1, 3], keep_rate=0.4, omega_path=str(path))
+    loaded = FATR(blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.4, omega_path=str(path))
     apply_reducer(model, loaded)
     with torch.no_grad():
         assert torch.allclose(model(images), trained)
     with pytest.warns(UserWarning, match="keep_rate"):
-        apply_reducer(model, FATR(blocks=[1, 3], keep_rate=0.5, omega_path=str(path)))
+        apply_reducer(model, FATR(blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.5, omega_path=str(path)))
 
 
 def _folder(root, names, wnid="n01440764"):
