@@ -246,7 +246,12 @@ def test_user_reducer_plugs_in_with_one_class(images):
 
 @pytest.mark.parametrize(
     "name,kw,explicit_blocks",
-    [("none", {}, 0), ("tome", {"r": 4}, 0), ("evit", {"blocks": [1, 3]}, 0), ("fatr", {"blocks": [1, 3], "dc_grid": [2, 1]}, 2)],
+    [
+        ("none", {}, 0),
+        ("tome", {"r": 4}, 0),
+        ("evit", {"blocks": [1, 3]}, 0),
+        ("fatr", {"blocks": [1, 3], "dc_grid": [2, 1]}, 2),
+    ],
 )
 def test_explicit_attention_maps_only_where_a_reducer_needs_them(monkeypatch, images, name, kw, explicit_blocks):
     """Blocks stay on fused SDPA unless their reducer asks for the full map (memory at high res)."""
