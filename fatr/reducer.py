@@ -250,18 +250,23 @@ class FATR(KeepRateReducer):
             )
         return meta
 
-    def _learned_active(self) -> bool:
-        """Whether ω or a DC positional term is non-zero (or being trained). Cached on the
-        parameters' versions so inference with zeros skips the re-weighting without a device
-        sync per block."""
+    def _learned_nonzero(self) -> bool:
+        """Whether ω or a DC positional term is non-zero. Cached on the parameters' versions so
+        inference with zeros skips the re-weighting without a device sync per block."""
         params = [self.omega1, self.omega2, *self.dc_pos.values()]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return True
         key = tuple(p._version for p in params) + tuple(id(p) for p in params)
         if self._active_cache is None or self._active_cache[0] != key:
             active = any(bool(p.detach().any()) for p in params)
             self._active_cache = (key, active)
         return self._active_cache[1]
+
+    def _learned_active(self) -> bool:
+        """Whether the forward must apply ω and the DC positional term: non-zero, or being
+        trained (gradients must reach them even while they are still zero)."""
+        params = [self.omega1, self.omega2, *self.dc_pos.values()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return True
+        return self._learned_nonzero()
 
     def attention_reweight(self, state: TokenState, block: int) -> AttentionReweight | None:
         if DC_SLOTS not in state.extra or not self._learned_active():
@@ -311,3 +316,26 @@ class FATR(KeepRateReducer):
 
     def count_step(self, block: int, special: int, patch: int) -> tuple[int, int]:
         return self.dc_grids[block] ** 2, self.num_kept(block, patch)
+
+    def overhead_macs(self, block: int, n_tokens: int, dim: int, heads: int) -> int:
+        """Matmul MACs FATR adds: its scores at a reduction block, the re-weighting elsewhere.
+
+        Scores: ``H·N²`` for the query-weighted column sums; ``svd`` power iteration
+        ``N²·r·(2 + 2·iters)`` on the head-averaged map (exact ``torch.linalg.svd`` is no
+        matmul and is not counted, like every other non-matmul op here). Re-weighting with
+        trained ω after the first reduction: the padded one-hot channels of the fused kernel
+        and the DC-column product.
+        """
+        macs = 0
+        if self.reduces_at(block):
+            macs += heads * n_tokens * n_tokens
+            if self.score == "svd" and self.svd_iters is not None:
+                macs += n_tokens * n_tokens * self.svd_rank * (2 + 2 * self.svd_iters)
+        first = min(self.blocks) if self.blocks else None
+        if first is not None and block > first and self._learned_nonzero() and self.omega2_form == "post_softmax":
+            previous = max(b for b in self.blocks if b < block)
+            d = self.dc_grids[previous] ** 2
+            pad = -(-d // 8) * 8
+            head_dim = dim // heads
+            macs += heads * (2 * n_tokens * n_tokens * pad + n_tokens * d * head_dim + n_tokens * head_dim)
+        return macs

@@ -179,7 +179,7 @@ def test_resume_skips_recorded_configs(tiny_run):
         (["model.random_init=false", "model.checkpoint=/nope.safetensors"], "checkpoint not found"),
         (["model.random_init=false", "model.checkpoint=null"], "no weights for deit_tiny_patch16_224"),
         (["method.reducer.keep_rate=1.5"], "keep_rate must be in"),
-        (["method.reducer.blocks=[3,16]"], "outside the model's depth"),
+        (["method.reducer.blocks=[3,9,16]"], "outside the model's depth"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, override, match):

@@ -278,3 +278,24 @@ def test_blocks_stay_fused_with_trained_omega(monkeypatch, images):
     with torch.no_grad():
         model(images)
     assert len(calls) == len(model.blocks) - 2
+
+
+@pytest.mark.parametrize(
+    "kw,trained",
+    [({"score": "svd"}, False), ({}, True), ({"omega2_form": "logit", "prop_attn": True}, True)],
+)
+def test_fvcore_and_analytic_macs_agree_for_fatr_options(kw, trained):
+    """The analytic count (budget matching) includes FATR's own matmuls and the re-weighting."""
+    import timm
+
+    from bench.flops import VitShape, analytic_macs, fvcore_macs
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    reducer = FATR(**kw)
+    apply_reducer(model, reducer)
+    if trained:
+        _trained_looking(reducer)
+    counted = fvcore_macs(model, torch.randn(1, 3, 224, 224))
+    analytic = analytic_macs(VitShape.of(model), reducer, 196)
+    assert abs(counted / analytic - 1) < 0.01, (counted, analytic)
