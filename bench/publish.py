@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     todo = commands(args.results_dir, args.overrides)
     if args.dry_run:
         for what, cmd in todo:
-            print(f"# {what}\n{shlex.join(cmd[1:])}")
+            print(f"# {what}\npython {shlex.join(cmd[1:])}")
         return 0
     if args.fresh and (archive := move_aside(Path(args.results_dir))):
         print(f"old run store moved to {archive}")
     failed = []
     for what, cmd in todo:
-        print(f"\n== {what}: {shlex.join(cmd[1:])}", flush=True)
+        print(f"\n== {what}: python {shlex.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(what)
     from bench.leaderboard import write_leaderboard

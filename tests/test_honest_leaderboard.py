@@ -308,5 +308,5 @@ def test_writing_published_results_does_not_mark_records_dirty(tmp_path):
 def test_publish_names_its_commands():
     out = subprocess.run([sys.executable, "-m", "bench.publish", "--dry-run"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    commands = [line for line in out.stdout.splitlines() if line.startswith("-m bench.run")]
+    commands = [line for line in out.stdout.splitlines() if line.startswith("python -m bench.run")]
     assert len(commands) == 5 and all(c.endswith("results_dir=results") for c in commands)
