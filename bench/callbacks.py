@@ -34,11 +34,13 @@ class SweepSummary(Callback):
     def __init__(self) -> None:
         self.bar: tqdm | None = None
         self.sweep_dir: str | None = None
-        self.results_dir = "results"
+        self.results_dir = "results/local"
+        self.stats: dict[str, Any] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = str(config.hydra.sweep.dir)
         self.results_dir = str(config.results_dir)
+        self.stats = dict(config.get("stats") or {})
         self.bar = tqdm(
             total=count_jobs(config), desc="sweep", unit="job", position=0, disable=not config.get("progress", True)
         )
@@ -55,7 +57,7 @@ class SweepSummary(Callback):
         if self.bar is not None:
             self.bar.close()
         records = [r for r in read_records(self.results_dir) if r.get("sweep_dir") == self.sweep_dir]
-        paths = write_leaderboard(self.results_dir)
+        paths = write_leaderboard(self.results_dir, **self.stats)
         print("\n" + summary(records))
         print("\nleaderboard: " + ", ".join(str(p) for p in paths))
         failures = sorted(Path(self.sweep_dir).glob(f"*/{FAILURE_FILE}"))

@@ -140,7 +140,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
     recs = _having(records, "scaling")
     if not recs:
         return []
-    from bench.plots import figure, lines_by_method, save
+    from bench.plots import figure, lines_by_method, log_ticks, save
 
     rows = []
     for r in recs:
@@ -168,6 +168,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
         lines_by_method(ax, d, "tokens", y)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        log_ticks(ax, d["tokens"])
     path = save(
         fig,
         results_dir / "scaling.png",

@@ -23,6 +23,8 @@ from bench.errors import BenchError
 from bench.flops import VitShape, macs_report
 from bench.latency import measure_latency
 from bench.models import load_model, set_resolution
+from bench.outcomes import Outcomes, outcomes_of, save_outcomes
+from bench.report_stats import check_options
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, recorded_hashes
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
@@ -141,7 +143,8 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
                 {"name": "none", "reducer": {"_target_": "methods.identity.NoReduction"}}
             )
             base_cfg.budget.macs_ratio = None
-        _record(base_cfg, NoReduction(), {"macs_ratio_target": None}, data, device, metrics, 0.0)
+        outcomes = outcomes_of(preds, data, None)
+        _record(base_cfg, NoReduction(), {"macs_ratio_target": None}, data, device, metrics, 0.0, outcomes)
     return _BASELINES[key]
 
 
@@ -153,10 +156,14 @@ def _record(
     device: torch.device,
     metrics: dict[str, Any],
     seconds: float,
+    outcomes: Outcomes | None = None,
 ) -> dict[str, Any]:
     identity = job_identity(cfg)
+    digest = config_hash(identity)
+    if outcomes is not None:  # per-image outcomes first, so a record never names a missing file
+        metrics = {**metrics, "outcomes_file": save_outcomes(cfg.results_dir, digest, outcomes)}
     record = {
-        "config_hash": config_hash(identity),
+        "config_hash": digest,
         "method": cfg.method.name,
         "reducer": type(reducer).__name__,
         "hparams": reducer.hparams,
@@ -180,6 +187,8 @@ def _record(
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     """Run one job; returns its record, or None when ``resume`` skipped it."""
     torch.manual_seed(cfg.seed)
+    stats = cfg.get("stats") or {}
+    check_options(stats.get("resample", "images"), stats.get("n_boot", 2000), stats.get("seed", 0))  # before any work
     device = resolve_device(cfg.device)
     digest = config_hash(job_identity(cfg))
     if cfg.resume and digest in recorded_hashes(cfg.results_dir):
@@ -211,8 +220,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
     )
     base = baseline(cfg, model, data, device)
-    metrics, _ = measure(cfg, model, reducer, data, device, base)
-    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start)
+    metrics, preds = measure(cfg, model, reducer, data, device, base)
+    outcomes = outcomes_of(preds, data, base.preds)
+    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start, outcomes)
 
 
 def variant_label(reducer: TokenReducer) -> str:

@@ -2,9 +2,10 @@
 
 Machines are shared and noisy, so a speedup is only meaningful as a ratio measured in one run:
 each timed iteration runs both models back to back and the speedup is the median of the
-per-iteration ratios. CUDA uses events after warm-up (optionally bf16 autocast); the CPU uses
-wall clock with a fixed thread count. Peak memory is what one forward allocates on top of the
-resident weights and inputs (see :func:`peak_memory_mb`).
+per-iteration ratios, with their interquartile range next to it. CUDA uses events after
+warm-up (optionally bf16 autocast); the CPU uses wall clock with a fixed thread count. Peak
+memory is what one forward allocates on top of the resident weights and inputs (see
+:func:`peak_memory_mb`).
 """
 
 from __future__ import annotations
@@ -121,12 +122,17 @@ def measure_latency(
         torch.set_num_threads(old_threads)
     med, med_ref = statistics.median(ms), statistics.median(ms_ref)
     batch = x.shape[0]
+    ratios = [r / m for r, m in zip(ms_ref, ms, strict=True)]
+    q1, q3 = speedup_quartiles(ratios)
     return {
         "latency_ms": med,
         "latency_ms_baseline": med_ref,
         "img_per_s": 1e3 * batch / med,
         "img_per_s_baseline": 1e3 * batch / med_ref,
-        "speedup": statistics.median(r / m for r, m in zip(ms_ref, ms, strict=True)),
+        "speedup": statistics.median(ratios),
+        "speedup_q1": q1,
+        "speedup_q3": q3,
+        "speedup_ratios": [round(v, 4) for v in ratios],
         "latency_batch": batch,
         "latency_iters": iters,
         "amp_bf16": bool(amp),
@@ -134,3 +140,12 @@ def measure_latency(
         "peak_mem_mb_baseline": mem_ref,
         "threads": torch.get_num_threads() if device.type != "cpu" or not threads else threads,
     }
+
+
+def speedup_quartiles(ratios: list[float]) -> tuple[float, float]:
+    """First and third quartile of the per-iteration speedups: the spread a median hides
+    (with one iteration both are that iteration's ratio)."""
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3

@@ -1,44 +1,99 @@
-"""The few plotting conventions every results figure shares: one line per method, markers,
-and the legend outside the axes so it never hides a curve."""
+"""The few plotting conventions every results figure shares: one fixed colour per method in
+every plot, one line per method with markers, readable log ticks, and the legend outside the
+axes so it never hides data."""
 
 from __future__ import annotations
 
+import re
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+METHOD_COLORS = {
+    "unreduced": "#000000",
+    "none": "#000000",
+    "fatr": "#d62728",
+    "tome": "#1f77b4",
+    "evit": "#2ca02c",
+    "topk": "#ff7f0e",
+    "random": "#7f7f7f",
+    "pool": "#8c564b",
+    "kmedoids": "#9467bd",
+    "dpcknn": "#17becf",
+}
+"""Neighbours in the tables (fatr/random, evit/topk, dpcknn/kmedoids) get unlike hues."""
+OTHER_COLORS = ["#e377c2", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*"]
 
-def figure(ncols: int = 1, width: float = 7.0, height: float = 4.5):
+
+def figure(ncols: int = 1, width: float = 7.0, height: float = 4.5, nrows: int = 1):
+    """A figure and its axes as a flat list (row by row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
 def palette(n: int) -> list:
-    """Distinct colours for up to 20 methods (seaborn's default repeats after 10)."""
+    """Distinct colours for up to 20 unnamed series (seaborn's default repeats after 10);
+    methods use :func:`label_styles` instead, so a method keeps its colour in every plot."""
     import seaborn as sns
 
     return sns.color_palette("tab10" if n <= 10 else "tab20", n)
+
+
+def base_method(label: str) -> str:
+    """``fatr (score=std) @0.65`` -> ``fatr``: what decides a label's colour."""
+    return re.split(r"[\s@(]", label.strip(), maxsplit=1)[0]
+
+
+def method_color(name: str) -> str:
+    """The fixed colour of a method (a user's method gets a stable one from its name)."""
+    base = base_method(name)
+    if base in METHOD_COLORS:
+        return METHOD_COLORS[base]
+    return OTHER_COLORS[zlib.crc32(base.encode()) % len(OTHER_COLORS)]
+
+
+def label_styles(labels: Iterable[str]) -> tuple[dict[str, tuple], dict[str, str]]:
+    """Colour and marker per label: a method's own colour for its plain label, lighter and
+    darker shades of it (and other markers) for its variants."""
+    from matplotlib.colors import to_rgb
+
+    by_method: dict[str, list[str]] = {}
+    for label in sorted(set(labels), key=lambda s: (len(s), s)):
+        by_method.setdefault(base_method(label), []).append(label)
+    colors, markers = {}, {}
+    for method, group in by_method.items():
+        base = to_rgb(method_color(method))
+        for k, label in enumerate(group):
+            toward = (1.0, 1.0, 1.0) if k % 2 else (0.0, 0.0, 0.0)
+            t = 0.0 if k == 0 else min(0.6, 0.2 * ((k + 1) // 2))
+            colors[label] = tuple(b + (w - b) * t for b, w in zip(base, toward, strict=True))
+            markers[label] = MARKERS[k % len(MARKERS)]
+    return colors, markers
 
 
 def lines_by_method(ax, data: pd.DataFrame, x: str, y: str, hue: str = "method") -> None:
     """One line per ``hue`` value with markers; the axis legend is removed (see :func:`save`)."""
     import seaborn as sns
 
+    colors, markers = label_styles(data[hue])
     sns.lineplot(
         data=data,
         x=x,
         y=y,
         hue=hue,
         style=hue,
-        markers=True,
+        markers=markers,
         dashes=False,
         markersize=7,
-        palette=palette(data[hue].nunique()),
+        palette=colors,
         ax=ax,
     )
     if ax.get_legend() is not None:
@@ -46,15 +101,33 @@ def lines_by_method(ax, data: pd.DataFrame, x: str, y: str, hue: str = "method")
     ax.grid(alpha=0.3, which="both")
 
 
+def log_ticks(ax, values: Iterable[float], axis: str = "x") -> None:
+    """Ticks at the measured values only, plainly labelled, so log-axis labels never overlap."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ticks = sorted({float(v) for v in values})
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(lambda v, _: f"{v:g}")
+    target.set_minor_locator(NullLocator())
+    target.set_minor_formatter(NullFormatter())
+
+
 def save(fig, path: Path, title: str, legend_ax=None) -> Path:
-    """Title, one legend to the right of the plots (from ``legend_ax``), save, close."""
+    """Title, one legend to the right of the plots (from ``legend_ax``, one axis or several),
+    save, close."""
     import matplotlib.pyplot as plt
 
     fig.suptitle(title, fontsize=10)
-    if legend_ax is not None:
-        handles, labels = legend_ax.get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    axes = legend_ax if isinstance(legend_ax, (list, tuple)) else [legend_ax] if legend_ax is not None else []
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(
+            list(seen.values()), list(seen), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -30,6 +30,11 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+GENERATED = ["results/runs.jsonl", "results/preds", "results/leaderboard.*", "results/*.png"]
+"""Files the harness itself writes when it publishes reference results: a change to them is
+not a change to the code, so it does not mark later records ``-dirty``."""
+
+
 def git_commit(repo: Path | None = None) -> str:
     repo = repo or Path(__file__).resolve().parents[1]
     try:
@@ -37,7 +42,7 @@ def git_commit(repo: Path | None = None) -> str:
         if head.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){g}" for g in GENERATED)],
             cwd=repo,
             capture_output=True,
             text=True,

@@ -1,0 +1,88 @@
+"""``python -m bench.publish``: regenerate the committed reference results in ``results/``.
+
+``bench.run`` writes to a git-ignored folder (``results/local`` by default), so trying the
+harness never touches the published results. This command is the one way to rewrite them: it
+runs the reference sweeps below, each a ``bench.run`` command with ``results_dir=results``, then
+regenerates the leaderboard. ``--fresh`` first moves the old store aside (into
+``results/local/``), so the published files hold only the new runs; ``--dry-run`` prints the
+commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ALL_METHODS = "fatr,tome,evit,pool,kmedoids,dpcknn,topk,random"
+QUICK = ["bench.scaling.enabled=false", "bench.spectral.enabled=false"]
+OMEGA = "results/omega/fatr_deit_tiny_signed_dc2_macs0.65.pt"
+
+REFERENCE_SWEEPS: list[tuple[str, list[str]]] = [
+    ("every method at MACs 0.65, every measurement", [f"method={ALL_METHODS}"]),
+    ("FATR with calibrated ω at 0.65", ["method=fatr", f"method.reducer.omega_path={OMEGA}"]),
+    (
+        "FATR score and DC-grid variants at 0.65",
+        ["method=fatr", "method.reducer.score=signed,abs,std", "method.reducer.dc_grid=1,2", *QUICK],
+    ),
+    ("every method at its own default knob", [f"method={ALL_METHODS}", "budget.macs_ratio=null", *QUICK]),
+    ("Pareto grid 0.5..0.9", [f"method={ALL_METHODS}", "sweep=pareto", *QUICK]),
+]
+"""The published configurations, on the default model and data (DeiT-Tiny, the 1300
+ImageNet validation images)."""
+
+
+def commands(results_dir: str, extra: list[str]) -> list[tuple[str, list[str]]]:
+    return [
+        (what, [sys.executable, "-m", "bench.run", *overrides, f"results_dir={results_dir}", *extra])
+        for what, overrides in REFERENCE_SWEEPS
+    ]
+
+
+def move_aside(results_dir: Path) -> Path | None:
+    """Move the old run store and per-image outcomes into ``results/local/published-<time>/``."""
+    old = [p for p in (results_dir / "runs.jsonl", results_dir / "preds") if p.exists()]
+    if not old:
+        return None
+    archive = Path("results/local") / f"published-{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    archive.mkdir(parents=True)
+    for p in old:
+        shutil.move(str(p), archive / p.name)
+    return archive
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.publish", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", default="results", help="where the published results live")
+    parser.add_argument("--fresh", action="store_true", help="start a new store (the old one is moved aside)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every sweep, e.g. device=cuda")
+    args = parser.parse_args(argv)
+    todo = commands(args.results_dir, args.overrides)
+    if args.dry_run:
+        for what, cmd in todo:
+            print(f"# {what}\npython {shlex.join(cmd[1:])}")
+        return 0
+    if args.fresh and (archive := move_aside(Path(args.results_dir))):
+        print(f"old run store moved to {archive}")
+    failed = []
+    for what, cmd in todo:
+        print(f"\n== {what}: python {shlex.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(what)
+    from bench.leaderboard import write_leaderboard
+
+    write_leaderboard(args.results_dir)
+    if failed:
+        print(f"\n{len(failed)} sweep(s) failed: {'; '.join(failed)}", file=sys.stderr)
+        return 2
+    print(f"\npublished results regenerated in {args.results_dir}/: look at every plot before committing")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
