@@ -20,10 +20,17 @@ def spectral_job(cfg: DictConfig, model: nn.Module, reducer: TokenReducer, data:
     sc = cfg.bench.get("spectral")
     if not sc or not sc.enabled:
         return {}
+    from bench.errors import BenchError
     from bench.spectral import spectral_metrics
 
+    iou_keep = sc.get("iou_keep", 0.5)
+    if isinstance(iou_keep, bool) or not isinstance(iou_keep, (int, float)) or not 0 < iou_keep <= 1:
+        raise BenchError(f"bench.spectral.iou_keep must be in (0, 1], got {iou_keep!r}")
+    if int(sc.images) < 1:
+        raise BenchError(f"bench.spectral.images must be at least 1, got {sc.images}")
     images = data.images[: sc.images].to(device)
-    return spectral_metrics(model, reducer, images, sc.bands, key=(str(cfg.model), str(cfg.data), str(device)))
+    key = (str(cfg.model), str(cfg.data), str(device))
+    return spectral_metrics(model, reducer, images, sc.bands, key=key, iou_keep=float(iou_keep))
 
 
 def scaling_job(cfg: DictConfig, model: nn.Module, reducer: TokenReducer, data: ImageSet, device: torch.device):
@@ -122,8 +129,11 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
             f"| {_label(r)} | {last['hf_energy_rel']:.3f} | {last['effective_rank_rel']:.3f} | "
             f"{last['stable_rank_rel']:.3f} | {_avg(rem):.4f} | {_avg(kept):.4f} |"
         )
-    _append(results_dir, lines + [""])
-    return [energy, band_path]
+    from bench.paper_report import paper_section
+
+    paper_lines, paper_paths = paper_section(recs, results_dir, _label)
+    _append(results_dir, lines + [""] + paper_lines)
+    return [energy, band_path, *paper_paths]
 
 
 def _avg(v: list[float]) -> float:

@@ -6,18 +6,32 @@ and stable rank, Dong et al.'s rank-collapse residual, and the radial power spec
 tokens painted back onto the patch grid. At each reduction block we also score, with FATR's
 ``std`` score on that block's attention, the tokens the method removed or merged against the
 ones it kept as they were.
+
+The FATR paper's own analysis (:mod:`bench.paper_metrics`) is measured in the same pass: per
+block, Park & Kim's Δ log amplitude of the painted feature map from frequency 0 to π and the
+tokens' cosine similarity to their mean; per reduction block, the IoU of the tokens EViT would
+keep with those FATR calls high-frequency, from that block's attention. The unreduced reference
+runs through the patch with the ``none`` reducer, whose activations equal timm's own forward
+bit for bit; its IoU is taken at every block from attention recomputed from the block's own
+``qkv`` output, which leaves that forward untouched. The reference is the loaded weights
+without reduction, so a fine-tuned checkpoint is compared with itself unreduced.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from bench import paper_metrics as pm
 from bench import spectral_metrics as sm
+from bench.errors import BenchError
+from fatr.reducer import DC_SLOTS
 from methods import ATTN, TokenReducer, apply_reducer, reduction_context, remove_reducer
+from methods.base import TokenState
 from methods.identity import NoReduction
 
 
@@ -27,19 +41,45 @@ def _mean(t: Tensor) -> float:
     return float(t.mean()) if t.numel() else float("nan")
 
 
-class BlockRecorder:
-    """Collects per-block token statistics of one patched model during a forward pass."""
+def attention_from_qkv(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """Attention probabilities ``(B, H, N, N)`` of a timm ``Attention`` from its ``qkv`` output.
 
-    def __init__(self, model: nn.Module, num_bands: int) -> None:
+    The patch's explicit attention without a bias or gain, so only exact for an unreduced model.
+    """
+    b, n, _ = qkv.shape
+    q, k, _ = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+
+
+class BlockRecorder:
+    """Collects per-block token statistics of one patched model during a forward pass.
+
+    Args:
+        model: a patched ViT (``apply_reducer(..., trace_source=True)``).
+        num_bands: radial bands of the power spectrum.
+        iou_keep: keep rate at which EViT's and FATR's selections are compared.
+        attention_everywhere: also take the selection IoU at every block from attention
+            recomputed from ``qkv`` (the unreduced reference only).
+    """
+
+    def __init__(self, model: nn.Module, num_bands: int, iou_keep: float, attention_everywhere: bool = False) -> None:
         self.model = model
         self.num_bands = num_bands
+        self.iou_keep = iou_keep
         self.per_block: list[dict[str, Any]] = []
         self.spectra: list[Tensor] = []
+        self.log_amplitude: list[Tensor] = []
+        self.cos_to_mean: list[Tensor] = []
+        self.iou: dict[int, Tensor] = {}
         self.removal: dict[int, dict[str, float]] = {}
         self.ctx = reduction_context(model)
         self.ctx.observers.append(self._on_reduction)
         self.ctx.extra_needs = frozenset({ATTN})
         self.hooks = [blk.register_forward_hook(self._on_block) for blk in model.blocks]
+        if attention_everywhere:
+            for i, blk in enumerate(model.blocks):
+                self.hooks.append(blk.attn.qkv.register_forward_hook(self._qkv_hook(i)))
 
     def _on_block(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         st = reduction_context(self.model).state
@@ -57,6 +97,25 @@ class BlockRecorder:
         )
         grid = sm.scatter_to_grid(x, st.source, p, st.patch_grid)
         self.spectra.append(sm.radial_power_spectrum(grid, self.num_bands))
+        self.log_amplitude.append(pm.diagonal_log_amplitude(grid))
+        self.cos_to_mean.append(pm.cosine_to_mean(x, size, p))
+
+    def _selection_iou(self, block: int, attn: Tensor, state: TokenState) -> None:
+        if state.num_prefix < 1:  # no class token: EViT's selection does not exist
+            return
+        sets = pm.selection_sets(
+            attn, self.iou_keep, state.num_prefix, valid=state.size > 0, skip=state.extra.get(DC_SLOTS, 0)
+        )
+        self.iou[block] = pm.selection_iou(sets["evit"], sets["fatr"])
+
+    def _qkv_hook(self, block: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            state = reduction_context(self.model).state
+            if state.reduced:
+                raise RuntimeError("attention recomputed from qkv is only exact before any reduction")
+            self._selection_iou(block, attention_from_qkv(self.model.blocks[block].attn, output), state)
+
+        return hook
 
     def _on_reduction(self, block: int, before, after) -> None:
         if before.attn is None:
@@ -64,6 +123,7 @@ class BlockRecorder:
         kept = sm.untouched_mask(before, after)
         scores = sm.removed_vs_kept_score(before.attn, kept, before.num_prefix, valid=before.size > 0)
         self.removal[block] = {k: _mean(v) for k, v in scores.items()}
+        self._selection_iou(block, before.attn, before)
 
     def close(self) -> None:
         for h in self.hooks:
@@ -72,19 +132,51 @@ class BlockRecorder:
         self.ctx.extra_needs = frozenset()
 
 
+@dataclass
+class BlockStatistics:
+    """What one model's spectral pass measured; per-image tensors keep images paired."""
+
+    per_block: list[dict[str, Any]]
+    """Token-set statistics per block, means over images."""
+    spectra: Tensor
+    """Radial band power ``(depth, images, bands)``."""
+    removal: dict[int, dict[str, float]]
+    """Mean HF score of removed and kept tokens per reduction block."""
+    log_amplitude: Tensor
+    """Diagonal log amplitude ``(depth, images, K)`` (:func:`bench.paper_metrics.diagonal_log_amplitude`)."""
+    cos_to_mean: Tensor
+    """Cosine similarity of the tokens to their mean ``(depth, images)``."""
+    iou: dict[int, Tensor]
+    """EViT-vs-FATR selection IoU per block where it was taken, ``(images,)`` each."""
+    patch_grid: tuple[int, int]
+
+
 def block_statistics(
-    model: nn.Module, reducer: TokenReducer, images: Tensor, num_bands: int, batch_size: int = 16
-) -> tuple[list[dict[str, Any]], Tensor, dict[int, dict[str, float]]]:
-    """Per-block statistics (mean over images), per-block band power (depth, bands), removal scores."""
+    model: nn.Module,
+    reducer: TokenReducer,
+    images: Tensor,
+    num_bands: int,
+    iou_keep: float = 0.5,
+    batch_size: int = 16,
+    attention_everywhere: bool = False,
+) -> BlockStatistics:
+    """Every per-block statistic of ``model`` with ``reducer`` on ``images`` (see :class:`BlockRecorder`)."""
+    if len(images) == 0:
+        raise BenchError("the spectral analysis needs at least one image (bench.spectral.images)")
     work = copy.deepcopy(model)
     remove_reducer(work)
     apply_reducer(work, reducer, trace_source=True)
+    grid = reduction_context(work).info.patch_grid
+    if grid[0] != grid[1]:
+        raise BenchError(f"the spectral analysis needs a square patch grid, got {grid[0]}x{grid[1]}")
     chunks = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            rec = BlockRecorder(work, num_bands)
-            work(images[i : i + batch_size])
-            rec.close()
+            rec = BlockRecorder(work, num_bands, iou_keep, attention_everywhere)
+            try:
+                work(images[i : i + batch_size])
+            finally:
+                rec.close()
             chunks.append(rec)
     depth = len(chunks[0].per_block)
     weights = [len(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
@@ -95,43 +187,100 @@ def block_statistics(
         for k in chunks[0].per_block[b]:
             row[k] = sum(c.per_block[b][k] * w for c, w in zip(chunks, weights, strict=True)) / total
         per_block.append(row)
-    spectra = torch.stack([torch.cat([c.spectra[b] for c in chunks]) for b in range(depth)])  # (depth, N, bands)
+
+    def stack(attr: str) -> Tensor:  # (depth, images, ...)
+        return torch.stack([torch.cat([getattr(c, attr)[b] for c in chunks]) for b in range(depth)])
+
     removal: dict[int, dict[str, float]] = {}
     for block in chunks[0].removal:
         removal[block] = {
             k: sum(c.removal[block][k] * w for c, w in zip(chunks, weights, strict=True)) / total
             for k in chunks[0].removal[block]
         }
-    return per_block, spectra, removal
+    iou = {block: torch.cat([c.iou[block] for c in chunks]) for block in sorted(chunks[0].iou)}
+    return BlockStatistics(
+        per_block, stack("spectra"), removal, stack("log_amplitude"), stack("cos_to_mean"), iou, grid
+    )
 
 
-_REFERENCE: dict[tuple, tuple[list[dict[str, Any]], Tensor]] = {}
+_REFERENCE: dict[tuple, BlockStatistics] = {}
+
+
+def reference_statistics(
+    model: nn.Module, images: Tensor, num_bands: int, iou_keep: float = 0.5, key: Any = None
+) -> BlockStatistics:
+    """The unreduced model's statistics (cached per ``key``): the ``none`` reducer, with the
+    selection IoU at every block."""
+    ref_key = (key, tuple(images.shape), num_bands, iou_keep)
+    if key is not None and ref_key in _REFERENCE:
+        return _REFERENCE[ref_key]
+    ref = block_statistics(model, NoReduction(), images, num_bands, iou_keep, attention_everywhere=True)
+    if key is not None:
+        _REFERENCE[ref_key] = ref
+    return ref
 
 
 def spectral_metrics(
-    model: nn.Module, reducer: TokenReducer, images: Tensor, num_bands: int = 6, key: Any = None
+    model: nn.Module, reducer: TokenReducer, images: Tensor, num_bands: int = 6, key: Any = None, iou_keep: float = 0.5
 ) -> dict[str, Any]:
-    """Everything the spectral harness records for one method, relative to the unreduced model."""
-    ref_key = (key, tuple(images.shape), num_bands)
-    if key is None or ref_key not in _REFERENCE:
-        ref_blocks, ref_spectra, _ = block_statistics(model, NoReduction(), images, num_bands)
-        if key is not None:
-            _REFERENCE[ref_key] = (ref_blocks, ref_spectra)
-    else:
-        ref_blocks, ref_spectra = _REFERENCE[ref_key]
-    blocks, spectra, removal = block_statistics(model, reducer, images, num_bands)
-    for row, ref in zip(blocks, ref_blocks, strict=True):
+    """Everything the spectral harness records for one method, relative to the unreduced model.
+
+    Args:
+        model: the (patched or plain) timm ViT; its weights are the unreduced reference too.
+        reducer: the method measured.
+        images: the fixed evaluation images, the same for every method.
+        num_bands: radial bands of the power spectrum.
+        key: caches the unreduced reference across jobs of one process (None: no cache).
+        iou_keep: keep rate at which EViT's and FATR's selections are compared.
+    """
+    ref = reference_statistics(model, images, num_bands, iou_keep, key)
+    stats = block_statistics(model, reducer, images, num_bands, iou_keep)
+    blocks = stats.per_block
+    for row, r in zip(blocks, ref.per_block, strict=True):
         for k in ("hf_energy", "effective_rank", "stable_rank", "residual_fro"):
-            row[f"{k}_unreduced"] = ref[k]
-            row[f"{k}_rel"] = row[k] / ref[k] if ref[k] else float("nan")
-    rel = sm.relative_band_power(spectra, ref_spectra)  # (depth, N, bands)
+            row[f"{k}_unreduced"] = r[k]
+            row[f"{k}_rel"] = row[k] / r[k] if r[k] else float("nan")
+    rel = sm.relative_band_power(stats.spectra, ref.spectra)  # (depth, N, bands)
     band_rel = [[_mean(rel[b, :, k]) for k in range(num_bands)] for b in range(rel.shape[0])]
     last = blocks[-1]
-    return {
+    out = {
         "spectral_images": int(len(images)),
         "spectral_blocks": blocks,
         "spectral_band_rel": band_rel,
-        "spectral_removal": {str(k): v for k, v in removal.items()},
+        "spectral_removal": {str(k): v for k, v in stats.removal.items()},
         "hf_energy_last_rel": last["hf_energy_rel"],
         "effective_rank_last_rel": last["effective_rank_rel"],
+    }
+    out.update(paper_metrics(stats, ref, iou_keep))
+    return out
+
+
+def paper_metrics(stats: BlockStatistics, ref: BlockStatistics, iou_keep: float) -> dict[str, Any]:
+    """The FATR paper's analysis for the record: per block (method and unreduced side by side,
+    means over images), the full Δ log amplitude profiles, and the per-image values at the last
+    block so that methods measured on the same images can be compared pairwise."""
+    dlog = pm.relative_log_amplitude(stats.log_amplitude)  # (depth, N, K)
+    dlog_ref = pm.relative_log_amplitude(ref.log_amplitude)
+    for b, row in enumerate(stats.per_block):
+        row["fourier_dlog_pi"] = _mean(dlog[b, :, -1])
+        row["fourier_dlog_pi_unreduced"] = _mean(dlog_ref[b, :, -1])
+        row["cos_to_mean"] = _mean(stats.cos_to_mean[b])
+        row["cos_to_mean_unreduced"] = _mean(ref.cos_to_mean[b])
+    n = dlog.shape[-1]
+    freqs = pm.diagonal_frequencies(stats.patch_grid[0])
+    return {
+        "fourier_freq_pi": [float(f) for f in freqs],
+        "fourier_profile": [[_mean(dlog[b, :, k]) for k in range(n)] for b in range(dlog.shape[0])],
+        "fourier_profile_unreduced": [[_mean(dlog_ref[b, :, k]) for k in range(n)] for b in range(dlog.shape[0])],
+        "fourier_dlog_pi_last": _mean(dlog[-1, :, -1]),
+        "fourier_dlog_pi_last_unreduced": _mean(dlog_ref[-1, :, -1]),
+        "fourier_dlog_pi_last_images": [float(v) for v in dlog[-1, :, -1]],
+        "fourier_dlog_pi_last_unreduced_images": [float(v) for v in dlog_ref[-1, :, -1]],
+        "cos_to_mean_last": _mean(stats.cos_to_mean[-1]),
+        "cos_to_mean_last_unreduced": _mean(ref.cos_to_mean[-1]),
+        "selection_iou_keep": iou_keep,
+        "selection_iou": {str(b): _mean(v) for b, v in stats.iou.items()},
+        "selection_iou_unreduced": [
+            _mean(ref.iou[b]) if b in ref.iou else float("nan") for b in range(len(ref.per_block))
+        ],
     }

@@ -131,6 +131,9 @@ def test_job_records_every_measurement(tiny_run):
             "scaling",
             "alpha_latency",
             "hf_energy_last_rel",
+            "fourier_dlog_pi_last",
+            "cos_to_mean_last",
+            "selection_iou",
         ):
             assert key in m, key
         assert abs(m["macs_ratio"] / 0.65 - 1) < 0.02
@@ -150,10 +153,14 @@ def test_leaderboard_files_are_generated(tiny_run):
         "latency.png",
         "spectral_energy.png",
         "spectral_bands.png",
+        "fourier_dlog.png",
+        "oversmoothing.png",
+        "selection_iou.png",
         "scaling.png",
     } <= names
     md = (results / "leaderboard.md").read_text()
     assert "| none |" in md and "| fatr |" in md and "High-resolution scaling" in md
+    assert "### The paper's frequency analysis" in md and "| unreduced |" in md
     assert "The claim that a reducer runs 4096×4096 images" in md
     df = table(read_records(results))
     assert list(df["method"])[0] == "none"
