@@ -22,13 +22,30 @@ ALL_METHODS = "fatr,tome,evit,pool,kmedoids,dpcknn,topk,random"
 QUICK = ["bench.scaling.enabled=false", "bench.spectral.enabled=false"]
 OMEGA = "results/omega/fatr_deit_tiny_signed_dc2_macs0.65.pt"
 
+EARLIER_FATR = ["method.reducer.dc_grid=2", "method.reducer.prop_attn=true", "method.reducer.omega2_form=logit"]
+"""FATR as this project ran it before it followed the paper (dc_grid 2, proportional attention)."""
+FIDELITY = ["method=fatr", "budget.macs_ratio=0.65,0.5", *QUICK]
+
 REFERENCE_SWEEPS: list[tuple[str, list[str]]] = [
     ("every method at MACs 0.65, every measurement", [f"method={ALL_METHODS}"]),
-    ("FATR with calibrated ω at 0.65", ["method=fatr", f"method.reducer.omega_path={OMEGA}"]),
     (
-        "FATR score and DC-grid variants at 0.65",
-        ["method=fatr", "method.reducer.score=signed,abs,std", "method.reducer.dc_grid=1,2", *QUICK],
+        "FATR, earlier defaults with the ω calibrated for them, at 0.65",
+        ["method=fatr", *EARLIER_FATR, f"method.reducer.omega_path={OMEGA}"],
     ),
+    ("FATR fidelity: the earlier defaults at 0.65 and 0.50", [*FIDELITY, *EARLIER_FATR]),
+    ("FATR fidelity: one change at a time from the paper default", [*FIDELITY, "method.reducer.dc_grid=2"]),
+    ("FATR fidelity: proportional attention on", [*FIDELITY, "method.reducer.prop_attn=true"]),
+    ("FATR fidelity: attention-weighted DC tokens", [*FIDELITY, "method.reducer.dc_weight=attn"]),
+    (
+        "FATR fidelity: the seed's SVD score, exact and 2-3 power iterations, both DC weights",
+        [
+            *FIDELITY,
+            "method.reducer.score=svd",
+            "method.reducer.svd_iters=null,2,3",
+            "method.reducer.dc_weight=mean,attn",
+        ],
+    ),
+    ("FATR score variants at 0.65", ["method=fatr", "method.reducer.score=abs,std", *QUICK]),
     ("every method at its own default knob", [f"method={ALL_METHODS}", "budget.macs_ratio=null", *QUICK]),
     ("Pareto grid 0.5..0.9", [f"method={ALL_METHODS}", "sweep=pareto", *QUICK]),
 ]
