@@ -309,4 +309,7 @@ def test_publish_names_its_commands():
     out = subprocess.run([sys.executable, "-m", "bench.publish", "--dry-run"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if line.startswith("python -m bench.run")]
-    assert len(commands) == 5 and all(c.endswith("results_dir=results") for c in commands)
+    from bench.publish import REFERENCE_SWEEPS
+
+    assert len(commands) == len(REFERENCE_SWEEPS) and all(c.endswith("results_dir=results") for c in commands)
+    assert any("method.reducer.score=svd" in c for c in commands), "the FATR fidelity variants are published"
