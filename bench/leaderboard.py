@@ -171,7 +171,9 @@ def write_leaderboard(
     df = add_statistics(table(records), results_dir, resample, n_boot, seed)
     results_dir.mkdir(parents=True, exist_ok=True)
     md, csv = results_dir / "leaderboard.md", results_dir / "leaderboard.csv"
-    md.write_text(markdown(df))
+    from bench.report_variants import variants_section
+
+    md.write_text(markdown(df) + "\n".join(variants_section(records, results_dir, resample, n_boot, seed)))
     df.to_csv(csv, index=False)
     paths = [md, csv]
     if not df.empty and "top1" in df and "gmacs" in df:
