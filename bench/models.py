@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from pathlib import Path
 
 import timm
@@ -117,5 +118,12 @@ def set_resolution(model: nn.Module, size: int) -> nn.Module:
     if size % patch[0] or size % patch[1]:
         raise BenchError(f"image size {size} is not divisible by the patch size {patch[0]}")
     if tuple(model.patch_embed.img_size) != (size, size):
-        model.set_input_size(img_size=(size, size))
+        # timm logs every interpolation at INFO, which Hydra prints into the progress bars
+        pos_logger = logging.getLogger("timm.layers.pos_embed")
+        level = pos_logger.level
+        pos_logger.setLevel(logging.WARNING)
+        try:
+            model.set_input_size(img_size=(size, size))
+        finally:
+            pos_logger.setLevel(level)
     return model

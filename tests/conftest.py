@@ -65,3 +65,20 @@ def val_batch():
 
     ds = load_imagenet_folder(str(VAL), "deit_tiny_patch16_224", limit=64, show_progress=False)
     return ds.images, ds.labels
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect, rather than skip, the tests a benchmark mode leaves out, so that neither
+    ``pytest`` (``--benchmark-skip``) nor ``pytest --benchmark-only`` prints a SKIPPED line per
+    test: the skips that remain are the ones worth reading (e.g. missing ``../shared``)."""
+    only = config.getoption("benchmark_only", False)
+    skip = config.getoption("benchmark_skip", False) and not only
+    if not (only or skip):
+        return
+    keep, drop = [], []
+    for item in items:
+        is_benchmark = "benchmark" in getattr(item, "fixturenames", ())
+        (keep if is_benchmark == only else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
