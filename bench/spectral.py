@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bench import spectral_metrics as sm
+from bench.finite import check_finite_output
 from methods import ATTN, TokenReducer, apply_reducer, reduction_context, remove_reducer
 from methods.identity import NoReduction
 
@@ -83,7 +84,7 @@ def block_statistics(
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             rec = BlockRecorder(work, num_bands)
-            work(images[i : i + batch_size])
+            check_finite_output(work(images[i : i + batch_size]), "spectral")
             rec.close()
             chunks.append(rec)
     depth = len(chunks[0].per_block)
