@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.store import config_hash, read_records
+from bench.row_notes import GROUPS, knob_text, measured_settings, note_lines, settings_lines
+from bench.store import config_hash, read_run_records
 
 COLUMNS = {
     "label": "method",
@@ -56,10 +57,11 @@ def latest_per_config(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         key = result_key(r)
         if key not in merged:
-            merged[key] = {**r, "metrics": dict(r.get("metrics", {}))}
+            merged[key] = {**r, "metrics": dict(r.get("metrics", {})), "_settings": measured_settings(r)}
         else:
             metrics = {**merged[key]["metrics"], **r.get("metrics", {})}
-            merged[key] = {**r, "metrics": metrics}
+            settings = {**merged[key]["_settings"], **measured_settings(r)}
+            merged[key] = {**r, "metrics": metrics, "_settings": settings}
     return list(merged.values())
 
 
@@ -69,9 +71,7 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in latest_per_config(records):
         m = r.get("metrics", {})
         b = r.get("budget", {})
-        knob = ""
-        if b.get("knob"):
-            knob = f"{b['knob']}={b['knob_value']:.4g}"
+        knob = knob_text(r)
         row = {
             "label": display_name(r),
             "model": r.get("model"),
@@ -84,6 +84,8 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "commit": r.get("git_commit"),
             "timestamp": r.get("timestamp"),
             "config_hash": r.get("config_hash"),
+            "notes": " ".join(r.get("notes") or []),
+            **{f"{g}_settings": r.get("_settings", {}).get(g) for g in GROUPS},
         }
         identity = list(row)
         row.update({k: m[k] for k in COLUMNS if k in m})
@@ -140,8 +142,13 @@ def markdown(df: pd.DataFrame) -> str:
             "|" + "|".join("---" for _ in cols) + "|",
         ]
         for _, row in part.iterrows():
-            lines.append("| " + " | ".join(_fmt(row.get(c), c) for c in cols) + " |")
+            cells = [_fmt(row.get(c), c) + (" †" if c == "knob" and row.get("notes") else "") for c in cols]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        extra = note_lines(part) + settings_lines(part)
+        for line in extra:  # one paragraph each; list items stay under their heading line
+            lines += [line] if line.startswith("- ") or lines[-1] == "" else ["", line]
+        lines += [""] if extra else []
     lines += [
         "Columns: Δ top-1 is against the unreduced model measured in the same run; agree % is how often "
         "the top-1 prediction equals the unreduced model's; GMACs per image from fvcore (with attention "
@@ -216,11 +223,19 @@ def _title(df: pd.DataFrame, what: str) -> str:
 
 
 def write_leaderboard(results_dir: str | Path) -> list[Path]:
-    """Rewrite every generated file in ``results_dir`` from its runs; returns the paths."""
+    """Rewrite every generated file in ``results_dir`` from its runs; returns the paths.
+    All files are replaced together, or none when generating any of them fails."""
+    from bench.results_io import staged_outputs
+
     results_dir = Path(results_dir)
-    records = latest_per_config(read_records(results_dir))
+    records = latest_per_config(read_run_records(results_dir))
+    with staged_outputs(results_dir) as stage:
+        paths = _generate(records, stage)
+    return [results_dir / p.relative_to(stage) for p in paths]
+
+
+def _generate(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     df = table(records)
-    results_dir.mkdir(parents=True, exist_ok=True)
     md, csv = results_dir / "leaderboard.md", results_dir / "leaderboard.csv"
     md.write_text(markdown(df))
     df.to_csv(csv, index=False)
