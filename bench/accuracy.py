@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bench.finite import check_finite_output
+
 
 @dataclass
 class Predictions:
@@ -33,6 +35,7 @@ def predict(
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress, leave=False):
             logits = model(images[i : i + batch_size].to(device, non_blocking=True))
+            check_finite_output(logits, f"{desc}, images {i}..{i + len(logits) - 1}")
             out.append(logits.topk(5, dim=-1).indices.cpu())
     return Predictions(torch.cat(out))
 

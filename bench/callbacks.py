@@ -1,15 +1,19 @@
-"""Hydra callbacks: a sweep-level progress bar, the leaderboard, and one summary table."""
+"""Hydra callbacks: a sweep-level progress bar, the leaderboard, one summary table, and a clean Ctrl-C."""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
+
+import bench.sweep_id  # noqa: F401  registers ${fatr_run_id:}, also in launcher processes
 
 
 def count_jobs(config: DictConfig) -> int | None:
@@ -31,18 +35,34 @@ def count_jobs(config: DictConfig) -> int | None:
 
 
 class SweepSummary(Callback):
+    """Checks the results folder before the first job; at the end prints the summary, lists
+    skipped and failed jobs, regenerates the leaderboard and sets the exit status (2 when a
+    job failed, whatever the leaderboard does; 1 when only the leaderboard failed)."""
+
     def __init__(self) -> None:
         self.bar: tqdm | None = None
         self.sweep_dir: str | None = None
         self.results_dir = "results/local"
         self.stats: dict[str, Any] = {}
+        self.total: int | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = str(config.hydra.sweep.dir)
+        global _ACTIVE
+        from bench.errors import BenchError
+        from bench.results_io import check_writable
+
+        self.sweep_dir = os.path.abspath(str(config.hydra.sweep.dir))
         self.results_dir = str(config.results_dir)
         self.stats = dict(config.get("stats") or {})
+        try:
+            check_writable(self.results_dir)
+        except BenchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        _ACTIVE = self
+        self.total = count_jobs(config)
         self.bar = tqdm(
-            total=count_jobs(config), desc="sweep", unit="job", position=0, disable=not config.get("progress", True)
+            total=self.total, desc="sweep", unit="job", position=0, disable=not config.get("progress", True)
         )
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -50,19 +70,97 @@ class SweepSummary(Callback):
             self.bar.update(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from bench.errors import FAILURE_FILE
-        from bench.leaderboard import summary, write_leaderboard
-        from bench.store import read_records
+        from bench.errors import FAILURE_FILE, SKIP_FILE
+        from bench.leaderboard import summary
 
         if self.bar is not None:
             self.bar.close()
-        records = [r for r in read_records(self.results_dir) if r.get("sweep_dir") == self.sweep_dir]
-        paths = write_leaderboard(self.results_dir, **self.stats)
-        print("\n" + summary(records))
-        print("\nleaderboard: " + ", ".join(str(p) for p in paths))
-        failures = sorted(Path(self.sweep_dir).glob(f"*/{FAILURE_FILE}"))
+        with warnings.catch_warnings(record=True) as caught:  # shown once each, one line each
+            warnings.simplefilter("always")
+            try:
+                print("\n" + summary(self.sweep_records()))
+            except Exception as e:  # noqa: BLE001 - a bad record must not hide the failures below
+                print(f"\nno summary: {type(e).__name__}: {e}", file=sys.stderr)
+            skipped = self.marked(SKIP_FILE)
+            if skipped:
+                print(f"\n{len(skipped)} job(s) skipped, already recorded (resume=true):")
+                for job, text in skipped:
+                    print(f"  {job}: {text}")
+            leaderboard_ok = self.regenerate()
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            print(f"warning: {message}", file=sys.stderr)
+        failures = self.marked(FAILURE_FILE)
         if failures:
             print(f"\n{len(failures)} job(s) failed:", file=sys.stderr)
-            for f in failures:
-                print(f"  {f.parent.name}: {f.read_text().strip()}", file=sys.stderr)
+            for job, text in failures:
+                print(f"  {job}: {text}", file=sys.stderr)
             sys.exit(2)
+        if not leaderboard_ok:
+            sys.exit(1)
+
+    def sweep_records(self) -> list[dict[str, Any]]:
+        from bench.store import read_run_records
+
+        return [r for r in read_run_records(self.results_dir) if r.get("sweep_dir") == self.sweep_dir]
+
+    def marked(self, filename: str) -> list[tuple[str, str]]:
+        """(job folder, message) of this sweep's jobs that left ``filename``."""
+        if self.sweep_dir is None:
+            return []
+        return [(f.parent.name, f.read_text().strip()) for f in sorted(Path(self.sweep_dir).glob(f"*/{filename}"))]
+
+    def regenerate(self) -> bool:
+        """Rewrite the leaderboard from every record; False (and one line) when that failed. A
+        results folder without records (every job failed) gets no empty leaderboard."""
+        from bench.leaderboard import write_leaderboard
+        from bench.store import RUNS_FILE
+
+        if not (Path(self.results_dir) / RUNS_FILE).exists():
+            print(f"\nno records in {self.results_dir}; leaderboard not written")
+            return True
+        try:
+            paths = write_leaderboard(self.results_dir, **self.stats)
+        except Exception as e:  # noqa: BLE001 - reported in one line; the exit status says it failed
+            print(
+                f"\nerror: leaderboard not regenerated ({type(e).__name__}: {e}); previous files unchanged",
+                file=sys.stderr,
+            )
+            return False
+        print("\nleaderboard: " + ", ".join(str(p) for p in paths))
+        return True
+
+
+_ACTIVE: SweepSummary | None = None
+
+
+def report_interrupt() -> int:
+    """After Ctrl-C: one line saying what finished and how to resume, the leaderboard rebuilt
+    from what was recorded; returns the exit status (130, as shells report SIGINT)."""
+    from bench.errors import DONE_FILE
+
+    sweep = _ACTIVE
+    if sweep is None:
+        print("interrupted; rerun the same command (add resume=true to skip what is recorded)", file=sys.stderr)
+        return 130
+    if sweep.bar is not None:
+        sweep.bar.close()
+    done = [job for job, _ in sweep.marked(DONE_FILE)]
+    where = "no records written"
+    if done:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from bench.leaderboard import write_leaderboard
+
+                write_leaderboard(sweep.results_dir, **sweep.stats)
+            where = f"recorded in {sweep.results_dir}, leaderboard regenerated"
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - the records are safe; say so and stop
+            where = f"recorded in {sweep.results_dir} (leaderboard not regenerated)"
+    total = f" of {sweep.total}" if sweep.total else ""
+    finished = f" ({', '.join(done)})" if done else ""
+    print(
+        f"interrupted: {len(done)}{total} job(s) finished{finished}, {where}; "
+        "rerun the same command with resume=true to run the rest",
+        file=sys.stderr,
+    )
+    return 130

@@ -89,6 +89,21 @@ def spread(n_total: int, limit: int | None) -> list[int]:
     return [i * n_total // limit for i in range(limit)]
 
 
+def to_rgb(im: Image.Image, path: str | Path = "") -> Image.Image:
+    """8-bit RGB. 16-bit grayscale (PIL modes ``I;16*``, and ``I`` as older Pillow opens such
+    PNGs) is scaled to 8 bits: PIL's own ``convert`` clips it, which turns the image white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise BenchError(f"cannot read image {path}: mode {im.mode} values outside 0..65535 (not a 16-bit image)")
+        return Image.fromarray(((a + 128) // 257).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        raise BenchError(f"cannot read image {path}: floating-point images (PIL mode F) are not supported")
+    return im.convert("RGB")
+
+
 def eval_transform(model: nn.Module, img_size: int | None = None):
     """The model's own timm eval transform (resize, centre crop, normalise)."""
     import timm.data
@@ -122,7 +137,7 @@ def load_imagenet_folder(
     for path, _ in tqdm(items, desc=f"decoding {Path(root).name}", disable=not show_progress, leave=False):
         try:
             with Image.open(path) as im:
-                tensors.append(transform(im.convert("RGB")))
+                tensors.append(transform(to_rgb(im, path)))
         except OSError as e:
             raise BenchError(f"cannot read image {path}: {e}") from None
     ds = ImageSet(

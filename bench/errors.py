@@ -8,15 +8,41 @@ class BenchError(Exception):
 
 
 FAILURE_FILE = "error.txt"
+SKIP_FILE = "skipped.txt"
+DONE_FILE = "done.txt"
 
 
 def record_failure(message: str) -> None:
     """Leave the error in the job's output folder, where the sweep summary finds it (this
     works for every launcher: local, joblib processes, SLURM nodes on a shared filesystem)."""
+    _leave_note(FAILURE_FILE, message)
+
+
+def record_skip(message: str) -> None:
+    """Mark a job that ``resume=true`` skipped, so the sweep summary lists it as skipped."""
+    _leave_note(SKIP_FILE, message)
+
+
+def record_done(message: str) -> None:
+    """Mark a job that finished and appended its record (counted when a sweep is interrupted)."""
+    _leave_note(DONE_FILE, message)
+
+
+def job_output_dir() -> Path | None:
+    """This job's Hydra output folder, or None outside a Hydra job."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        out = Path(HydraConfig.get().runtime.output_dir)
-        (out / FAILURE_FILE).write_text(message + "\n")
-    except (ValueError, OSError):
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
+
+
+def _leave_note(filename: str, message: str) -> None:
+    out = job_output_dir()
+    if out is None:
+        return
+    try:
+        (out / filename).write_text(message + "\n")
+    except OSError:
         pass

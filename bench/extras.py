@@ -13,6 +13,7 @@ from torch import nn
 
 from bench import leaderboard
 from bench.data import ImageSet
+from bench.row_notes import knob_text
 from methods import TokenReducer
 
 
@@ -66,7 +67,7 @@ def _having(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 def _label(r: dict[str, Any]) -> str:
     t = r.get("budget", {}).get("macs_ratio_target")
     name = leaderboard.display_name(r)
-    return name if t is None else f"{name} @{t:.2f}"
+    return f"{name} {knob_text(r)}".strip() if t is None else f"{name} @{t:.2f}"
 
 
 def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:

@@ -7,6 +7,8 @@ decoded images and the unreduced baseline, so a sweep spends its time in the mod
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,15 @@ from torch import nn
 from bench.accuracy import Predictions, accuracy_metrics, predict
 from bench.budget import match_budget
 from bench.data import ImageSet, load_imagenet_folder
-from bench.errors import BenchError
+from bench.errors import BenchError, record_skip
 from bench.flops import VitShape, macs_report
 from bench.latency import measure_latency
 from bench.models import load_model, set_resolution
 from bench.outcomes import Outcomes, outcomes_of, save_outcomes
 from bench.report_stats import check_options
-from bench.store import append_record, config_hash, device_name, git_commit, now_iso, recorded_hashes
+from bench.results_io import check_writable
+from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
+from bench.validate import validate_for_model, validate_settings
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
 from methods.patch import model_info
@@ -37,12 +41,18 @@ _BASELINES: dict[tuple, Baseline] = {}
 class Baseline:
     preds: Predictions | None
     metrics: dict[str, Any]
+    cfg: DictConfig
+    recorded: bool
+    """Whether its record is in the store: it is appended only once a job using it has finished."""
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
     return dev
@@ -131,21 +141,51 @@ def measure(
 
 
 def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.device) -> Baseline:
-    """The unreduced model on the same images: measured and recorded once per process."""
+    """The unreduced model on the same images: measured once per process, and recorded by the
+    first job that finishes with it (see :func:`run_job`), so a failing job records nothing.
+    With ``resume=true`` a stored unreduced record is reused, not measured or appended again;
+    only its predictions are recomputed (agreement needs them, records do not hold them)."""
     key = (str(cfg.model), str(cfg.data), str(device), str(cfg.bench))
     if key not in _BASELINES:
-        plain = model_without_reducer(model)
-        metrics, preds = measure(cfg, plain, NoReduction(), data, device, None)
-        _BASELINES[key] = Baseline(preds, metrics)
         base_cfg = cfg.copy()
         with open_dict(base_cfg):
             base_cfg.method = OmegaConf.create(
                 {"name": "none", "reducer": {"_target_": "methods.identity.NoReduction"}}
             )
             base_cfg.budget.macs_ratio = None
-        outcomes = outcomes_of(preds, data, None)
-        _record(base_cfg, NoReduction(), {"macs_ratio_target": None}, data, device, metrics, 0.0, outcomes)
+        plain = model_without_reducer(model)
+        stored = _stored_baseline(cfg, base_cfg)
+        preds = None
+        if stored is not None and cfg.bench.accuracy:
+            preds = predict(plain, data.images, cfg.data.batch_size, device, "unreduced", cfg.progress)
+            top1 = accuracy_metrics(preds, data.labels)["top1"]
+            if top1 != stored["top1"]:
+                print(
+                    f"warning: the stored unreduced record (top-1 {stored['top1']:.2f}) does not match this "
+                    f"run's unreduced model (top-1 {top1:.2f}); measuring it again",
+                    file=sys.stderr,
+                )
+                stored = None
+        if stored is not None:
+            _BASELINES[key] = Baseline(preds, stored, base_cfg, recorded=True)
+        else:
+            metrics, preds = measure(cfg, plain, NoReduction(), data, device, None)
+            _BASELINES[key] = Baseline(preds, metrics, base_cfg, recorded=False)
     return _BASELINES[key]
+
+
+def _stored_baseline(cfg: DictConfig, base_cfg: DictConfig) -> dict[str, Any] | None:
+    """With ``resume=true``, the metrics of the newest stored unreduced record for these settings
+    (if it holds what the reduced jobs compare against)."""
+    if not cfg.resume:
+        return None
+    digest = config_hash(job_identity(base_cfg))
+    need = (["top1"] if cfg.bench.accuracy else []) + (["gmacs"] if cfg.bench.flops else [])
+    for r in reversed(read_records(cfg.results_dir)):
+        m = r.get("metrics")
+        if r.get("config_hash") == digest and isinstance(m, dict) and all(k in m for k in need):
+            return m
+    return None
 
 
 def _record(
@@ -157,6 +197,7 @@ def _record(
     metrics: dict[str, Any],
     seconds: float,
     outcomes: Outcomes | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     identity = job_identity(cfg)
     digest = config_hash(identity)
@@ -179,13 +220,19 @@ def _record(
         "timestamp": now_iso(),
         "seconds": seconds,
         "sweep_dir": _sweep_dir(),
+        "notes": notes or [],
     }
     append_record(cfg.results_dir, record)
     return record
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run one job; returns its record, or None when ``resume`` skipped it."""
+    """Run one job; returns its record, or None when ``resume`` skipped it.
+
+    Every setting is validated and the results folder checked writable before anything is
+    measured; records (the unreduced one included) are appended only once the job finished."""
+    validate_settings(cfg)
+    check_writable(cfg.results_dir)
     torch.manual_seed(cfg.seed)
     stats = cfg.get("stats") or {}
     check_options(stats.get("resample", "images"), stats.get("n_boot", 2000), stats.get("seed", 0))  # before any work
@@ -193,6 +240,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     digest = config_hash(job_identity(cfg))
     if cfg.resume and digest in recorded_hashes(cfg.results_dir):
         print(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true")
+        record_skip(f"{cfg.method.name}: already recorded ({digest})")
         return None
     method = cfg.method.name
     t_start = time.perf_counter()
@@ -202,6 +250,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     img_size = cfg.model.get("img_size")
     if img_size:
         set_resolution(model, int(img_size))
+    validate_for_model(cfg, model)
     reducer = build_reducer_from_config(cfg.method)
     info = model_info(model)
     budget: dict[str, Any] = {"macs_ratio_target": cfg.budget.macs_ratio}
@@ -211,18 +260,27 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         )
         reducer = sol.reducer
         budget.update(knob=sol.knob, knob_value=sol.value, macs_ratio_analytic=sol.ratio)
+    elif reducer.budget_knob:  # the method's own knob: shown so that its rows can be told apart
+        budget.update(knob=reducer.budget_knob, knob_value=reducer.hparams.get(reducer.budget_knob))
     try:
         apply_reducer(model, reducer)
     except ReducerConfigError as e:
         raise BenchError(f"method {method}: {e}") from None
+    notes = reducer.notes()
+    for note in notes:
+        print(f"warning: method {method}: {note}", file=sys.stderr)
     model.to(device)
     data = load_imagenet_folder(
         cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
     )
     base = baseline(cfg, model, data, device)
     metrics, preds = measure(cfg, model, reducer, data, device, base)
+    if not base.recorded:
+        base_outcomes = outcomes_of(base.preds, data, None)
+        _record(base.cfg, NoReduction(), {"macs_ratio_target": None}, data, device, base.metrics, 0.0, base_outcomes)
+        base.recorded = True
     outcomes = outcomes_of(preds, data, base.preds)
-    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start, outcomes)
+    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start, outcomes, notes)
 
 
 def variant_label(reducer: TokenReducer) -> str:
@@ -260,6 +318,6 @@ def _sweep_dir() -> str | None:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return str(HydraConfig.get().sweep.dir)
+        return os.path.abspath(str(HydraConfig.get().sweep.dir))
     except (ValueError, ImportError):
         return None

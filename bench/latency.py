@@ -20,22 +20,28 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bench.finite import check_finite_output
+
 
 class _Timer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
     def __call__(self, fn) -> float:
+        """Milliseconds one call of ``fn`` takes; its output is checked for NaN/Inf after the clock stops."""
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            out = fn()
             end.record()
             torch.cuda.synchronize(self.device)
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        check_finite_output(out, "latency")
+        return ms
 
 
 def peak_memory_mb(model: nn.Module, x: Tensor, amp: bool) -> float:
@@ -107,8 +113,8 @@ def measure_latency(
         ms, ms_ref = [], []
         with torch.no_grad(), _autocast(device, amp):
             for _ in range(warmup):
-                model(x)
-                reference(x)
+                check_finite_output(model(x), "latency warm-up")
+                check_finite_output(reference(x), "latency warm-up (unreduced)")
             for i in tqdm(range(iters), desc="latency", disable=not show_progress, leave=False):
                 # alternate which model goes first, so neither always runs on a warmer cache
                 first, second = (model, reference) if i % 2 == 0 else (reference, model)

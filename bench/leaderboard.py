@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 from bench.report_stats import GROUP_KEYS, MISSING, add_statistics, group_title, primary_group, statistics_lines
-from bench.store import config_hash, read_records
+from bench.row_notes import GROUPS, knob_text, measured_settings, note_lines, settings_lines
+from bench.store import config_hash, read_run_records
 
 COLUMNS = {
     "label": "method",
@@ -62,10 +63,11 @@ def latest_per_config(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         key = result_key(r)
         if key not in merged:
-            merged[key] = {**r, "metrics": dict(r.get("metrics", {}))}
+            merged[key] = {**r, "metrics": dict(r.get("metrics", {})), "_settings": measured_settings(r)}
         else:
             metrics = {**merged[key]["metrics"], **r.get("metrics", {})}
-            merged[key] = {**r, "metrics": metrics}
+            settings = {**merged[key]["_settings"], **measured_settings(r)}
+            merged[key] = {**r, "metrics": metrics, "_settings": settings}
     return list(merged.values())
 
 
@@ -75,9 +77,7 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in latest_per_config(records):
         m = r.get("metrics", {})
         b = r.get("budget", {})
-        knob = ""
-        if b.get("knob"):
-            knob = f"{b['knob']}={b['knob_value']:.4g}"
+        knob = knob_text(r)
         row = {
             "label": display_name(r),
             "model": r.get("model"),
@@ -90,6 +90,8 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "commit": r.get("git_commit"),
             "timestamp": r.get("timestamp"),
             "config_hash": r.get("config_hash"),
+            "notes": " ".join(r.get("notes") or []),
+            **{f"{g}_settings": r.get("_settings", {}).get(g) for g in GROUPS},
         }
         identity = list(row)
         row.update({k: m[k] for k in (*COLUMNS, *RAW_METRICS) if k in m})
@@ -145,8 +147,14 @@ def markdown(df: pd.DataFrame) -> str:
             "|" + "|".join("---" for _ in cols) + "|",
         ]
         for _, row in part.iterrows():
-            lines.append("| " + " | ".join(_fmt(row.get(c), c) for c in cols) + " |")
-        lines += ["", *statistics_lines(part, df.attrs)]
+            cells = [_fmt(row.get(c), c) + (" †" if c == "knob" and row.get("notes") else "") for c in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        extra = note_lines(part) + settings_lines(part)
+        for line in extra:  # one paragraph each; list items stay under their heading line
+            lines += [line] if line.startswith("- ") or lines[-1] == "" else ["", line]
+        lines += [""] if extra else []
+        lines += statistics_lines(part, df.attrs)
     lines += [
         "Columns: Δ top-1 is against the unreduced model measured in the same run; agree % is how often "
         "the top-1 prediction equals the unreduced model's; GMACs per image from fvcore (with attention "
@@ -163,31 +171,41 @@ def write_leaderboard(
     results_dir: str | Path, resample: str = "images", n_boot: int = 2000, seed: int = 0
 ) -> list[Path]:
     """Rewrite every generated file in ``results_dir`` from its runs; returns the paths.
-    ``resample`` (images or classes), ``n_boot`` and ``seed`` set the paired statistics."""
-    from bench.report_plots import plot_differences, plot_latency, plot_pareto
+    All files are replaced together, or none when generating any of them fails. ``resample``
+    (images or classes), ``n_boot`` and ``seed`` set the paired statistics."""
+    from bench.results_io import staged_outputs
 
     results_dir = Path(results_dir)
-    records = latest_per_config(read_records(results_dir))
-    df = add_statistics(table(records), results_dir, resample, n_boot, seed)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    md, csv = results_dir / "leaderboard.md", results_dir / "leaderboard.csv"
+    records = latest_per_config(read_run_records(results_dir))
+    with staged_outputs(results_dir) as stage:
+        paths = _generate(records, results_dir, stage, resample, n_boot, seed)
+    return [results_dir / p.relative_to(stage) for p in paths]
+
+
+def _generate(
+    records: list[dict[str, Any]], source: Path, out: Path, resample: str, n_boot: int, seed: int
+) -> list[Path]:
+    """Every output file into ``out``; per-image outcomes are read from ``source``."""
+    from bench.report_plots import plot_differences, plot_latency, plot_pareto
     from bench.report_variants import variants_section
 
-    md.write_text(markdown(df) + "\n".join(variants_section(records, results_dir, resample, n_boot, seed)))
+    df = add_statistics(table(records), source, resample, n_boot, seed)
+    md, csv = out / "leaderboard.md", out / "leaderboard.csv"
+    md.write_text(markdown(df) + "\n".join(variants_section(records, source, resample, n_boot, seed)))
     df.to_csv(csv, index=False)
     paths = [md, csv]
     if not df.empty and "top1" in df and "gmacs" in df:
-        paths.append(plot_pareto(df, results_dir / "pareto.png"))
+        paths.append(plot_pareto(df, out / "pareto.png"))
     if not df.empty and "top1" in df:
-        paths.append(plot_differences(df, results_dir / "differences.png"))
+        paths.append(plot_differences(df, out / "differences.png"))
     if not df.empty and "speedup" in df:
-        paths.append(plot_latency(df, results_dir / "latency.png"))
+        paths.append(plot_latency(df, out / "latency.png"))
     paths = [p for p in paths if p is not None]
     from bench.extras import scaling_section, spectral_section
 
     main_group = primary_group(records)  # one figure each: the group with the most images
-    paths += spectral_section(main_group, results_dir)
-    paths += scaling_section(main_group, results_dir)
+    paths += spectral_section(main_group, out)
+    paths += scaling_section(main_group, out)
     return paths
 
 

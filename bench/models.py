@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import timm
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
+from bench.finite import check_finite_weights
 
 _CACHE: dict[tuple, nn.Module] = {}
 
@@ -35,17 +38,42 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise BenchError(f"checkpoint not found: {path} (set model.checkpoint=PATH or FATR_CHECKPOINT)")
+    if path.stat().st_size == 0:
+        raise BenchError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OS errors mean the same to the user
+            raise BenchError(
+                f"cannot read checkpoint {path}: not a complete safetensors file ({_first_line(e)})"
+            ) from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        reason = (
+            "it holds Python objects besides tensors (only plain weights are loaded: weights_only=True)"
+            if zipfile.is_zipfile(path)
+            else "not a torch checkpoint (corrupt, or not a weights file)"
+        )
+        raise BenchError(f"cannot read checkpoint {path}: {reason}") from None
+    except Exception as e:  # noqa: BLE001 - truncated zips raise RuntimeError, OSError or EOFError
+        raise BenchError(f"cannot read checkpoint {path}: truncated or corrupt torch file ({_first_line(e)})") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
         raise BenchError(f"{path} does not hold a state dict")
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise BenchError(f"{path} is not a plain state dict: {odd[0]!r} is not a tensor")
     return state
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0][:160] if lines else "") or type(e).__name__
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, name: str = "model") -> None:
@@ -72,6 +100,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, name: str = "model") -> 
             f"checkpoint {path} does not match {name}: {k} has shape {tuple(state[k].shape)}, "
             f"model expects {tuple(own[k].shape)}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
         )
+    check_finite_weights(state.items(), f"checkpoint {path}")
     model.load_state_dict(state, strict=True)
 
 
@@ -102,6 +131,7 @@ def load_model(
                     f"could not fetch pretrained weights for {name} from the hub ({type(e).__name__}); "
                     "set model.checkpoint=PATH (or FATR_CHECKPOINT) to a local safetensors/torch file"
                 ) from None
+            check_finite_weights(model.state_dict().items(), f"the hub weights of {name}")
         elif random_init:
             model = create_model(name, img_size=img_size, **kw)
         else:

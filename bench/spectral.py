@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from bench import paper_metrics as pm
 from bench import spectral_metrics as sm
 from bench.errors import BenchError
+from bench.finite import check_finite_output
 from fatr.reducer import DC_SLOTS
 from methods import ATTN, TokenReducer, apply_reducer, reduction_context, remove_reducer
 from methods.base import TokenState
@@ -174,7 +175,7 @@ def block_statistics(
         for i in range(0, len(images), batch_size):
             rec = BlockRecorder(work, num_bands, iou_keep, attention_everywhere)
             try:
-                work(images[i : i + batch_size])
+                check_finite_output(work(images[i : i + batch_size]), "spectral")
             finally:
                 rec.close()
             chunks.append(rec)

@@ -93,7 +93,12 @@ def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
 
 
 def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(results_dir) / RUNS_FILE
+    """Every record in the run store; a damaged line, or a JSON value that is not an object,
+    is skipped with a warning."""
+    return [record for _, record in _numbered_records(Path(results_dir) / RUNS_FILE)]
+
+
+def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.exists():
         return []
     records = []
@@ -101,10 +106,44 @@ def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{n} is not a complete record (interrupted write?); skipped", stacklevel=2)
+            warnings.warn(f"{path}:{n} is not a complete record (interrupted write?); skipped", stacklevel=3)
+            continue
+        if not isinstance(record, dict):
+            warnings.warn(f"{path}:{n} is not a run record (a JSON {type(record).__name__}); skipped", stacklevel=3)
+            continue
+        records.append((n, record))
     return records
+
+
+# What the leaderboard reads from a record, and the type each must have.
+_REQUIRED = {"config_hash": str, "method": str, "metrics": dict, "timestamp": str}
+_OPTIONAL = {"budget": dict, "config": dict, "variant": (str, type(None)), "model": str, "data_root": str}
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """Why ``record`` cannot be tabulated (a missing key or one of the wrong type), or None."""
+    for key, kind in _REQUIRED.items():
+        if not isinstance(record.get(key), kind):
+            return f"no {key!r}" if key not in record else f"{key!r} is a {type(record[key]).__name__}"
+    for key, kind in _OPTIONAL.items():
+        if key in record and not isinstance(record[key], kind):
+            return f"{key!r} is a {type(record[key]).__name__}"
+    return None
+
+
+def read_run_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    """The records the leaderboard can use; any other is skipped with a warning that says why."""
+    path = Path(results_dir) / RUNS_FILE
+    good = []
+    for n, record in _numbered_records(path):
+        problem = record_problem(record)
+        if problem:
+            warnings.warn(f"{path}:{n} is not a run record ({problem}); skipped", stacklevel=2)
+            continue
+        good.append(record)
+    return good
 
 
 def recorded_hashes(results_dir: str | Path) -> set[str]:

@@ -113,6 +113,11 @@ class TokenReducer(nn.Module):
         """Check the configuration against the model; raise :class:`ReducerConfigError`."""
         self.info = info
 
+    def notes(self) -> list[str]:
+        """One line for each way the bound reducer departs from its configuration on this model
+        (ToMe: an ``r`` larger than a block can merge is capped), to be shown with its numbers."""
+        return []
+
     def with_knob(self, value: float) -> TokenReducer:
         """A fresh reducer of the same kind with the budget knob set to ``value``."""
         if self.budget_knob is None:

@@ -122,6 +122,26 @@ class ToMe(TokenReducer):
         super().bind(info)
         self.schedule = tome_schedule(self.hparams["r"], info.depth, self.hparams["inflection"])
 
+    def notes(self) -> list[str]:
+        """Blocks where ``r`` exceeds what bipartite matching can merge (half the non-prefix
+        tokens): ToMe caps the merges there, as the reference code does; say so."""
+        if self.info is None:
+            return []
+        p, n = self.info.num_prefix, self.info.num_prefix + self.info.num_patches
+        capped = []
+        for block, r in enumerate(self.schedule):
+            can = max(0, (n - p) // 2)
+            if r > can:
+                capped.append((block, r, can))
+            n -= min(r, can)
+        if not capped:
+            return []
+        b, r, can = capped[0]
+        return [
+            f"r capped in {len(capped)} of {len(self.schedule)} blocks (first: block {b} merges {can} of the {r} "
+            f"asked; a block can merge at most half its {'non-prefix ' if p else ''}tokens)"
+        ]
+
     def reduces_at(self, block: int) -> bool:
         return block < len(self.schedule) and self.schedule[block] > 0
 

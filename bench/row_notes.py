@@ -1,0 +1,110 @@
+"""What a leaderboard row must say besides its numbers, so that no two rows are confused.
+
+- its knob, also for runs at the method's own knob (``budget.macs_ratio=null``): ToMe r=8 and
+  r=200 are different rows and must read differently;
+- the bench settings its latency, spectral and scaling numbers were measured with, since a
+  row merges the newest measurement of each kind from several runs of one configuration;
+- what the reducer did differently from its configuration (its ``notes``, e.g. a capped r).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+# Measurement groups whose numbers depend on bench settings, and the metric that marks them measured.
+GROUPS = {"latency": "latency_ms", "spectral": "spectral_blocks", "scaling": "scaling"}
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float, list, tuple)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return f"{v:.4g}"
+
+
+def _registered_knob(method: Any) -> str | None:
+    """The budget knob of a registered method (records written before the knob was stored)."""
+    try:
+        import fatr  # noqa: F401  registers FATR
+        from methods import reducer_class
+
+        return reducer_class(str(method)).budget_knob
+    except Exception:  # noqa: BLE001 - an unknown plug-in method simply has no knob to show
+        return None
+
+
+def knob_text(record: dict[str, Any]) -> str:
+    """``r=8``, ``keep_rate=0.7`` or ``r=[9,0,7]``: the solved knob, or the method's own."""
+    budget = record.get("budget") or {}
+    knob, value = budget.get("knob"), budget.get("knob_value")
+    if not knob and budget.get("macs_ratio_target") is None:
+        knob = _registered_knob(record.get("method"))
+        value = (record.get("hparams") or {}).get(knob) if knob else None
+    if not knob or value is None:
+        return ""
+    return f"{knob}={_value(value)}"
+
+
+def measured_settings(record: dict[str, Any]) -> dict[str, str]:
+    """The bench settings behind each group of numbers the record measured (a row merged
+    by the leaderboard carries them already)."""
+    if isinstance(record.get("_settings"), dict):
+        return dict(record["_settings"])
+    bench = (record.get("config") or {}).get("bench") or {}
+    metrics = record.get("metrics") or {}
+    out = {}
+    for group, marker in GROUPS.items():
+        s = bench.get(group)
+        if marker not in metrics or not isinstance(s, dict):
+            continue
+        if group == "latency":
+            text = f"batch {s.get('batch_size')}, {s.get('iters')} iters after {s.get('warmup')} warm-up"
+            text += ", bf16" if s.get("amp") else ""
+            text += f", {s['threads']} threads" if s.get("threads") else ""
+        elif group == "spectral":
+            text = f"{s.get('images')} images, {s.get('bands')} bands"
+        else:
+            text = (
+                f"resolutions {_value(s.get('resolutions'))}, batch of {s.get('batch_tokens')} tokens, "
+                f"{s.get('iters')} iters after {s.get('warmup')} warm-up"
+            )
+        out[group] = text
+    return out
+
+
+def settings_lines(part: pd.DataFrame) -> list[str]:
+    """One line per measurement group: its settings, or which rows were measured differently."""
+    lines = []
+    for group in GROUPS:
+        col = f"{group}_settings"
+        if col not in part:
+            continue
+        rows = part.dropna(subset=[col])
+        distinct = list(dict.fromkeys(rows[col]))
+        if len(distinct) == 1:
+            lines.append(f"{group.capitalize()} settings: {distinct[0]}.")
+        elif len(distinct) > 1:
+            lines.append(f"**{group.capitalize()} measured with different settings in these rows; compare with care:**")
+            for text in distinct:
+                names = ", ".join(row_name(r) for _, r in rows[rows[col] == text].iterrows())
+                lines.append(f"- {text}: {names}")
+    return lines
+
+
+def row_name(row: pd.Series) -> str:
+    """Label, knob and budget: enough to find the row in the table."""
+    name = row["label"] + (f" {row['knob']}" if row.get("knob") else "")
+    budget = row.get("budget")
+    return name + (f" @{budget:.2f}" if isinstance(budget, float) and budget == budget else "")
+
+
+def note_lines(part: pd.DataFrame) -> list[str]:
+    """The reducers' notes, under the table, pointed to by † in the knob column."""
+    if "notes" not in part:
+        return []
+    return [
+        f"† {row_name(r)}: {r['notes']}" for _, r in part.iterrows() if isinstance(r.get("notes"), str) and r["notes"]
+    ]
