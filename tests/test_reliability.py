@@ -250,7 +250,7 @@ def test_malformed_records_are_skipped_with_a_warning(tmp_path):
 
 
 def test_leaderboard_replaces_all_its_files_or_none(tmp_path, monkeypatch):
-    import bench.leaderboard
+    import bench.report_plots
 
     append_record(tmp_path, _record("tome", "2026-01-01", 70.0))
     write_leaderboard(tmp_path)
@@ -261,7 +261,7 @@ def test_leaderboard_replaces_all_its_files_or_none(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(bench.leaderboard, "plot_latency", broken)
+    monkeypatch.setattr(bench.report_plots, "plot_latency", broken)
     with pytest.raises(RuntimeError, match="plotting failed"):
         write_leaderboard(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "runs.jsonl"}
