@@ -17,16 +17,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from bench.accuracy import Predictions, accuracy_metrics, predict
-from bench.budget import match_budget
+from bench.budget import solve_budget
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError
-from bench.flops import VitShape, macs_report
+from bench.finetuned import Finetuned, resolve_finetuned, swap_in
+from bench.flops import macs_report
 from bench.latency import measure_latency
 from bench.models import load_model, set_resolution
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, recorded_hashes
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
-from methods.patch import model_info
 
 _BASELINES: dict[tuple, Baseline] = {}
 
@@ -62,11 +62,11 @@ def build_reducer_from_config(method_cfg: DictConfig) -> TokenReducer:
     return reducer
 
 
-def job_identity(cfg: DictConfig) -> dict[str, Any]:
+def job_identity(cfg: DictConfig, finetuned: Finetuned | None = None) -> dict[str, Any]:
     """What determines a job's numbers: the key for resume and for 'latest per config'."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data["root"] = str(Path(data["root"]).expanduser().resolve())
-    return {
+    identity = {
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": data,
@@ -74,6 +74,9 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
         "bench": OmegaConf.to_container(cfg.bench, resolve=True),
         "device": str(resolve_device(cfg.device)),
     }
+    if finetuned is not None:  # fine-tuned weights: another model than the base they started from
+        identity["finetuned"] = finetuned.identity
+    return identity
 
 
 def flop_metrics(model: nn.Module, reducer: TokenReducer, data: ImageSet, device: torch.device) -> dict[str, Any]:
@@ -153,8 +156,9 @@ def _record(
     device: torch.device,
     metrics: dict[str, Any],
     seconds: float,
+    finetuned: Finetuned | None = None,
 ) -> dict[str, Any]:
-    identity = job_identity(cfg)
+    identity = job_identity(cfg, finetuned)
     record = {
         "config_hash": config_hash(identity),
         "method": cfg.method.name,
@@ -173,15 +177,18 @@ def _record(
         "seconds": seconds,
         "sweep_dir": _sweep_dir(),
     }
+    if finetuned is not None:
+        record["finetune"] = finetuned.provenance
     append_record(cfg.results_dir, record)
     return record
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     """Run one job; returns its record, or None when ``resume`` skipped it."""
+    cfg, finetuned = resolve_finetuned(cfg)  # a bench.finetune checkpoint: its base model + trained state
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    digest = config_hash(job_identity(cfg))
+    digest = config_hash(job_identity(cfg, finetuned))
     if cfg.resume and digest in recorded_hashes(cfg.results_dir):
         print(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true")
         return None
@@ -194,14 +201,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     if img_size:
         set_resolution(model, int(img_size))
     reducer = build_reducer_from_config(cfg.method)
-    info = model_info(model)
-    budget: dict[str, Any] = {"macs_ratio_target": cfg.budget.macs_ratio}
-    if cfg.budget.macs_ratio is not None and not isinstance(reducer, NoReduction):
-        sol = match_budget(
-            reducer, float(cfg.budget.macs_ratio), VitShape.of(model), info, float(cfg.budget.tolerance), method
-        )
-        reducer = sol.reducer
-        budget.update(knob=sol.knob, knob_value=sol.value, macs_ratio_analytic=sol.ratio)
+    reducer, budget = solve_budget(reducer, cfg.budget.macs_ratio, cfg.budget.tolerance, model, method)
     try:
         apply_reducer(model, reducer)
     except ReducerConfigError as e:
@@ -211,8 +211,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
     )
     base = baseline(cfg, model, data, device)
+    if finetuned is not None:
+        swap_in(finetuned, cfg, model, data, device)
     metrics, _ = measure(cfg, model, reducer, data, device, base)
-    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start)
+    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start, finetuned)
 
 
 def variant_label(reducer: TokenReducer) -> str:

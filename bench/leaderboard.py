@@ -218,7 +218,8 @@ def _title(df: pd.DataFrame, what: str) -> str:
 def write_leaderboard(results_dir: str | Path) -> list[Path]:
     """Rewrite every generated file in ``results_dir`` from its runs; returns the paths."""
     results_dir = Path(results_dir)
-    records = latest_per_config(read_records(results_dir))
+    everything = latest_per_config(read_records(results_dir))
+    records = [r for r in everything if "finetune" not in r]  # fine-tuned models get their own section
     df = table(records)
     results_dir.mkdir(parents=True, exist_ok=True)
     md, csv = results_dir / "leaderboard.md", results_dir / "leaderboard.csv"
@@ -235,6 +236,9 @@ def write_leaderboard(results_dir: str | Path) -> list[Path]:
 
     paths += spectral_section(records, results_dir)
     paths += scaling_section(records, results_dir)
+    from bench.finetune_report import finetuned_section
+
+    paths += finetuned_section(everything, results_dir)
     return paths
 
 
