@@ -199,6 +199,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
 def _models(cfg: DictConfig, reducer, eval_cfg: DictConfig, device: torch.device):
     """The frozen unreduced teacher, and the student: a copy with the reducer at its budget."""
     m = cfg.model
+    torch.manual_seed(cfg.seed)  # random_init (smoke tests): the same weights in every process
     teacher = load_model(m.name, m.checkpoint, m.pretrained, random_init=m.get("random_init", False))
     if m.get("img_size"):
         set_resolution(teacher, int(m.img_size))

@@ -141,6 +141,19 @@ def test_reducer_parameters_get_gradients_and_train_reducer_freezes_the_rest(tmp
     assert curve[-1] < curve[0], curve
 
 
+def test_unreduced_control_with_kd_stays_where_it_started(tmp_path):
+    """Student = teacher: the distillation gradient is round-off, which must not become
+    learning-rate-sized Adam steps (it does when the loss is computed in float32)."""
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    apply_reducer(student, reducer_for("none"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    recipe = Recipe(**{**TINY_RECIPE, "images": 32, "loss": "kd", "weight_decay": 0.0, "ema_decay": None})
+    train(student, teacher, FixedImages(), recipe, tmp_path, {}, progress=False)
+    moved = max((student.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert moved < 1e-7, moved  # lr is 1e-3: a round-off-driven Adam step would move weights by ~1e-3
+
+
 def test_norm_mode_trains_norms_biases_and_reducer_only():
     model = tiny_vit()
     apply_reducer(model, reducer_for("fatr"))
