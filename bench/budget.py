@@ -94,3 +94,23 @@ def match_budget(
         )
         raise BenchError(f"budget macs_ratio={macs_ratio} is impossible for method {name}: {where}")
     return BudgetSolution(r, knob, float(value), int(c), int(target), base)
+
+
+def solve_budget(
+    reducer: TokenReducer, macs_ratio: float | None, tolerance: float, model, method: str = ""
+) -> tuple[TokenReducer, dict]:
+    """``reducer`` at the MACs budget (as configured when ``macs_ratio`` is None, and always for
+    the unreduced model) and the fields the run store records about the budget. Shared by
+    evaluation and fine-tuning, so a fine-tuned method runs at the knob it was trained with."""
+    from methods.patch import model_info
+
+    budget: dict = {"macs_ratio_target": macs_ratio}
+    if isinstance(reducer, NoReduction):
+        return reducer, budget
+    if macs_ratio is None:
+        if reducer.budget_knob:  # the method's own knob: shown so that its rows can be told apart
+            budget.update(knob=reducer.budget_knob, knob_value=reducer.hparams.get(reducer.budget_knob))
+        return reducer, budget
+    sol = match_budget(reducer, float(macs_ratio), VitShape.of(model), model_info(model), float(tolerance), method)
+    budget.update(knob=sol.knob, knob_value=sol.value, macs_ratio_analytic=sol.ratio)
+    return sol.reducer, budget

@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from bench.accuracy import Predictions, accuracy_metrics, predict
-from bench.budget import match_budget
+from bench.budget import solve_budget
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError, record_skip
-from bench.flops import VitShape, macs_report
+from bench.finetuned import Finetuned, resolve_finetuned, swap_in
+from bench.flops import macs_report
 from bench.latency import measure_latency
 from bench.models import load_model, set_resolution
 from bench.outcomes import Outcomes, outcomes_of, save_outcomes
@@ -32,7 +33,6 @@ from bench.store import append_record, config_hash, device_name, git_commit, now
 from bench.validate import validate_for_model, validate_settings
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
-from methods.patch import model_info
 
 _BASELINES: dict[tuple, Baseline] = {}
 
@@ -74,11 +74,11 @@ def build_reducer_from_config(method_cfg: DictConfig) -> TokenReducer:
     return reducer
 
 
-def job_identity(cfg: DictConfig) -> dict[str, Any]:
+def job_identity(cfg: DictConfig, finetuned: Finetuned | None = None) -> dict[str, Any]:
     """What determines a job's numbers: the key for resume and for 'latest per config'."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data["root"] = str(Path(data["root"]).expanduser().resolve())
-    return {
+    identity = {
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": data,
@@ -86,6 +86,9 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
         "bench": OmegaConf.to_container(cfg.bench, resolve=True),
         "device": str(resolve_device(cfg.device)),
     }
+    if finetuned is not None:  # fine-tuned weights: another model than the base they started from
+        identity["finetuned"] = finetuned.identity
+    return identity
 
 
 def flop_metrics(model: nn.Module, reducer: TokenReducer, data: ImageSet, device: torch.device) -> dict[str, Any]:
@@ -198,8 +201,9 @@ def _record(
     seconds: float,
     outcomes: Outcomes | None = None,
     notes: list[str] | None = None,
+    finetuned: Finetuned | None = None,
 ) -> dict[str, Any]:
-    identity = job_identity(cfg)
+    identity = job_identity(cfg, finetuned)
     digest = config_hash(identity)
     if outcomes is not None:  # per-image outcomes first, so a record never names a missing file
         metrics = {**metrics, "outcomes_file": save_outcomes(cfg.results_dir, digest, outcomes)}
@@ -222,6 +226,8 @@ def _record(
         "sweep_dir": _sweep_dir(),
         "notes": notes or [],
     }
+    if finetuned is not None:
+        record["finetune"] = finetuned.provenance
     append_record(cfg.results_dir, record)
     return record
 
@@ -231,13 +237,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
 
     Every setting is validated and the results folder checked writable before anything is
     measured; records (the unreduced one included) are appended only once the job finished."""
+    cfg, finetuned = resolve_finetuned(cfg)  # a bench.finetune checkpoint: its base model + trained state
     validate_settings(cfg)
     check_writable(cfg.results_dir)
     torch.manual_seed(cfg.seed)
     stats = cfg.get("stats") or {}
     check_options(stats.get("resample", "images"), stats.get("n_boot", 2000), stats.get("seed", 0))  # before any work
     device = resolve_device(cfg.device)
-    digest = config_hash(job_identity(cfg))
+    digest = config_hash(job_identity(cfg, finetuned))
     if cfg.resume and digest in recorded_hashes(cfg.results_dir):
         print(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true")
         record_skip(f"{cfg.method.name}: already recorded ({digest})")
@@ -252,16 +259,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         set_resolution(model, int(img_size))
     validate_for_model(cfg, model)
     reducer = build_reducer_from_config(cfg.method)
-    info = model_info(model)
-    budget: dict[str, Any] = {"macs_ratio_target": cfg.budget.macs_ratio}
-    if cfg.budget.macs_ratio is not None and not isinstance(reducer, NoReduction):
-        sol = match_budget(
-            reducer, float(cfg.budget.macs_ratio), VitShape.of(model), info, float(cfg.budget.tolerance), method
-        )
-        reducer = sol.reducer
-        budget.update(knob=sol.knob, knob_value=sol.value, macs_ratio_analytic=sol.ratio)
-    elif reducer.budget_knob:  # the method's own knob: shown so that its rows can be told apart
-        budget.update(knob=reducer.budget_knob, knob_value=reducer.hparams.get(reducer.budget_knob))
+    reducer, budget = solve_budget(reducer, cfg.budget.macs_ratio, cfg.budget.tolerance, model, method)
     try:
         apply_reducer(model, reducer)
     except ReducerConfigError as e:
@@ -274,13 +272,16 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
     )
     base = baseline(cfg, model, data, device)
+    if finetuned is not None:
+        swap_in(finetuned, cfg, model, data, device)
     metrics, preds = measure(cfg, model, reducer, data, device, base)
     if not base.recorded:
         base_outcomes = outcomes_of(base.preds, data, None)
         _record(base.cfg, NoReduction(), {"macs_ratio_target": None}, data, device, base.metrics, 0.0, base_outcomes)
         base.recorded = True
     outcomes = outcomes_of(preds, data, base.preds)
-    return _record(cfg, reducer, budget, data, device, metrics, time.perf_counter() - t_start, outcomes, notes)
+    elapsed = time.perf_counter() - t_start
+    return _record(cfg, reducer, budget, data, device, metrics, elapsed, outcomes, notes, finetuned)
 
 
 def variant_label(reducer: TokenReducer) -> str:

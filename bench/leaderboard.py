@@ -176,19 +176,20 @@ def write_leaderboard(
     from bench.results_io import staged_outputs
 
     results_dir = Path(results_dir)
-    records = latest_per_config(read_run_records(results_dir))
+    everything = latest_per_config(read_run_records(results_dir))
     with staged_outputs(results_dir) as stage:
-        paths = _generate(records, results_dir, stage, resample, n_boot, seed)
+        paths = _generate(everything, results_dir, stage, resample, n_boot, seed)
     return [results_dir / p.relative_to(stage) for p in paths]
 
 
 def _generate(
-    records: list[dict[str, Any]], source: Path, out: Path, resample: str, n_boot: int, seed: int
+    everything: list[dict[str, Any]], source: Path, out: Path, resample: str, n_boot: int, seed: int
 ) -> list[Path]:
     """Every output file into ``out``; per-image outcomes are read from ``source``."""
     from bench.report_plots import plot_differences, plot_latency, plot_pareto
     from bench.report_variants import variants_section
 
+    records = [r for r in everything if "finetune" not in r]  # fine-tuned models get their own section
     df = add_statistics(table(records), source, resample, n_boot, seed)
     md, csv = out / "leaderboard.md", out / "leaderboard.csv"
     md.write_text(markdown(df) + "\n".join(variants_section(records, source, resample, n_boot, seed)))
@@ -206,6 +207,9 @@ def _generate(
     main_group = primary_group(records)  # one figure each: the group with the most images
     paths += spectral_section(main_group, out)
     paths += scaling_section(main_group, out)
+    from bench.finetune_report import finetuned_section
+
+    paths += finetuned_section(everything, out)
     return paths
 
 

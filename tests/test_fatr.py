@@ -1,4 +1,4 @@
-"""FATR on tiny random ViTs: HF copies, DC means, scores, attention re-weighting, ω calibration."""
+"""FATR on tiny random ViTs: HF copies, DC means, scores, attention re-weighting."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import pytest
 import torch
 from conftest import tiny_vit
 from helpers import run_capturing
-from PIL import Image
 
-from fatr import FATR, hf_scores
-from fatr.calibrate import check_disjoint, fit_omega, main
+from fatr import hf_scores
 from fatr.dc import window_of
 from fatr.reducer import DC_GRID, DC_SLOTS
-from methods import ReducerConfigError, apply_reducer, build_reducer, remove_reducer
+from methods import ReducerConfigError, apply_reducer, build_reducer
 from methods.attention import AttentionReweight, attention_forward
 
 CONFIGS = [
@@ -176,71 +174,3 @@ def test_fatr_errors():
         apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=16))
     with pytest.raises(ReducerConfigError, match="omega file not found"):
         apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=2, omega_path="/nonexistent.pt"))
-
-
-def test_fit_omega_reduces_kl_and_round_trips(tmp_path, images):
-    model = tiny_vit()
-    imgs = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    reducer = FATR(blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.4)
-    history = fit_omega(model, reducer, imgs, epochs=6, batch_size=6, lr=0.1, show_progress=False)
-    assert history[-1] < history[0], history
-    assert reducer.omega1.abs().sum() > 0
-    from fatr.calibrate import save_omega
-
-    path = save_omega(reducer, tmp_path / "omega.pt", {"blocks": [1, 3], "keep_rate": 0.4})
-    with torch.no_grad():
-        trained = model(images)
-    remove_reducer(model)
-    loaded = FATR(blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.4, omega_path=str(path))
-    apply_reducer(model, loaded)
-    with torch.no_grad():
-        assert torch.allclose(model(images), trained)
-    with pytest.warns(UserWarning, match="keep_rate"):
-        apply_reducer(model, FATR(blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.5, omega_path=str(path)))
-
-
-def _folder(root, names, wnid="n01440764"):
-    d = root / wnid
-    d.mkdir(parents=True)
-    for i, name in enumerate(names):
-        Image.new("RGB", (64, 48), (i * 40, 90, 200 - i * 30)).save(d / name)
-    return root
-
-
-def test_calibrate_command_on_a_tiny_folder(tmp_path, capsys):
-    calib = _folder(tmp_path / "calib", ["a.JPEG", "b.JPEG", "c.JPEG"])
-    out = tmp_path / "omega.pt"
-    rc = main(
-        [
-            "--random-init",
-            "--calib-root",
-            str(calib),
-            "--out",
-            str(out),
-            "--eval-root",
-            "",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--model",
-            "deit_tiny_patch16_224",
-        ]
-    )
-    assert rc == 0 and out.exists()
-    saved = torch.load(out, weights_only=True)
-    assert saved["omega1"].shape == (12, 3) and saved["meta"]["num_images"] == 3
-    assert "saved ω" in capsys.readouterr().out
-
-
-def test_calibration_refuses_evaluation_images(tmp_path, capsys):
-    ev = _folder(tmp_path / "eval", ["x.JPEG", "y.JPEG"])
-    calib = _folder(tmp_path / "calib", ["y.JPEG", "z.JPEG"])
-    from bench.errors import BenchError
-
-    with pytest.raises(BenchError, match="is the evaluation folder"):
-        check_disjoint(str(ev), str(ev))
-    with pytest.raises(BenchError, match="shares 1 images"):
-        check_disjoint(str(calib), str(ev))
-    rc = main(["--random-init", "--calib-root", str(ev), "--eval-root", str(ev), "--out", str(tmp_path / "o.pt")])
-    assert rc == 2 and "must not see eval images" in capsys.readouterr().err

@@ -1,0 +1,562 @@
+"""Fine-tuning on tiny random ViTs (CPU): the loss falls, the right weights train, resumed and
+distributed runs equal the plain one, fine-tuned checkpoints evaluate like any weights, and
+the leaderboard's fine-tuned section."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from bench_utils import FAST, REPO, image_folder
+from conftest import tiny_vit
+from PIL import Image
+
+import bench.trainer as trainer_module
+from bench.errors import BenchError
+from bench.finetune_job import loss_curve, run_finetune, set_drop_path
+from bench.finetuned import read_finetuned, save_finetuned, save_reducer_state
+from bench.leaderboard import write_leaderboard
+from bench.store import append_record, read_records
+from bench.train_data import (
+    SeededImages,
+    StepBatches,
+    _posterize,
+    check_disjoint,
+    list_train_images,
+    train_transform,
+)
+from bench.trainer import LAST, METRICS, Recipe, read_metrics, train
+from methods import apply_reducer, available_methods, build_reducer, remove_reducer
+
+TINY_RECIPE = dict(
+    name="tiny",
+    images=32,
+    batch_size=8,
+    micro_batch=4,
+    opt="adamw",
+    lr=1e-3,
+    weight_decay=0.05,
+    sched="cosine",
+    min_lr=1e-5,
+    ema_decay=0.9,
+    loss="ce_kd",
+    train="all",
+    checkpoint_every=2,
+    num_workers=0,
+)
+KNOBS = {"none": {}, "tome": {"r": 8}}
+
+
+def reducer_for(method: str):
+    return build_reducer(method, **KNOBS.get(method, {"blocks": [1, 3], "keep_rate": 0.5}))
+
+
+def tiny_run(folder, method: str = "fatr", drop_path: float = 0.0):
+    """A teacher, its reduced student and augmented training images, as a fresh process makes them."""
+    teacher = tiny_vit(num_classes=1000)
+    student = copy.deepcopy(teacher)
+    set_drop_path(student, drop_path)
+    apply_reducer(student, reducer_for(method))
+    images = list_train_images(folder, need_labels=True)
+    return student, teacher, SeededImages(images, train_transform(student, True, "rand-m9-mstd0.5-inc1"), seed=0)
+
+
+class FixedImages(torch.utils.data.Dataset):
+    def __init__(self, n: int = 8) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, key):
+        return self.x[key[1]], int(self.y[key[1]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second thread only waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("ft") / "train", n_classes=2, per_class=4)
+
+
+def losses(out_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(Path(out_dir) / METRICS)]
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_loss_falls_on_a_fixed_batch(method, tmp_path):
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    apply_reducer(student, reducer_for(method))
+    recipe = Recipe(**{**TINY_RECIPE, "images": 96, "batch_size": 8, "lr": 3e-3, "sched": "none", "ema_decay": None})
+    train(student, teacher, FixedImages(), recipe, tmp_path, {}, progress=False)
+    curve = losses(tmp_path)
+    assert len(curve) == 12 and max(curve[-3:]) < 0.85 * curve[0], curve
+
+
+def test_reducer_parameters_get_gradients_and_train_reducer_freezes_the_rest(tmp_path):
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    apply_reducer(student, reducer_for("fatr"))
+    params = dict(student.token_reducer.named_parameters())
+    assert params, "FATR has trainable parameters"
+    x = FixedImages().x
+    with torch.no_grad():
+        target = teacher(x).log_softmax(-1)
+    loss = torch.nn.functional.kl_div(student(x).log_softmax(-1), target, log_target=True, reduction="batchmean")
+    loss.backward()
+    for name, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    student.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    recipe = Recipe(
+        **{**TINY_RECIPE, "images": 48, "opt": "adam", "lr": 0.05, "loss": "kd", "train": "reducer", "sched": "none"}
+    )
+    train(student, teacher, FixedImages(), recipe, tmp_path, {}, progress=False)
+    after = student.state_dict()
+    for k, v in before.items():
+        if k.startswith("token_reducer."):
+            assert not torch.equal(after[k], v), f"{k} did not train"
+        else:
+            assert torch.equal(after[k], v), f"{k} changed with train=reducer"
+    curve = losses(tmp_path)
+    assert curve[-1] < curve[0], curve
+
+
+def test_unreduced_control_with_kd_stays_where_it_started(tmp_path):
+    """Student = teacher: the distillation gradient is round-off, which must not become
+    learning-rate-sized Adam steps (it does when the loss is computed in float32)."""
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    apply_reducer(student, reducer_for("none"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    recipe = Recipe(**{**TINY_RECIPE, "images": 32, "loss": "kd", "weight_decay": 0.0, "ema_decay": None})
+    train(student, teacher, FixedImages(), recipe, tmp_path, {}, progress=False)
+    moved = max((student.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert moved < 1e-7, moved  # lr is 1e-3: a round-off-driven Adam step would move weights by ~1e-3
+
+
+def test_norm_mode_trains_norms_biases_and_reducer_only():
+    model = tiny_vit()
+    apply_reducer(model, reducer_for("fatr"))
+    count = trainer_module.select_trainable(model, "norm")
+    on = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "blocks.0.norm1.weight" in on and "blocks.0.attn.qkv.bias" in on and "token_reducer.omega1" in on
+    assert "blocks.0.attn.qkv.weight" not in on and "pos_embed" not in on
+    assert count == sum(p.numel() for n, p in model.named_parameters() if n in on)
+    plain = tiny_vit()
+    apply_reducer(plain, reducer_for("tome"))
+    with pytest.raises(BenchError, match="ToMe has no trainable parameters"):
+        trainer_module.select_trainable(plain, "reducer")
+
+
+def test_step_batches_cover_each_epoch_once_for_any_split():
+    def keys(micro, world):
+        out = []
+        for rank in range(world):
+            s = StepBatches(10, batch=4, micro=micro, world=world, rank=rank, seed=1, start_step=0, steps=5)
+            out += [k for b in s for k in b]
+        return sorted(out)
+
+    one = keys(4, 1)
+    assert one == keys(2, 1) == keys(1, 2) == keys(2, 2)
+    assert sorted(i for e, i in one if e == 0) == list(range(10))  # epoch 0 complete, then epoch 1 begins
+    resumed = StepBatches(10, 4, 2, 1, 0, seed=1, start_step=3, steps=5)
+    full = StepBatches(10, 4, 2, 1, 0, seed=1, start_step=0, steps=5)
+    assert list(resumed) == list(full)[6:]
+    with pytest.raises(BenchError, match="not a multiple"):
+        StepBatches(10, batch=6, micro=4, world=1, rank=0, seed=0, start_step=0, steps=1)
+
+
+def _interrupt_at(monkeypatch, call: int, exc: type[BaseException]) -> None:
+    real = trainer_module.finetune_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise exc("stop")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "finetune_loss", flaky)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_and_resumed_equals_uninterrupted(exc, folder, tmp_path, monkeypatch):
+    """A crash resumes from the last periodic checkpoint, Ctrl-C from the last completed step;
+    either way the weights, the EMA and the per-step losses equal an uninterrupted run's, bit
+    for bit (drop-path on, so the random state must be restored too)."""
+    recipe = Recipe(**{**TINY_RECIPE, "images": 40, "checkpoint_every": 2 if exc is RuntimeError else 100})
+    student, teacher, data = tiny_run(folder, drop_path=0.2)
+    whole = train(student, teacher, data, recipe, tmp_path / "whole", {"k": 1}, progress=False)
+
+    student, teacher, data = tiny_run(folder, drop_path=0.2)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 7, exc)  # the first micro-batch of step 4 (2 micro-batches a step)
+        with pytest.raises(exc):
+            train(student, teacher, data, recipe, tmp_path / "cut", {"k": 1}, progress=False)
+    saved = torch.load(tmp_path / "cut" / LAST, weights_only=True)
+    assert saved["step"] == (2 if exc is RuntimeError else 3)
+    student, teacher, data = tiny_run(folder, drop_path=0.2)
+    resumed = train(student, teacher, data, recipe, tmp_path / "cut", {"k": 1}, resume=True, progress=False)
+
+    assert resumed.steps == whole.steps == 5
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.weights == "ema"
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert [r["step"] for r in read_metrics(tmp_path / "cut" / METRICS)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_another_configuration_and_a_fresh_start_refuses_to_overwrite(tmp_path):
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    recipe = Recipe(**{**TINY_RECIPE, "images": 8, "batch_size": 8, "micro_batch": 8})
+    ident = {"recipe": {"lr": 1e-3}, "method": "none"}
+    train(student, teacher, FixedImages(), recipe, tmp_path, ident, progress=False)
+    before = (tmp_path / LAST).read_bytes()
+    with pytest.raises(BenchError, match=r"another configuration \(differs in: recipe.lr\)"):
+        train(student, teacher, FixedImages(), recipe, tmp_path, {**ident, "recipe": {"lr": 2e-3}}, resume=True)
+    with pytest.raises(BenchError, match="exists: continue it with resume=true"):
+        train(student, teacher, FixedImages(), recipe, tmp_path, ident)
+    assert (tmp_path / LAST).read_bytes() == before
+
+
+def test_torchrun_two_processes_match_one_process(folder, tmp_path):
+    """Same global batch (8): one process of micro-batches of 8, two gloo processes of
+    accumulated micro-batches of 2; per-step losses agree within 1e-5."""
+    student, teacher, data = tiny_run(folder)
+    train(student, teacher, data, Recipe(**{**TINY_RECIPE, "micro_batch": 8}), tmp_path / "one", {}, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [str(REPO / "tests" / "finetune_worker.py"), str(folder), str(tmp_path / "two"), "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5, (one, two)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def test_posterize_at_full_magnitude_gives_black_instead_of_a_pillow_error(folder):
+    img = Image.open(next(Path(folder).rglob("*.JPEG"))).convert("RGB")
+    assert _posterize(img, 0).getextrema() == ((0, 0),) * 3
+    assert _posterize(img, 4).getextrema() != ((0, 0),) * 3
+    from timm.data import auto_augment
+
+    transform = train_transform(tiny_vit(), True, "rand-m9-mstd0.5-inc1")
+    ops = [t for t in transform.transforms if isinstance(t, auto_augment.RandAugment)][0].ops
+    poster = [op for op in ops if op.name == "PosterizeIncreasing"][0]
+    poster.prob, poster.magnitude_std, poster.magnitude = 1.0, 0, 10  # 4 - int(10 / 10 * 4) = 0 bits
+    assert poster(img).getextrema() == ((0, 0),) * 3
+
+
+def test_seeded_images_are_the_same_in_any_order_and_leave_global_rngs_alone(folder):
+    data = SeededImages(list_train_images(folder, need_labels=False), train_transform(tiny_vit()), seed=5)
+    state = torch.get_rng_state()
+    a = data[(0, 1)]
+    _ = data[(1, 1)], data[(0, 2)]
+    assert torch.equal(a[0], data[(0, 1)][0]) and not torch.equal(a[0], data[(1, 1)][0])
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def _folder(root: Path, names: list[str], wnid: str | None = "n01440764") -> Path:
+    d = root / wnid if wnid else root
+    d.mkdir(parents=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 30), (i * 40, 90, 200 - i * 30)).save(d / name)
+    return root
+
+
+def test_training_folder_checks(tmp_path):
+    ev = _folder(tmp_path / "eval", ["x.JPEG", "y.JPEG"])
+    with pytest.raises(BenchError, match="is the evaluation folder"):
+        check_disjoint(ev, ev)
+    with pytest.raises(BenchError, match="shares 1 images with the evaluation folder"):
+        check_disjoint(_folder(tmp_path / "near", ["y.JPEG", "z.JPEG"]), ev)
+    with pytest.raises(BenchError, match="contain one another"):
+        check_disjoint(ev / "n01440764", ev)
+    check_disjoint(_folder(tmp_path / "fine", ["a.JPEG"]), ev)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BenchError, match="holds no images"):
+        list_train_images(tmp_path / "empty", need_labels=False)
+    flat = _folder(tmp_path / "flat", ["a.JPEG", "b.png"], wnid=None)
+    assert list_train_images(flat, need_labels=False).labels == [-1, -1]
+    with pytest.raises(BenchError, match="loss needs labels but a.JPEG .* use loss=kd"):
+        list_train_images(flat, need_labels=True)
+
+
+# -- the command, its checkpoints and its records ----------------------------------------------------
+
+CLI_FAST = [
+    "model.random_init=true",
+    "model.checkpoint=null",
+    "model.img_size=64",
+    "budget.macs_ratio=null",
+    "finetune=quick",
+    "finetune.batch_size=4",
+    "finetune.micro_batch=2",
+    "finetune.images=8",
+    "finetune.num_workers=0",
+    *[o for o in FAST if not o.startswith("model.")],
+    "bench.latency.enabled=false",
+    "bench.scaling.enabled=false",
+    "bench.spectral.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def val(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ftval")
+    image_folder(root / "tmp", n_classes=2, per_class=2)
+    for f in (root / "tmp").rglob("*.JPEG"):  # same classes, other file names than the training folder
+        (root / "val" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        f.rename(root / "val" / f.parent.name / f"val_{f.name}")
+    return root / "val"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.train_root={val}"], "is the evaluation folder data.root: never train on eval images"),
+        (["data.train_root={empty}"], "holds no images"),
+        (["data.train_root={flat}", "loss=ce_kd"], "loss needs labels but"),
+        (["data.train_root={flat}", "loss=ce"], "loss needs labels but"),
+        (["data.train_root={train}", "method=none", "train=reducer"], "has no reducer parameters"),
+    ],
+)
+def test_bad_input_is_refused_before_training(overrides, message, val, folder, tmp_path):
+    (tmp_path / "empty").mkdir()
+    paths = {"val": val, "empty": tmp_path / "empty", "train": folder}
+    paths["flat"] = _folder(tmp_path / "flat", ["a.JPEG"], wnid=None)
+    cfg = compose_finetune(
+        [o.format(**paths) for o in overrides] + [f"data.root={val}", f"checkpoint_dir={tmp_path}/ck", *CLI_FAST]
+    )
+    cfg.results_dir = str(tmp_path / "results")
+    with pytest.raises(BenchError, match=message):
+        run_finetune(cfg)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "results").exists()
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(val, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.finetune", "method=fatr", f"data.root={val}", f"data.train_root={val}"]
+        + [f"checkpoint_dir={tmp_path}/ck", f"hydra.sweep.dir={tmp_path}/sweep", "progress=false"],
+        cwd=REPO,
+        env={**os.environ, "FATR_RESULTS_DIR": str(tmp_path / "results")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is the evaluation folder data.root: never train on eval images" in errors[0]
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "results").exists()
+
+
+def compose_finetune(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "bench" / "conf"), version_base="1.3"):
+        return hydra_compose("finetune", overrides=overrides)
+
+
+def test_finetune_command_end_to_end(val, folder, tmp_path):
+    """Train, save, evaluate, record; a second plain run refuses to overwrite, resume=true has
+    nothing left to do; bench.run evaluates the saved checkpoint."""
+    args = [f"data.root={val}", f"data.train_root={folder}", f"checkpoint_dir={tmp_path}/ck", *CLI_FAST]
+    env = {**os.environ, "FATR_RESULTS_DIR": str(tmp_path / "results")}
+
+    def cli(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "bench.finetune", "method=evit", "loss=kd", *args, *extra]
+            + [f"hydra.sweep.dir={tmp_path}/sweep"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    out = cli()
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = read_records(tmp_path / "results")
+    assert [(r["method"], "finetune" in r) for r in records] == [("none", False), ("evit", False), ("evit", True)]
+    tuned = records[-1]
+    prov = tuned["finetune"]
+    assert prov["images_seen"] == 8 and prov["steps"] == 2 and prov["trained"] == "all" and prov["loss"] == "kd"
+    assert prov["train_root"] == str(folder) and prov["weights"] == "last" and prov["recipe_name"] == "quick"
+    assert tuned["config"]["finetuned"]["recipe"]["lr"] == 1e-5
+    assert tuned["metrics"]["num_images"] == 4 and "top1" in tuned["metrics"]
+    ckpt = Path(prov["checkpoint"])
+    assert ckpt.name == "final.pt" and not (ckpt.parent / LAST).exists()
+    assert [r["step"] for r in read_metrics(ckpt.parent / METRICS)] == [1, 2]
+    assert list((tmp_path / "results" / "finetune").glob("evit-*.png"))
+    board = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert "## Fine-tuned" in board and "quick, loss kd, train all, 8 images seen of train (recipe " in board
+
+    cfg = compose_finetune(["method=evit", "loss=kd", *args, f"results_dir={tmp_path}/results"])
+    with pytest.raises(BenchError, match="exists \\(this configuration is trained\\): evaluate it with resume=true"):
+        run_finetune(cfg)
+    cfg.resume = True
+    assert run_finetune(cfg) is None  # trained and recorded already: nothing to do
+    assert len(read_records(tmp_path / "results")) == 3
+
+    from bench_utils import compose as compose_run
+
+    from bench.job import run_job
+
+    evaluate = [f"model.checkpoint={ckpt}", f"data.root={val}", "model.img_size=64", "budget.macs_ratio=null"]
+    evaluate += [o for o in FAST if not o.startswith("model.")] + [f"results_dir={tmp_path}/results2"]
+    evaluate += ["bench.latency.enabled=false", "bench.scaling.enabled=false", "bench.spectral.enabled=false"]
+    import bench.spectral
+
+    bench.spectral._REFERENCE.clear()
+    spectral = ["bench.spectral.enabled=true", "bench.spectral.images=2"]
+    record = run_job(compose_run(["method=evit", *evaluate, *spectral]))
+    assert record["finetune"]["images_seen"] == 8 and record["config"]["model"]["checkpoint"] is None
+    assert record["metrics"]["top1"] == tuned["metrics"]["top1"]
+    bench.spectral._REFERENCE.clear()
+    base_model = ["model.random_init=true", "model.checkpoint=null"]
+    shelf = run_job(compose_run(["method=evit", *evaluate[1:], *base_model, *spectral]))  # off the shelf
+    ref = [b["hf_energy_unreduced"] for b in shelf["metrics"]["spectral_blocks"]]
+    assert [b["hf_energy_unreduced"] for b in record["metrics"]["spectral_blocks"]] == ref  # the base model's
+    base = read_records(tmp_path / "results2")[0]
+    same = [{k: v for k, v in r["config"].items() if k != "bench"} for r in (base, records[0])]
+    assert base["method"] == "none" and same[0] == same[1]  # the plain unreduced reference, not a fine-tuned one
+    with pytest.raises(BenchError, match="was fine-tuned with method evit"):
+        run_job(compose_run(["method=tome", *evaluate]))
+
+
+def test_loss_curve_in_the_record_is_bin_means():
+    rows = [{"images_seen": 4 * i, "loss": float(i)} for i in range(1, 1001)]
+    curve = loss_curve(rows)
+    assert len(curve["loss"]) == 200 and curve["images_seen"][-1] == 4000
+    assert curve["loss"][0] == 3.0 and curve["loss"][-1] == 998.0  # mean of steps 1..5, 996..1000
+    assert loss_curve(rows[:3]) == {"images_seen": [4, 8, 12], "loss": [1.0, 2.0, 3.0]}
+
+
+def test_finetuned_checkpoint_and_reducer_file_round_trip(tmp_path):
+    model = tiny_vit()
+    apply_reducer(model, reducer_for("fatr"))
+    with torch.no_grad():
+        model.token_reducer.omega1.normal_()
+        model.head.bias.add_(1.0)
+    meta = {"model": {}, "method": {}, "budget": {}, "identity": {"a": 1}, "provenance": {"steps": 3}}
+    save_finetuned(tmp_path / "final.pt", model, meta)
+    save_reducer_state(tmp_path / "reducer.pt", model, dict(model.token_reducer.hparams))
+    tuned = read_finetuned(tmp_path / "final.pt")
+    assert tuned is not None and set(tuned.reducer) == {k for k, _ in model.token_reducer.state_dict().items()}
+    assert read_finetuned(tmp_path / "reducer.pt") is None  # not a whole model
+    x = FixedImages().x[:2]
+    with torch.no_grad():
+        want = model(x)
+        fresh = tiny_vit()
+        apply_reducer(fresh, reducer_for("fatr"))
+        tuned.load_into(fresh)
+        assert torch.equal(fresh(x), want)
+        # FATR's omega_path reads the reducer file (ω only: the weights here are the originals)
+        remove_reducer(model)
+        model.head.bias.sub_(1.0)
+        plain = tiny_vit()
+        omega = str(tmp_path / "reducer.pt")
+        apply_reducer(plain, build_reducer("fatr", blocks=[1, 3], keep_rate=0.5, omega_path=omega))
+        apply_reducer(model, reducer_for("fatr"))
+        model.token_reducer.load_state_dict(tuned.reducer)
+        assert torch.allclose(plain(x), model(x))
+    with pytest.warns(UserWarning, match="keep_rate"):  # fitted for another keep rate: said so
+        apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1, 3], keep_rate=0.6, omega_path=omega))
+
+
+# -- the leaderboard ---------------------------------------------------------------------------------
+
+
+def _record(method: str, top1: float, tuned: bool, budget: float | None = 0.65, recipe: str = "r1") -> dict:
+    config = {
+        "method": {"name": method},
+        "model": {"name": "deit_tiny_patch16_224"},
+        "data": {"root": "/data/val"},
+        "budget": {"macs_ratio": budget},
+        "bench": {"accuracy": True},
+        "device": "cpu",
+    }
+    record = {
+        "method": method,
+        "model": "deit_tiny_patch16_224",
+        "data_root": "/data/val",
+        "num_images": 1000,
+        "budget": {"macs_ratio_target": budget},
+        "metrics": {"top1": top1, "agreement": 90.0},
+        "device": "CPU test",
+        "git_commit": "abc",
+        "timestamp": "2025-01-01T00:00:00",
+        "variant": "",
+    }
+    if tuned:
+        config["finetuned"] = {"recipe": recipe}
+        record["finetune"] = {
+            "recipe_name": "quick",
+            "recipe_hash": recipe,
+            "loss": "kd",
+            "trained": "all",
+            "images_seen": 10000,
+            "steps": 313,
+            "img_per_s": 20.0,
+            "weights": "last",
+            "device": "CPU test",
+            "train_root": "/data/calib",
+            "loss_curve": {"images_seen": [32, 64], "loss": [0.5, 0.4]},
+        }
+    record["config"] = config
+    from bench.store import config_hash
+
+    record["config_hash"] = config_hash(config)
+    return record
+
+
+def test_leaderboard_fine_tuned_section(tmp_path):
+    for r in [
+        _record("none", 72.0, False, budget=None),
+        _record("fatr", 70.0, False),
+        _record("tome", 69.5, False),
+        _record("none", 72.5, True, budget=None),
+        _record("fatr", 71.25, True),
+        _record("tome", 71.0, True, recipe="r2"),  # another recipe: no control of its own
+    ]:
+        append_record(tmp_path, r)
+    paths = write_leaderboard(tmp_path)
+    md = (tmp_path / "leaderboard.md").read_text()
+    main, tuned = md.split("## Fine-tuned")
+    assert "71.25" not in main and "72.50" not in main  # fine-tuned runs stay out of the main table
+    rows = {line.split(" | ")[0].strip("| "): line for line in tuned.splitlines() if line.startswith("| ")}
+    assert "| fatr | 0.65 | 71.25 ± 1.43 | -1.25 | +1.25 | 90.00 | 313 | 20.0 | last |" == rows["fatr"]
+    assert "| none | – | 72.50 ± 1.41 | – | +0.50 |" in rows["none"]
+    assert "| tome | 0.65 | 71.00 ± 1.43 | – | +1.50 |" in rows["tome"]
+    assert tuned.count("### deit_tiny_patch16_224 on val (1000 images)") == 2
+    assert tmp_path / "finetune_loss.png" in paths
