@@ -49,7 +49,7 @@ TINY_RECIPE = dict(
     checkpoint_every=2,
     num_workers=0,
 )
-KNOBS = {"none": {}, "tome": {"r": 8}}
+KNOBS = {"none": {}, "tome": {"r": 8}, "fatr": {"blocks": [1, 3], "keep_rate": 0.5, "dc_grid": [2, 1]}}
 
 
 def reducer_for(method: str):
@@ -114,7 +114,9 @@ def test_loss_falls_on_a_fixed_batch(method, tmp_path):
 def test_reducer_parameters_get_gradients_and_train_reducer_freezes_the_rest(tmp_path):
     teacher = tiny_vit()
     student = copy.deepcopy(teacher)
-    apply_reducer(student, reducer_for("fatr"))
+    # an aggressive schedule, so the reduced model is far enough from its teacher for ω and the
+    # DC positional term to have something to correct
+    apply_reducer(student, build_reducer("fatr", blocks=[1, 2], dc_grid=[2, 1], keep_rate=0.3))
     params = dict(student.token_reducer.named_parameters())
     assert params, "FATR has trainable parameters"
     x = FixedImages().x
@@ -128,7 +130,7 @@ def test_reducer_parameters_get_gradients_and_train_reducer_freezes_the_rest(tmp
     student.zero_grad(set_to_none=True)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     recipe = Recipe(
-        **{**TINY_RECIPE, "images": 48, "opt": "adam", "lr": 0.05, "loss": "kd", "train": "reducer", "sched": "none"}
+        **{**TINY_RECIPE, "images": 48, "opt": "adam", "lr": 0.005, "loss": "kd", "train": "reducer", "sched": "none"}
     )
     train(student, teacher, FixedImages(), recipe, tmp_path, {}, progress=False)
     after = student.state_dict()
@@ -486,12 +488,12 @@ def test_finetuned_checkpoint_and_reducer_file_round_trip(tmp_path):
         model.head.bias.sub_(1.0)
         plain = tiny_vit()
         omega = str(tmp_path / "reducer.pt")
-        apply_reducer(plain, build_reducer("fatr", blocks=[1, 3], keep_rate=0.5, omega_path=omega))
+        apply_reducer(plain, build_reducer("fatr", blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.5, omega_path=omega))
         apply_reducer(model, reducer_for("fatr"))
         model.token_reducer.load_state_dict(tuned.reducer)
         assert torch.allclose(plain(x), model(x))
     with pytest.warns(UserWarning, match="keep_rate"):  # fitted for another keep rate: said so
-        apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1, 3], keep_rate=0.6, omega_path=omega))
+        apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1, 3], dc_grid=[2, 1], keep_rate=0.6, omega_path=omega))
 
 
 # -- the leaderboard ---------------------------------------------------------------------------------
