@@ -69,7 +69,6 @@ class FinetuneSummary(SweepSummary):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> dict | None:
-    import fatr  # noqa: F401  registers FATR next to the baselines
     from bench.finetune_job import run_finetune
 
     try:

@@ -28,7 +28,6 @@ def _value(v: Any) -> str:
 def _registered_knob(method: Any) -> str | None:
     """The budget knob of a registered method (records written before the knob was stored)."""
     try:
-        import fatr  # noqa: F401  registers FATR
         from methods import reducer_class
 
         return reducer_class(str(method)).budget_knob

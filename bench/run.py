@@ -25,7 +25,6 @@ USER_ERRORS = (BenchError, ReducerConfigError, UnknownMethodError, UnsupportedMo
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    import fatr  # noqa: F401  registers FATR next to the baselines
     from bench.job import run_job
 
     try:

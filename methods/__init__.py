@@ -19,7 +19,6 @@ from methods.patch import UnsupportedModelError, apply_reducer, reduction_contex
 
 # Importing the method modules registers them.
 from methods import dpcknn, evit, identity, kmedoids, pool, prune, tome  # noqa: E402,F401  isort: skip
-import fatr  # noqa: E402,F401  isort: skip  (FATR lives in its own package; registering it here lists it too)
 
 __all__ = [
     "ATTN",

@@ -13,6 +13,8 @@ import pytest
 import timm
 import torch
 
+import bench  # noqa: F401  registers every method the harness knows (FATR included)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FATR_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
