@@ -214,7 +214,9 @@ def capture_with_attention(reducer, images):
 
 def test_fatr_set_is_what_fatr_keeps(images):
     keep = 0.6
-    for _, before, after in capture_with_attention(build_reducer("fatr", blocks=[1, 3], keep_rate=keep), images):
+    for _, before, after in capture_with_attention(
+        build_reducer("fatr", blocks=[1, 3], dc_grid=[2, 1], keep_rate=keep), images
+    ):
         p, skip = before.num_prefix, before.extra.get(DC_SLOTS, 0)
         sets = selection_sets(before.attn, keep, p, valid=before.size > 0, skip=skip)
         kept_pos = after.pos[:, p + after.extra[DC_SLOTS] :]  # FATR's HF tokens keep their patch index
