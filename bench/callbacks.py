@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class SweepSummary(Callback):
         self.results_dir = "results/local"
         self.stats: dict[str, Any] = {}
         self.total: int | None = None
+        self.started = time.perf_counter()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _ACTIVE
@@ -60,6 +62,7 @@ class SweepSummary(Callback):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         _ACTIVE = self
+        self.started = time.perf_counter()
         self.total = count_jobs(config)
         self.bar = tqdm(
             total=self.total, desc="sweep", unit="job", position=0, disable=not config.get("progress", True)
@@ -72,13 +75,18 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from bench.errors import FAILURE_FILE, SKIP_FILE
         from bench.leaderboard import summary
+        from bench.phases import time_table
 
         if self.bar is not None:
             self.bar.close()
         with warnings.catch_warnings(record=True) as caught:  # shown once each, one line each
             warnings.simplefilter("always")
             try:
-                print("\n" + summary(self.sweep_records()))
+                records = self.sweep_records()
+                print("\n" + summary(records))
+                times = time_table(records)
+                if times:
+                    print("\n" + times)
             except Exception as e:  # noqa: BLE001 - a bad record must not hide the failures below
                 print(f"\nno summary: {type(e).__name__}: {e}", file=sys.stderr)
             skipped = self.marked(SKIP_FILE)
@@ -87,6 +95,7 @@ class SweepSummary(Callback):
                 for job, text in skipped:
                     print(f"  {job}: {text}")
             leaderboard_ok = self.regenerate()
+        print(f"\nsweep took {time.perf_counter() - self.started:.0f} s")
         for message in dict.fromkeys(str(w.message) for w in caught):
             print(f"warning: {message}", file=sys.stderr)
         failures = self.marked(FAILURE_FILE)

@@ -7,7 +7,9 @@ position of the folder among those present.
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,13 +135,22 @@ def load_imagenet_folder(
         return _CACHE[key]
     items = list_images(root, require_known_classes)
     items = [items[i] for i in spread(len(items), limit)]
-    tensors = []
-    for path, _ in tqdm(items, desc=f"decoding {Path(root).name}", disable=not show_progress, leave=False):
+
+    def decode(item: tuple[Path, int]) -> Tensor:
+        path = item[0]
         try:
             with Image.open(path) as im:
-                tensors.append(transform(to_rgb(im, path)))
+                return transform(to_rgb(im, path))
         except OSError as e:
             raise BenchError(f"cannot read image {path}: {e}") from None
+
+    # PIL decodes and resizes without the GIL, so threads use every core; in worker threads the
+    # small per-image torch ops (to tensor, normalise) also stay off the intra-op thread pool,
+    # which on a loaded machine made the serial loop 10-20x slower. Same tensors, same order.
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        decoded = pool.map(decode, items)
+        desc = f"decoding {Path(root).name}"
+        tensors = list(tqdm(decoded, total=len(items), desc=desc, disable=not show_progress, leave=False))
     ds = ImageSet(
         images=torch.stack(tensors),
         labels=torch.tensor([label for _, label in items]),

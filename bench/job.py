@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +19,19 @@ from torch import nn
 
 from bench.accuracy import Predictions, accuracy_metrics, predict
 from bench.budget import solve_budget
+from bench.cache import MeasurementCache, unreduced_cache
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError, record_skip
 from bench.finetuned import Finetuned, resolve_finetuned, swap_in
 from bench.flops import macs_report
-from bench.latency import measure_latency
+from bench.latency import measure_latency, unreduced_latency
 from bench.models import load_model, set_resolution
 from bench.outcomes import Outcomes, outcomes_of, save_outcomes
+from bench.phases import PhaseClock
 from bench.report_stats import check_options
 from bench.results_io import check_writable
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
+from bench.terminal import say
 from bench.validate import validate_for_model, validate_settings
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
@@ -44,6 +46,9 @@ class Baseline:
     cfg: DictConfig
     recorded: bool
     """Whether its record is in the store: it is appended only once a job using it has finished."""
+    cache: MeasurementCache | None = None
+    """The unreduced model's measurements on disk (predictions, spectral reference, scaling)."""
+    seconds: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,49 +110,98 @@ def measure(
     data: ImageSet,
     device: torch.device,
     base: Baseline | None,
+    clock: PhaseClock | None = None,
+    cache: MeasurementCache | None = None,
 ) -> tuple[dict[str, Any], Predictions | None]:
-    """Every enabled measurement of one patched model; relative numbers against ``base``."""
+    """Every enabled measurement of one patched model; relative numbers against ``base``.
+
+    The unreduced model (``base`` None) takes its predictions and FLOPs from ``cache`` when it
+    can and is not timed here: its latency is the one measured in alternation with the first reduced
+    job (see :func:`run_job`). Each phase's seconds accumulate in ``clock``."""
     name = cfg.method.name if base is not None else "unreduced"
+    clock = clock or PhaseClock()
     metrics: dict[str, Any] = {}
     preds = None
     if cfg.bench.accuracy:
         t0 = time.perf_counter()
-        preds = predict(model, data.images, cfg.data.batch_size, device, name, cfg.progress)
+        with clock.phase("accuracy"):
+            if base is None and cache is not None:
+                preds = cached_predictions(cache, model, data, cfg, device)
+            else:
+                preds = predict(model, data.images, cfg.data.batch_size, device, name, cfg.progress)
         metrics["accuracy_seconds"] = time.perf_counter() - t0
         metrics.update(accuracy_metrics(preds, data.labels, base.preds if base else None))
         if base is not None:
             metrics["baseline_top1"] = base.metrics["top1"]
             metrics["delta_top1"] = metrics["top1"] - base.metrics["top1"]
     if cfg.bench.flops:
-        metrics.update(flop_metrics(model, reducer, data, device))
+        with clock.phase("flops"):
+            if base is None and cache is not None:
+                metrics.update(cache.get_or_compute("flops", {}, lambda: flop_metrics(model, reducer, data, device))[0])
+            else:
+                metrics.update(flop_metrics(model, reducer, data, device))
         if base is not None:
             metrics["baseline_gmacs"] = base.metrics["gmacs"]
             metrics["macs_ratio"] = metrics["gmacs"] / base.metrics["gmacs"]
-    if cfg.bench.latency.enabled:
+    if cfg.bench.latency.enabled and base is not None:
         lat = cfg.bench.latency
         x = data.images[: lat.batch_size]
         if len(x) < lat.batch_size:
             x = x.repeat((lat.batch_size + len(x) - 1) // len(x), 1, 1, 1)[: lat.batch_size]
         reference = model_without_reducer(model)
-        metrics.update(
-            measure_latency(model, reference, x.to(device), lat.warmup, lat.iters, lat.amp, lat.threads, cfg.progress)
-        )
+        with clock.phase("latency"):
+            metrics.update(
+                measure_latency(
+                    model,
+                    reference,
+                    x.to(device),
+                    lat.warmup,
+                    lat.iters,
+                    lat.amp,
+                    lat.threads,
+                    cfg.progress,
+                    tolerance=lat.get("tolerance"),
+                    max_seconds=lat.get("max_seconds"),
+                    max_iters=lat.get("max_iters") or 200,
+                )
+            )
+        if metrics["latency_busy"]:
+            say(f"warning: {name}: latency measured on a busy machine ({metrics['latency_busy_reason']})")
         if "macs_ratio" in metrics:
             # 1.0 = latency fell exactly as much as MACs did
             metrics["speedup_efficiency"] = metrics["speedup"] * metrics["macs_ratio"]
     if base is not None:  # relative analyses of a reduced model; the unreduced one is their reference
         from bench.extras import scaling_job, spectral_job
 
-        metrics.update(spectral_job(cfg, model, reducer, data, device))
-        metrics.update(scaling_job(cfg, model, reducer, data, device))
+        with clock.phase("spectral"):
+            metrics.update(spectral_job(cfg, model, reducer, data, device, base.cache))
+        with clock.phase("scaling"):
+            metrics.update(scaling_job(cfg, model, reducer, data, device, base.cache))
+        if metrics.get("scaling_busy"):
+            say(f"warning: {name}: scaling latency measured on a busy machine ({metrics['scaling_busy_reason']})")
     return metrics, preds
+
+
+def cached_predictions(
+    cache: MeasurementCache, model: nn.Module, data: ImageSet, cfg: DictConfig, device: torch.device
+) -> Predictions:
+    """The unreduced model's predictions, from the measurement cache or measured (and stored)."""
+    settings = {"batch_size": cfg.data.batch_size}
+
+    def compute() -> dict[str, Any]:
+        return {"top5": predict(model, data.images, cfg.data.batch_size, device, "unreduced", cfg.progress).top5}
+
+    stored, _ = cache.get_or_compute("predictions", settings, compute)
+    return Predictions(stored["top5"])
 
 
 def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.device) -> Baseline:
     """The unreduced model on the same images: measured once per process, and recorded by the
     first job that finishes with it (see :func:`run_job`), so a failing job records nothing.
-    With ``resume=true`` a stored unreduced record is reused, not measured or appended again;
-    only its predictions are recomputed (agreement needs them, records do not hold them)."""
+    Its predictions come from the measurement cache when they were measured before (any
+    sweep, same weights, images, device and settings). With ``resume=true`` a stored
+    unreduced record is reused, not measured or appended again; its predictions come from the
+    cache or are recomputed (agreement needs them, records do not hold them)."""
     key = (str(cfg.model), str(cfg.data), str(device), str(cfg.bench))
     if key not in _BASELINES:
         base_cfg = cfg.copy()
@@ -156,24 +210,28 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
                 {"name": "none", "reducer": {"_target_": "methods.identity.NoReduction"}}
             )
             base_cfg.budget.macs_ratio = None
+        t0 = time.perf_counter()
         plain = model_without_reducer(model)
+        cache = unreduced_cache(cfg.results_dir, plain, cfg.model, data, device, enabled=cfg.get("cache", True))
         stored = _stored_baseline(cfg, base_cfg)
         preds = None
         if stored is not None and cfg.bench.accuracy:
-            preds = predict(plain, data.images, cfg.data.batch_size, device, "unreduced", cfg.progress)
+            preds = cached_predictions(cache, plain, data, cfg, device)
             top1 = accuracy_metrics(preds, data.labels)["top1"]
             if top1 != stored["top1"]:
-                print(
+                say(
                     f"warning: the stored unreduced record (top-1 {stored['top1']:.2f}) does not match this "
-                    f"run's unreduced model (top-1 {top1:.2f}); measuring it again",
-                    file=sys.stderr,
+                    f"run's unreduced model (top-1 {top1:.2f}); measuring it again"
                 )
                 stored = None
         if stored is not None:
-            _BASELINES[key] = Baseline(preds, stored, base_cfg, recorded=True)
+            _BASELINES[key] = Baseline(preds, stored, base_cfg, recorded=True, cache=cache)
         else:
-            metrics, preds = measure(cfg, plain, NoReduction(), data, device, None)
-            _BASELINES[key] = Baseline(preds, metrics, base_cfg, recorded=False)
+            own = PhaseClock()
+            metrics, preds = measure(cfg, plain, NoReduction(), data, device, None, own, cache)
+            metrics["seconds_by_phase"] = own.record()
+            _BASELINES[key] = Baseline(preds, metrics, base_cfg, recorded=False, cache=cache)
+        _BASELINES[key].seconds = time.perf_counter() - t0
     return _BASELINES[key]
 
 
@@ -246,11 +304,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     device = resolve_device(cfg.device)
     digest = config_hash(job_identity(cfg, finetuned))
     if cfg.resume and digest in recorded_hashes(cfg.results_dir):
-        print(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true")
+        say(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true", err=False)
         record_skip(f"{cfg.method.name}: already recorded ({digest})")
         return None
     method = cfg.method.name
     t_start = time.perf_counter()
+    clock = PhaseClock()
     model = load_model(
         cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained, random_init=cfg.model.get("random_init", False)
     )
@@ -266,22 +325,33 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         raise BenchError(f"method {method}: {e}") from None
     notes = reducer.notes()
     for note in notes:
-        print(f"warning: method {method}: {note}", file=sys.stderr)
+        say(f"warning: method {method}: {note}")
     model.to(device)
-    data = load_imagenet_folder(
-        cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
-    )
+    clock.add("setup", time.perf_counter() - t_start)
+    with clock.phase("decode"):
+        data = load_imagenet_folder(
+            cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
+        )
     base = baseline(cfg, model, data, device)
     if finetuned is not None:
         swap_in(finetuned, cfg, model, data, device)
-    metrics, preds = measure(cfg, model, reducer, data, device, base)
+    hits_before = len(base.cache.hits) if base.cache else 0
+    metrics, preds = measure(cfg, model, reducer, data, device, base, clock)
+    metrics["seconds_by_phase"] = clock.record()
+    if base.cache and base.cache.hits[hits_before:]:
+        metrics["from_cache"] = sorted(set(base.cache.hits[hits_before:]))
+    base_seconds = base.seconds if not base.recorded else 0.0
     if not base.recorded:
+        base.metrics.update(unreduced_latency(metrics, method))
+        if base.cache and base.cache.hits[:hits_before]:
+            base.metrics["from_cache"] = sorted(set(base.cache.hits[:hits_before]))
         base_outcomes = outcomes_of(base.preds, data, None)
-        _record(base.cfg, NoReduction(), {"macs_ratio_target": None}, data, device, base.metrics, 0.0, base_outcomes)
+        unreduced = {"macs_ratio_target": None}
+        _record(base.cfg, NoReduction(), unreduced, data, device, base.metrics, base.seconds, base_outcomes)
         base.recorded = True
     outcomes = outcomes_of(preds, data, base.preds)
-    elapsed = time.perf_counter() - t_start
-    return _record(cfg, reducer, budget, data, device, metrics, elapsed, outcomes, notes, finetuned)
+    seconds = time.perf_counter() - t_start - base_seconds
+    return _record(cfg, reducer, budget, data, device, metrics, seconds, outcomes, notes, finetuned)
 
 
 def variant_label(reducer: TokenReducer) -> str:

@@ -2,7 +2,10 @@
 
 Machines are shared and noisy, so a speedup is only meaningful as a ratio measured in one run:
 each timed iteration runs both models back to back and the speedup is the median of the
-per-iteration ratios, with their interquartile range next to it. CUDA uses events after
+per-iteration ratios, with their interquartile range next to it. The loop is adaptive: after
+the minimum number of iterations it goes on until that range is narrow enough or a time cap is
+reached, and it says when the machine was busy (load above its CPUs, or unreduced timings
+that spread widely), since a loaded machine can turn a real speedup into an apparent slowdown. CUDA uses events after
 warm-up (optionally bf16 autocast); the CPU uses wall clock with a fixed thread count. Peak
 memory is what one forward allocates on top of the resident weights and inputs (see
 :func:`peak_memory_mb`).
@@ -14,7 +17,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +97,84 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """When an adaptive timing loop has measured enough (pyperf / timeit autorange in spirit).
+
+    Args:
+        min_iters: timed iterations always run (the old fixed count).
+        tolerance: stop once the interquartile range of the per-iteration speedups, relative
+            to their median, is at most this; None: stop at ``min_iters``.
+        max_seconds: stop once the timed loop has run this long (a busy machine never settles).
+        max_iters: stop after this many iterations whatever the spread.
+    """
+
+    min_iters: int = 10
+    tolerance: float | None = None
+    max_seconds: float | None = None
+    max_iters: int = 200
+
+    def reason(self, ratios: list[float], elapsed: float) -> str | None:
+        """Why to stop after ``ratios`` (one per iteration, ``elapsed`` seconds); None: go on."""
+        n = len(ratios)
+        if n < self.min_iters:
+            return None
+        if self.tolerance is None:
+            return f"{n} iterations"
+        spread = relative_spread(ratios)
+        if spread <= self.tolerance:
+            return f"spread {spread:.1%} <= {self.tolerance:.1%}"
+        if self.max_seconds is not None and elapsed >= self.max_seconds:
+            return f"time cap {self.max_seconds:g} s (spread {spread:.1%})"
+        if n >= self.max_iters:
+            return f"iteration cap {self.max_iters} (spread {spread:.1%})"
+        return None
+
+
+def relative_spread(values: list[float]) -> float:
+    """Interquartile range over median (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    q1, q3 = speedup_quartiles(values)
+    med = statistics.median(values)
+    return (q3 - q1) / med if med else float("inf")
+
+
+BUSY_SPREAD = 0.10
+"""Unreduced timings whose IQR exceeds this share of their median mean something else runs."""
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def busy_reason(
+    device: torch.device, reference_ms: list[float], load: float | None = None, what: str = "unreduced timings"
+) -> str | None:
+    """Why these timings may not be trusted, or None: on the CPU, a 1-minute load average (which
+    counts this job's own threads) above the CPUs this process may use, i.e. other work
+    competed for them; on any device, a wide spread of the unreduced model's timings."""
+    load = load_average() if load is None and device.type == "cpu" else load
+    return describe_busy(device, load, relative_spread(reference_ms), what)
+
+
+def describe_busy(device: torch.device, load: float | None, spread: float, what: str = "timings") -> str | None:
+    """The busy reason for a load average and a relative timing spread (see :func:`busy_reason`)."""
+    reasons = []
+    if device.type == "cpu" and load is not None and load > cpu_count() + 0.5:
+        reasons.append(f"load {load:.1f} on {cpu_count()} CPUs")
+    if spread > BUSY_SPREAD:
+        reasons.append(f"{what} spread {spread:.0%}")
+    return "; ".join(reasons) or None
+
+
 def measure_latency(
     model: nn.Module,
     reference: nn.Module,
@@ -100,36 +184,59 @@ def measure_latency(
     amp: bool = False,
     threads: int | None = None,
     show_progress: bool = True,
-) -> dict[str, float]:
-    """Median ms per batch for ``model`` and ``reference``, and the median per-pair speedup."""
+    tolerance: float | None = None,
+    max_seconds: float | None = None,
+    max_iters: int = 200,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Median ms per batch for ``model`` and ``reference``, and the median per-pair speedup.
+
+    The two run in alternation; with ``tolerance`` the loop goes on past ``iters`` until the
+    speedups' relative IQR is within it, ``max_seconds`` have passed or ``max_iters`` ran
+    (:class:`StopRule`). ``timer`` (ms of one call) and ``clock`` (seconds) are for tests."""
     device = x.device
+    rule = StopRule(iters, tolerance, max_seconds, max(iters, max_iters))
     old_threads = torch.get_num_threads()
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
     try:
-        timer = _Timer(device)
+        timer = timer or _Timer(device)
         model.eval()
         reference.eval()
-        ms, ms_ref = [], []
+        ms, ms_ref, ratios = [], [], []
         with torch.no_grad(), _autocast(device, amp):
             for _ in range(warmup):
                 check_finite_output(model(x), "latency warm-up")
                 check_finite_output(reference(x), "latency warm-up (unreduced)")
-            for i in tqdm(range(iters), desc="latency", disable=not show_progress, leave=False):
+            bar = tqdm(desc="latency", total=iters, disable=not show_progress, leave=False)
+            start = clock()
+            stop = None
+            i = 0
+            while stop is None:
                 # alternate which model goes first, so neither always runs on a warmer cache
                 first, second = (model, reference) if i % 2 == 0 else (reference, model)
                 a = timer(lambda m=first: m(x))
                 b = timer(lambda m=second: m(x))
                 (ms if first is model else ms_ref).append(a)
                 (ms_ref if first is model else ms).append(b)
+                ratios.append(ms_ref[-1] / ms[-1])
+                i += 1
+                bar.total = max(bar.total, i)
+                bar.update(1)
+                stop = rule.reason(ratios, clock() - start)
+            seconds = clock() - start
+            bar.close()
         mem = peak_memory_mb(model, x, amp)
         mem_ref = peak_memory_mb(reference, x, amp)
+        used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)
     med, med_ref = statistics.median(ms), statistics.median(ms_ref)
     batch = x.shape[0]
-    ratios = [r / m for r, m in zip(ms_ref, ms, strict=True)]
     q1, q3 = speedup_quartiles(ratios)
+    load = load_average()
+    busy = busy_reason(device, ms_ref, load)
     return {
         "latency_ms": med,
         "latency_ms_baseline": med_ref,
@@ -139,13 +246,76 @@ def measure_latency(
         "speedup_q1": q1,
         "speedup_q3": q3,
         "speedup_ratios": [round(v, 4) for v in ratios],
+        "speedup_spread": relative_spread(ratios),
         "latency_batch": batch,
-        "latency_iters": iters,
+        "latency_iters": len(ratios),
+        "latency_stop": stop,
+        "latency_seconds": seconds,
+        "latency_busy": busy is not None,
+        "latency_busy_reason": busy,
+        "load_avg": load,
         "amp_bf16": bool(amp),
         "peak_mem_mb": mem,
         "peak_mem_mb_baseline": mem_ref,
-        "threads": torch.get_num_threads() if device.type != "cpu" or not threads else threads,
+        "threads": used_threads,
     }
+
+
+UNREDUCED_FROM_PAIR = {
+    "latency_ms_baseline": "latency_ms",
+    "img_per_s_baseline": "img_per_s",
+    "peak_mem_mb_baseline": "peak_mem_mb",
+    "latency_batch": "latency_batch",
+    "latency_iters": "latency_iters",
+    "latency_seconds": "latency_seconds",
+    "latency_busy": "latency_busy",
+    "latency_busy_reason": "latency_busy_reason",
+    "load_avg": "load_avg",
+    "amp_bf16": "amp_bf16",
+    "threads": "threads",
+}
+"""The unreduced model's own latency numbers, as measured in alternation with a reduced one."""
+
+
+def unreduced_latency(pair: dict[str, Any], method: str) -> dict[str, Any]:
+    """The unreduced model's latency metrics from a reduced job's alternating measurement
+    (``pair``), so the unreduced model is not timed against itself a second time."""
+    if "latency_ms_baseline" not in pair:
+        return {}
+    out = {new: pair[old] for old, new in UNREDUCED_FROM_PAIR.items() if old in pair}
+    out["latency_measured_with"] = method
+    return out
+
+
+def time_forward(
+    model: nn.Module,
+    x: Tensor,
+    warmup: int = 1,
+    iters: int = 5,
+    amp: bool = False,
+    threads: int | None = None,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """One model alone: median ms per call, the timings, peak memory (optional), the load
+    average after the loop and the timings' relative spread (see :func:`describe_busy`), for
+    measurements whose reference was timed at another moment (scaling)."""
+    device = x.device
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        timer = _Timer(device)
+        model.eval()
+        with torch.no_grad(), _autocast(device, amp):
+            for _ in range(warmup):
+                check_finite_output(model(x), "latency warm-up")
+            ms = [timer(lambda: model(x)) for _ in range(iters)]
+        mem = peak_memory_mb(model, x, amp) if memory else None
+    finally:
+        torch.set_num_threads(old_threads)
+    load = load_average() if device.type == "cpu" else None
+    spread = relative_spread(ms)
+    return {"ms": statistics.median(ms), "timings": ms, "peak_mem_mb": mem, "load": load, "spread": spread}
 
 
 def speedup_quartiles(ratios: list[float]) -> tuple[float, float]:

@@ -36,7 +36,7 @@ COLUMNS = {
     "speedup_efficiency": "speedup eff.",
     "peak_mem_mb": "forward peak MiB",
 }
-RAW_METRICS = ("outcomes_file", "speedup_q1", "speedup_q3")
+RAW_METRICS = ("outcomes_file", "speedup_q1", "speedup_q3", "latency_busy_reason")
 """Metrics the statistics need that the tables do not show."""
 
 

@@ -61,6 +61,12 @@ def measured_settings(record: dict[str, Any]) -> dict[str, str]:
             continue
         if group == "latency":
             text = f"batch {s.get('batch_size')}, {s.get('iters')} iters after {s.get('warmup')} warm-up"
+            if s.get("tolerance") is not None:
+                text = (
+                    f"batch {s.get('batch_size')}, at least {s.get('iters')} iters after {s.get('warmup')} warm-up, "
+                    f"until the speedup IQR is within {s['tolerance']:.0%} of the median (at most "
+                    f"{s.get('max_seconds')} s, {s.get('max_iters')} iters)"
+                )
             text += ", bf16" if s.get("amp") else ""
             text += f", {s['threads']} threads" if s.get("threads") else ""
         elif group == "spectral":
@@ -70,12 +76,15 @@ def measured_settings(record: dict[str, Any]) -> dict[str, str]:
                 f"resolutions {_value(s.get('resolutions'))}, batch of {s.get('batch_tokens')} tokens, "
                 f"{s.get('iters')} iters after {s.get('warmup')} warm-up"
             )
+            if s.get("max_seconds_per_point") is not None:
+                text += f", latency where one point costs at most {s['max_seconds_per_point']} s"
         out[group] = text
     return out
 
 
 def settings_lines(part: pd.DataFrame) -> list[str]:
-    """One line per measurement group: its settings, or which rows were measured differently."""
+    """One line per measurement group: its settings, or which rows were measured differently;
+    then the rows whose latency was measured on a busy machine."""
     lines = []
     for group in GROUPS:
         col = f"{group}_settings"
@@ -90,6 +99,12 @@ def settings_lines(part: pd.DataFrame) -> list[str]:
             for text in distinct:
                 names = ", ".join(row_name(r) for _, r in rows[rows[col] == text].iterrows())
                 lines.append(f"- {text}: {names}")
+    if "latency_busy_reason" in part:
+        busy = [(row_name(r), r["latency_busy_reason"]) for _, r in part.iterrows()]
+        busy = [(n, why) for n, why in busy if isinstance(why, str) and why]
+        if busy:
+            lines.append("**Latency measured on a busy machine (speedups less certain):**")
+            lines += [f"- {name}: {why}" for name, why in busy]
     return lines
 
 

@@ -20,8 +20,8 @@ without reduction, so a fine-tuned checkpoint is compared with itself unreduced.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,9 @@ from fatr.reducer import DC_SLOTS
 from methods import ATTN, TokenReducer, apply_reducer, reduction_context, remove_reducer
 from methods.base import TokenState
 from methods.identity import NoReduction
+
+if TYPE_CHECKING:
+    from bench.cache import MeasurementCache
 
 
 def _mean(t: Tensor) -> float:
@@ -86,12 +89,13 @@ class BlockRecorder:
         st = reduction_context(self.model).state
         x, size, p = st.x.float(), st.size, st.num_prefix
         res = sm.rank_collapse_residual(x, size, p)
+        effective, stable = sm.ranks(x, size, p)
         self.per_block.append(
             {
                 "tokens": int(x.shape[1]),
                 "hf_energy": _mean(sm.hf_energy_ratio(x, size, p)),
-                "effective_rank": _mean(sm.effective_rank(x, size, p)),
-                "stable_rank": _mean(sm.stable_rank(x, size, p)),
+                "effective_rank": _mean(effective),
+                "stable_rank": _mean(stable),
                 "residual_fro": _mean(res["fro"]),
                 "residual_l1inf": _mean(res["l1inf"]),
             }
@@ -208,21 +212,43 @@ _REFERENCE: dict[tuple, BlockStatistics] = {}
 
 
 def reference_statistics(
-    model: nn.Module, images: Tensor, num_bands: int, iou_keep: float = 0.5, key: Any = None
+    model: nn.Module,
+    images: Tensor,
+    num_bands: int,
+    iou_keep: float = 0.5,
+    key: Any = None,
+    cache: MeasurementCache | None = None,
 ) -> BlockStatistics:
-    """The unreduced model's statistics (cached per ``key``): the ``none`` reducer, with the
-    selection IoU at every block."""
+    """The unreduced model's statistics: the ``none`` reducer, with the selection IoU at every
+    block. Kept per ``key`` in this process and, with ``cache`` (a
+    :class:`bench.cache.MeasurementCache` of this model and these images), on disk."""
     ref_key = (key, tuple(images.shape), num_bands, iou_keep)
     if key is not None and ref_key in _REFERENCE:
         return _REFERENCE[ref_key]
-    ref = block_statistics(model, NoReduction(), images, num_bands, iou_keep, attention_everywhere=True)
+
+    def compute() -> dict[str, Any]:
+        ref = block_statistics(model, NoReduction(), images, num_bands, iou_keep, attention_everywhere=True)
+        return {f.name: getattr(ref, f.name) for f in fields(BlockStatistics)}
+
+    if cache is not None:
+        settings = {"images": list(images.shape), "bands": num_bands, "iou_keep": iou_keep, "batch_size": 16}
+        stored, _ = cache.get_or_compute("spectral_reference", settings, compute)
+    else:
+        stored = compute()
+    ref = BlockStatistics(**{**stored, "patch_grid": tuple(stored["patch_grid"])})
     if key is not None:
         _REFERENCE[ref_key] = ref
     return ref
 
 
 def spectral_metrics(
-    model: nn.Module, reducer: TokenReducer, images: Tensor, num_bands: int = 6, key: Any = None, iou_keep: float = 0.5
+    model: nn.Module,
+    reducer: TokenReducer,
+    images: Tensor,
+    num_bands: int = 6,
+    key: Any = None,
+    iou_keep: float = 0.5,
+    cache: MeasurementCache | None = None,
 ) -> dict[str, Any]:
     """Everything the spectral harness records for one method, relative to the unreduced model.
 
@@ -233,8 +259,9 @@ def spectral_metrics(
         num_bands: radial bands of the power spectrum.
         key: caches the unreduced reference across jobs of one process (None: no cache).
         iou_keep: keep rate at which EViT's and FATR's selections are compared.
+        cache: keeps the unreduced reference on disk across processes (see :mod:`bench.cache`).
     """
-    ref = reference_statistics(model, images, num_bands, iou_keep, key)
+    ref = reference_statistics(model, images, num_bands, iou_keep, key, cache)
     stats = block_statistics(model, reducer, images, num_bands, iou_keep)
     blocks = stats.per_block
     for row, r in zip(blocks, ref.per_block, strict=True):

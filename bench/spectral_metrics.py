@@ -143,7 +143,10 @@ def effective_rank(x: Tensor, size: Tensor | None = None, num_prefix: int = 0) -
 
     Args: as :func:`hf_energy_ratio`.
     """
-    sv = _weighted_singular_values(x, size, num_prefix)
+    return _effective_rank_of(_weighted_singular_values(x, size, num_prefix))
+
+
+def _effective_rank_of(sv: Tensor) -> Tensor:
     total = sv.sum(-1, keepdim=True)
     p = sv / total.clamp_min(torch.finfo(torch.float64).tiny)
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
@@ -160,10 +163,19 @@ def stable_rank(x: Tensor, size: Tensor | None = None, num_prefix: int = 0) -> T
 
     Args: as :func:`hf_energy_ratio`.
     """
-    sv = _weighted_singular_values(x, size, num_prefix)
+    return _stable_rank_of(_weighted_singular_values(x, size, num_prefix))
+
+
+def _stable_rank_of(sv: Tensor) -> Tensor:
     if sv.shape[-1] == 0:
         return sv.new_zeros(sv.shape[0])
     return _safe_ratio(sv.square().sum(-1), sv[:, 0].square())
+
+
+def ranks(x: Tensor, size: Tensor | None = None, num_prefix: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`effective_rank` and :func:`stable_rank` from one singular value decomposition."""
+    sv = _weighted_singular_values(x, size, num_prefix)
+    return _effective_rank_of(sv), _stable_rank_of(sv)
 
 
 def _l1inf(a: Tensor, w: Tensor) -> Tensor:

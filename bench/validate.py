@@ -68,7 +68,7 @@ def validate_settings(cfg: DictConfig) -> None:
     _integer(cfg, "data.batch_size", 1)
     _integer(cfg, "data.limit", 1, nullable=True)
     _integer(cfg, "seed", 0)
-    for key in ("resume", "progress", "bench.accuracy", "bench.flops", "bench.latency.amp"):
+    for key in ("resume", "progress", "cache", "bench.accuracy", "bench.flops", "bench.latency.amp"):
         _flag(cfg, key)
     for group in ("latency", "spectral", "scaling"):
         _flag(cfg, f"bench.{group}.enabled")
@@ -76,6 +76,10 @@ def validate_settings(cfg: DictConfig) -> None:
     _integer(cfg, "bench.latency.iters", 1)
     _integer(cfg, "bench.latency.warmup", 0)
     _integer(cfg, "bench.latency.threads", 1, nullable=True)
+    _number(cfg, "bench.latency.tolerance", 0.0, 1.0, lo_open=True, nullable=True)
+    _number(cfg, "bench.latency.max_seconds", 0.0, math.inf, lo_open=True, nullable=True)
+    _integer(cfg, "bench.latency.max_iters", 1)
+    _number(cfg, "bench.scaling.max_seconds_per_point", 0.0, math.inf, lo_open=True, nullable=True)
     _integer(cfg, "bench.spectral.images", 1)
     _integer(cfg, "bench.spectral.bands", 1)
     _integer(cfg, "bench.scaling.batch_tokens", 1)

@@ -22,6 +22,7 @@ def test_comma_list_sweeps_without_dash_m(tmp_path, val):
     records = read_records(tmp_path / "results")
     assert [r["method"] for r in records] == ["none", "tome", "evit"]
     assert "top-1 %" in out.stdout and "tome" in out.stdout  # the summary table
+    assert "where the time went (seconds):" in out.stdout and "sweep took" in out.stdout
     for name in ("leaderboard.md", "leaderboard.csv", "pareto.png", "latency.png"):
         assert (tmp_path / "results" / name).exists(), name
 
