@@ -12,6 +12,7 @@ equivariant, so this does not change any prediction.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -78,15 +79,29 @@ def bipartite_groups(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, i
     group = torch.empty(bsz, n, dtype=torch.long, device=metric.device)
     group[:, tok_a] = slot_a
     group[:, tok_b] = slot_b
-    # Move the prefix slots to the front; they are the same in every image (never merged).
     num_out = n - r
-    prefix_slots = group[0, :num_prefix]
-    is_prefix = torch.zeros(num_out, dtype=torch.bool, device=metric.device)
-    is_prefix[prefix_slots] = True
-    order = torch.cat([prefix_slots, torch.nonzero(~is_prefix).flatten()])
-    remap = torch.empty_like(order)
-    remap[order] = torch.arange(num_out, device=metric.device)
-    return remap[group], num_out
+    remap = _prefix_first(num_prefix, n_unm, num_out, metric.device)
+    return (group if remap is None else remap[group]), num_out
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_first(num_prefix: int, n_unm: int, num_out: int, device: torch.device) -> Tensor | None:
+    """The slot permutation that moves the prefix slots to the front (None: already there).
+
+    Prefix tokens are never merged, and where they land follows from the layout alone: the
+    even ones (set A) have the lowest A indices, so they are the first unmerged A slots
+    ``0..ceil(p/2)-1``; the odd ones (set B) keep their B slots ``n_unm + j``. Computing it from
+    shapes, not from ``group``, keeps the step free of host-device syncs (on a GPU a data-
+    dependent ``nonzero`` per block stalled the launch queue 24 times per forward).
+    """
+    if num_prefix < 2:
+        return None
+    prefix = [t // 2 if t % 2 == 0 else n_unm + t // 2 for t in range(num_prefix)]  # in token order
+    taken = set(prefix)
+    order = prefix + [s for s in range(num_out) if s not in taken]
+    remap = torch.empty(num_out, dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(num_out)
+    return remap.to(device)
 
 
 def tome_merge(state: TokenState, r: int) -> TokenState:

@@ -173,6 +173,20 @@ def test_tome_matches_slow_reference(prefix):
     assert torch.allclose(out.x, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", [0, 1, 2, 3, 5])
+def test_tome_prefix_slots_come_first_in_token_order(prefix):
+    """The prefix permutation is derived from shapes alone (no host-device sync on a GPU); it
+    must still put every image's prefix tokens, in order, in the first slots."""
+    g = torch.Generator().manual_seed(prefix)
+    metric = torch.randn(4, 23, 6, generator=g)
+    for r in (1, 5, (23 - prefix) // 2):
+        group, n_out = bipartite_groups(metric, r, prefix)
+        assert n_out == 23 - r
+        assert torch.equal(group[:, :prefix], torch.arange(prefix).expand(4, -1))
+        assert not torch.isin(group[:, prefix:], torch.arange(prefix)).any()  # never merged into
+        assert all(len(set(row.tolist())) == n_out for row in group)  # every slot used
+
+
 def test_evit_fused_token_is_attention_weighted_sum(images):
     model = tiny_vit()
     _, steps, _ = run_capturing(model, build_reducer("evit", blocks=[2], keep_rate=0.5), images)
