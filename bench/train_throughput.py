@@ -95,7 +95,7 @@ def measure(method: str, overrides: list[str], steps: int, warmup: int) -> dict[
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "method": method,
-        "macs_ratio": None if method == "none" else float(cfg.budget.macs_ratio),
+        "macs_ratio": None if method == "none" else cfg.budget.macs_ratio,
         "recipe": recipe.name,
         "batch_size": recipe.batch_size,
         "micro_batch": recipe.micro_batch,

@@ -5,6 +5,7 @@ the leaderboard's fine-tuned section."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -562,3 +563,19 @@ def test_leaderboard_fine_tuned_section(tmp_path):
     assert "| tome | 0.65 | 71.00 ± 1.43 | – | +1.50 |" in rows["tome"]
     assert tuned.count("### deit_tiny_patch16_224 on val (1000 images)") == 2
     assert tmp_path / "finetune_loss.png" in paths
+
+
+def test_train_throughput_times_each_method_and_refuses_bad_settings(folder, tmp_path, capsys):
+    from bench.train_throughput import main
+
+    out = tmp_path / "tt.jsonl"
+    args = [f"data.train_root={folder}", "device=cpu", "steps=1", "warmup=0", f"out={out}", *CLI_FAST]
+    assert main(["method=none,tome", *args]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["none", "tome"]
+    assert all(r["img_per_s"] > 0 and r["steps"] == 1 and r["batch_size"] == 4 for r in rows)
+    assert "the unreduced model's throughput" in capsys.readouterr().out
+    assert main(["method=tome", *args, "steps=0"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert main(["method=tome", "data.train_root=/no/such/folder", "device=cpu"]) == 2
+    assert "not a folder" in capsys.readouterr().err
