@@ -53,11 +53,18 @@ class FinetuneSummary(SweepSummary):
         mine = {r.get("config_hash") for r in records if r.get("sweep_dir") == self.sweep_dir}
         if mine:  # a sweep that recorded nothing leaves the results alone
             paths = write_leaderboard(self.results_dir)
-            df = finetuned_rows(records)
+            df = finetuned_rows(records, Path(self.results_dir))
             df = df[df["config_hash"].isin(mine)] if not df.empty else df
             if not df.empty:
-                cols = ["label", "budget", "top1", "se", "delta_control", "delta_off_the_shelf", "agreement", "steps"]
-                print("\n" + df[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+
+                def paired(iv: Any) -> str:  # Δ with its 95% interval paired over images
+                    return "–" if iv is None else f"{iv.estimate:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}]"
+
+                df = df.assign(d_control=df["d_control"].map(paired), d_shelf=df["d_shelf"].map(paired))
+                cols = ["label", "budget", "top1", "d_control", "d_shelf", "agreement", "steps"]
+                names = {"d_control": "Δ control [95%]", "d_shelf": "Δ off-the-shelf [95%]"}
+                table = df[cols].rename(columns=names).to_string(index=False, float_format=lambda v: f"{v:.2f}")
+                print("\n" + table)
             print("\nleaderboard: " + ", ".join(str(p) for p in paths))
         failures = sorted(Path(self.sweep_dir).glob(f"*/{FAILURE_FILE}"))
         if failures:

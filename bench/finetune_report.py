@@ -13,6 +13,9 @@ from typing import Any
 
 import pandas as pd
 
+from bench.errors import BenchError
+from bench.outcomes import load_outcomes
+from bench.stats import Interval, bootstrap_for, discordance
 from bench.store import config_hash
 
 
@@ -52,8 +55,35 @@ def _top1(record: dict[str, Any] | None) -> float | None:
     return None if record is None else record.get("metrics", {}).get("top1")
 
 
-def finetuned_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per fine-tuned record (``records`` already one per configuration)."""
+def _paired(
+    a: dict[str, Any], b: dict[str, Any] | None, results_dir: Path | None, resample: str, n_boot: int, seed: int
+) -> tuple[Interval | None, float | None]:
+    """Δ top-1 of ``a`` minus ``b`` with its 95% interval paired over the same images, and the
+    exact McNemar p; (None, None) where either record lacks per-image outcomes on the same images."""
+    if b is None or b is a or results_dir is None:
+        return None, None
+    files = [(r.get("metrics") or {}).get("outcomes_file") for r in (a, b)]
+    if not all(files):
+        return None, None
+    try:
+        oa, ob = (load_outcomes(results_dir, f) for f in files)
+    except BenchError:
+        return None, None
+    if not oa.same_images(ob):
+        return None, None
+    iv = bootstrap_for(oa.label, resample, n_boot, seed).paired(oa.correct, ob.correct).scaled(100)
+    return iv, discordance(oa.correct, ob.correct).p_value
+
+
+def finetuned_rows(
+    records: list[dict[str, Any]],
+    results_dir: Path | None = None,
+    resample: str = "images",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One row per fine-tuned record (``records`` already one per configuration); with
+    ``results_dir`` (where the per-image outcomes are) the Δs get paired intervals."""
     from bench.leaderboard import display_name
 
     tuned = [r for r in records if "finetune" in r and "top1" in r.get("metrics", {})]
@@ -70,6 +100,8 @@ def finetuned_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
         off = shelf.get(_without(r["config"], "bench", "finetuned"))
         ctrl = control.get(setting(r))
         top1, n = m["top1"], r.get("num_images") or m.get("num_images")
+        d_control, p_control = _paired(r, ctrl, results_dir, resample, n_boot, seed)
+        d_shelf, p_shelf = _paired(r, off, results_dir, resample, n_boot, seed)
         rows.append(
             {
                 "model": r.get("model"),
@@ -85,6 +117,10 @@ def finetuned_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "se": 100 * math.sqrt(top1 / 100 * (1 - top1 / 100) / n) if n else float("nan"),
                 "delta_control": None if ctrl is None or ctrl is r else top1 - _top1(ctrl),
                 "delta_off_the_shelf": None if _top1(off) is None else top1 - _top1(off),
+                "d_control": d_control,
+                "p_control": p_control,
+                "d_shelf": d_shelf,
+                "p_shelf": p_shelf,
                 "agreement": m.get("agreement"),
                 "images_seen": ft.get("images_seen"),
                 "steps": ft.get("steps"),
@@ -111,20 +147,39 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def finetuned_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
-    """Append the fine-tuned table to ``leaderboard.md`` and plot the loss curves."""
-    df = finetuned_rows(records)
+def _delta_cells(row: pd.Series, key: str, unpaired: str) -> list[str]:
+    iv = row[f"d_{key}"]
+    if iv is None or (isinstance(iv, float) and math.isnan(iv)):
+        value = row[unpaired]
+        return [_fmt(value, "+.2f") + ("" if value is None or pd.isna(value) else " (unpaired)"), "–"]
+    mark = " (tie)" if iv.contains(0.0) else ""
+    return [f"{iv.estimate:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}]{mark}", f"{row[f'p_{key}']:.3g}"]
+
+
+def finetuned_section(
+    records: list[dict[str, Any]],
+    results_dir: Path,
+    source: Path | None = None,
+    resample: str = "images",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> list[Path]:
+    """Append the fine-tuned table to ``results_dir/leaderboard.md`` and plot the loss curves;
+    per-image outcomes are read from ``source`` (default ``results_dir``)."""
+    df = finetuned_rows(records, source or results_dir, resample, n_boot, seed)
     if df.empty:
         return []
+    unit = "whole classes" if resample == "classes" else "images"
     lines = [
         "",
         "## Fine-tuned",
         "",
         "Each method fine-tuned at its budget (`python -m bench.finetune`), evaluated like the runs above. "
         "Δ control: against the unreduced model fine-tuned with the same recipe and data (what fine-tuning "
-        "alone does); Δ off-the-shelf: against the same method and budget without fine-tuning. ± is the "
-        "binomial standard error of top-1; both Δs are unpaired differences, so one smaller than "
-        "1.96·√2·SE (≈ 2.8 SE) is within noise.",
+        "alone does); Δ off-the-shelf: against the same method and budget without fine-tuning. Both Δs are "
+        f"paired over the same images (bootstrap over {unit}, {n_boot} resamples, seed {seed}; exact McNemar p); "
+        "an interval that includes 0 means the two cannot be told apart on these images. ± is the binomial "
+        "standard error of top-1 alone.",
         "",
     ]
     curves = []
@@ -135,17 +190,16 @@ def finetuned_section(records: list[dict[str, Any]], results_dir: Path) -> list[
             "",
             f"Trained on: {devices}.",
             "",
-            "| method | MACs target | top-1 % | Δ control | Δ off-the-shelf | agree % | steps | train img/s "
-            "| weights |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | MACs target | top-1 % | Δ control [95%] | p | Δ off-the-shelf [95%] | p | agree % | steps "
+            "| train img/s | weights |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for _, row in part.iterrows():
-            lines.append(
-                f"| {row['label']} | {_fmt(row['budget'], '.2f')} | {row['top1']:.2f} ± {row['se']:.2f} | "
-                f"{_fmt(row['delta_control'], '+.2f')} | {_fmt(row['delta_off_the_shelf'], '+.2f')} | "
-                f"{_fmt(row['agreement'], '.2f')} | {_fmt(row['steps'], 'd')} | "
-                f"{_fmt(row['train_img_per_s'], '.1f')} | {row['weights']} |"
-            )
+            cells = [row["label"], _fmt(row["budget"], ".2f"), f"{row['top1']:.2f} ± {row['se']:.2f}"]
+            cells += _delta_cells(row, "control", "delta_control")
+            cells += _delta_cells(row, "shelf", "delta_off_the_shelf")
+            cells += [_fmt(row["agreement"], ".2f"), _fmt(row["steps"], "d"), _fmt(row["train_img_per_s"], ".1f")]
+            lines.append("| " + " | ".join(cells) + f" | {row['weights']} |")
             curve = row["curve"] or {}
             for x, y in zip(curve.get("images_seen", []), curve.get("loss", []), strict=False):
                 curves.append({"run": f"{row['label']} [{recipe.split(',')[0]}]", "images seen": x, "loss": y})

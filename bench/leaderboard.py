@@ -209,7 +209,7 @@ def _generate(
     paths += scaling_section(main_group, out)
     from bench.finetune_report import finetuned_section
 
-    paths += finetuned_section(everything, out)
+    paths += finetuned_section(everything, out, source, resample, n_boot, seed)
     return paths
 
 

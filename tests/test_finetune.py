@@ -558,11 +558,49 @@ def test_leaderboard_fine_tuned_section(tmp_path):
     main, tuned = md.split("## Fine-tuned")
     assert "71.25" not in main and "72.50" not in main  # fine-tuned runs stay out of the main table
     rows = {line.split(" | ")[0].strip("| "): line for line in tuned.splitlines() if line.startswith("| ")}
-    assert "| fatr | 0.65 | 71.25 ± 1.43 | -1.25 | +1.25 | 90.00 | 313 | 20.0 | last |" == rows["fatr"]
-    assert "| none | – | 72.50 ± 1.41 | – | +0.50 |" in rows["none"]
-    assert "| tome | 0.65 | 71.00 ± 1.43 | – | +1.50 |" in rows["tome"]
+    # synthetic records carry no per-image outcomes: the Δs are shown, marked unpaired
+    expect = "| fatr | 0.65 | 71.25 ± 1.43 | -1.25 (unpaired) | – | +1.25 (unpaired) | – | 90.00 | 313 | 20.0 | last |"
+    assert rows["fatr"] == expect
+    assert "| none | – | 72.50 ± 1.41 | – | – | +0.50 (unpaired) | – |" in rows["none"]
+    assert "| tome | 0.65 | 71.00 ± 1.43 | – | – | +1.50 (unpaired) | – |" in rows["tome"]
     assert tuned.count("### deit_tiny_patch16_224 on val (1000 images)") == 2
     assert tmp_path / "finetune_loss.png" in paths
+
+
+def test_leaderboard_fine_tuned_section_pairs_over_images(tmp_path):
+    """With per-image outcomes the Δs are paired: identical outcomes give 0 [0, 0] and p = 1; a
+    method wrong on 20 of 100 images the control gets right gives -20 and McNemar's exact p."""
+    import numpy as np
+
+    from bench.outcomes import Outcomes, save_outcomes
+
+    ids = np.array([f"n01440764/{i}.JPEG" for i in range(100)])
+    label = np.zeros(100, dtype=np.int16)
+
+    def with_outcomes(record: dict, correct: np.ndarray) -> dict:
+        o = Outcomes(ids, label, label, correct, np.ones(100, bool), correct)
+        record["num_images"] = 100
+        record["metrics"]["top1"] = 100.0 * correct.mean()
+        record["metrics"]["outcomes_file"] = save_outcomes(tmp_path, record["method"], o)
+        return record
+
+    right = np.ones(100, bool)
+    wrong20 = right.copy()
+    wrong20[:20] = False
+    for r in [
+        with_outcomes(_record("none", 0, True, budget=None), right),
+        with_outcomes(_record("fatr", 0, False), wrong20),
+        with_outcomes(_record("fatr", 0, True), wrong20),
+    ]:
+        append_record(tmp_path, r)
+    write_leaderboard(tmp_path)
+    tuned = (tmp_path / "leaderboard.md").read_text().split("## Fine-tuned")[1]
+    row = next(line for line in tuned.splitlines() if line.startswith("| fatr |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3].startswith("-20.00 [") and "(tie)" not in cells[3]
+    assert cells[4] == f"{2 * 0.5**20:.3g}"  # exact McNemar: 0 vs 20 discordant images
+    assert cells[5:7] == ["+0.00 [+0.00, +0.00] (tie)", "1"]
+    assert "paired over the same images" in tuned
 
 
 def test_train_throughput_times_each_method_and_refuses_bad_settings(folder, tmp_path, capsys):
