@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.results_io import append_markdown
 from bench.store import config_hash
 
 
@@ -54,7 +55,7 @@ def _top1(record: dict[str, Any] | None) -> float | None:
 
 def finetuned_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per fine-tuned record (``records`` already one per configuration)."""
-    from bench.leaderboard import display_name
+    from bench.labels import display_name
 
     tuned = [r for r in records if "finetune" in r and "top1" in r.get("metrics", {})]
     shelf = {_without(r["config"], "bench"): r for r in records if "finetune" not in r and "config" in r}
@@ -150,9 +151,7 @@ def finetuned_section(records: list[dict[str, Any]], results_dir: Path) -> list[
             for x, y in zip(curve.get("images_seen", []), curve.get("loss", []), strict=False):
                 curves.append({"run": f"{row['label']} [{recipe.split(',')[0]}]", "images seen": x, "loss": y})
         lines.append("")
-    from bench.extras import _append
-
-    _append(results_dir, lines)
+    append_markdown(results_dir, lines)
     if not curves:
         return []
     from bench.plots import figure, lines_by_method, save

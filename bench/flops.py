@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from methods import TokenReducer
 from methods.patch import model_info
+
+if TYPE_CHECKING:
+    from bench.subject import Measured, Subject
 
 
 def _shape(v: Any) -> list[int]:
@@ -175,3 +178,24 @@ def macs_report(model: nn.Module, reducer: TokenReducer, image: torch.Tensor) ->
     if type(reducer).token_counts is TokenReducer.token_counts and abs(counted / analytic - 1) > 0.02:
         analytic = None
     return {"gmacs": counted, "gmacs_analytic": analytic}
+
+
+def flop_metrics(model: nn.Module, reducer: TokenReducer, image: torch.Tensor) -> dict[str, Any]:
+    """fvcore and analytic GMACs per image (they must agree within 2%), and parameters."""
+    report: dict[str, Any] = macs_report(model, reducer, image)
+    report["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return report
+
+
+def flops_job(enabled: bool, subject: Subject, out: Measured) -> None:
+    """GMACs and parameters (``bench.flops``) and, for a reduced model, its MACs ratio; the
+    unreduced model's come from the measurement cache when it has them."""
+    s = subject
+    image = s.data.images[:1].to(s.device)
+    if not s.reduced and s.cache is not None:
+        out.metrics.update(s.cache.get_or_compute("flops", {}, lambda: flop_metrics(s.model, s.reducer, image))[0])
+    else:
+        out.metrics.update(flop_metrics(s.model, s.reducer, image))
+    if s.base is not None:
+        out.metrics["baseline_gmacs"] = s.base.metrics["gmacs"]
+        out.metrics["macs_ratio"] = out.metrics["gmacs"] / s.base.metrics["gmacs"]

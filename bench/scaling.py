@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,12 +36,14 @@ from bench.flops import VitShape, analytic_macs, fvcore_macs
 from bench.latency import describe_busy, time_forward
 from bench.models import set_resolution
 from bench.store import now_iso
+from bench.terminal import say
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
 from methods.patch import model_info
 
 if TYPE_CHECKING:
     from bench.cache import MeasurementCache
+    from bench.subject import Measured, Subject
 
 
 def at_resolution(model: nn.Module, reducer: TokenReducer, size: int) -> nn.Module:
@@ -357,3 +360,27 @@ def _fits(model: nn.Module, reducer: TokenReducer, rows: list[dict[str, Any]], c
     out["claim_latency_vs_base"] = claim_ms / base
     out["claim_measured"] = bool(at_claim is not None and not at_claim["extrapolated"])
     return out
+
+
+def scaling_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+    """A reduced model's cost from the base resolution up to the claim's (``bench.scaling``),
+    timed with the latency settings' autocast and threads."""
+    s, sc = subject, section
+    metrics = scaling_metrics(
+        s.model,
+        s.reducer,
+        list(sc.resolutions),
+        s.device,
+        sc.batch_tokens,
+        sc.warmup,
+        sc.iters,
+        s.amp,
+        s.threads,
+        sc.claim_resolution,
+        s.progress,
+        sc.get("max_seconds_per_point"),
+        s.cache,
+    )
+    out.metrics.update(metrics)
+    if metrics.get("scaling_busy"):
+        say(f"warning: {s.name}: scaling latency measured on a busy machine ({metrics['scaling_busy_reason']})")

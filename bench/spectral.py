@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from bench import paper_metrics as pm
@@ -37,6 +38,7 @@ from methods.identity import NoReduction
 
 if TYPE_CHECKING:
     from bench.cache import MeasurementCache
+    from bench.subject import Measured, Subject
 
 
 def _mean(t: Tensor) -> float:
@@ -312,3 +314,20 @@ def paper_metrics(stats: BlockStatistics, ref: BlockStatistics, iou_keep: float)
             _mean(ref.iou[b]) if b in ref.iou else float("nan") for b in range(len(ref.per_block))
         ],
     }
+
+
+def spectral_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+    """The spectral analysis of a reduced model (``bench.spectral``) against the unreduced one,
+    whose statistics are kept per ``subject.reference_key`` in this process and in the cache."""
+    iou_keep = section.get("iou_keep", 0.5)
+    if isinstance(iou_keep, bool) or not isinstance(iou_keep, (int, float)) or not 0 < iou_keep <= 1:
+        raise BenchError(f"bench.spectral.iou_keep must be in (0, 1], got {iou_keep!r}")
+    if int(section.images) < 1:
+        raise BenchError(f"bench.spectral.images must be at least 1, got {section.images}")
+    s = subject
+    images = s.data.images[: section.images].to(s.device)
+    out.metrics.update(
+        spectral_metrics(
+            s.model, s.reducer, images, section.bands, key=s.reference_key, iou_keep=float(iou_keep), cache=s.cache
+        )
+    )

@@ -301,7 +301,9 @@ def test_spectral_metrics_record_the_papers_analysis(images):
 def test_spectral_analysis_bad_input(images):
     from omegaconf import OmegaConf
 
-    from bench.extras import spectral_job
+    from bench.data import ImageSet
+    from bench.spectral import spectral_job
+    from bench.subject import Measured, subject_of
 
     with pytest.raises(BenchError, match="square patch grid, got 8x12"):
         block_statistics(tiny_vit(img_size=(32, 48)), NoReduction(), torch.randn(1, 3, 32, 48), 4)
@@ -309,9 +311,15 @@ def test_spectral_analysis_bad_input(images):
         block_statistics(tiny_vit(), NoReduction(), images[:0], 4)
     for spectral, match in (({"iou_keep": 1.5}, "iou_keep must be in"), ({"images": 0}, "images must be at least 1")):
         sc = {"enabled": True, "images": 2, "bands": 4, "iou_keep": 0.5, **spectral}
-        cfg = OmegaConf.create({"bench": {"spectral": sc}, "model": {}, "data": {}})
+        cfg = OmegaConf.create(
+            {"bench": {"latency": {"amp": False, "threads": None}}, "model": {}, "data": {"batch_size": 2}}
+        )
+        cfg.progress = False
+        data = ImageSet(images, torch.zeros(len(images), dtype=torch.long), [""] * len(images), "")
         with pytest.raises(BenchError, match=match):
-            spectral_job(cfg, tiny_vit(), NoReduction(), None, torch.device("cpu"))
+            spectral_job(
+                OmegaConf.create(sc), subject_of(cfg, tiny_vit(), NoReduction(), data, torch.device("cpu")), Measured()
+            )
 
 
 def test_intervals_hand_computed():

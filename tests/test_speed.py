@@ -307,7 +307,7 @@ def test_scaling_extrapolates_beyond_the_budget(quiet_machine):
 
 
 def test_scaling_table_and_plot_mark_extrapolated_points(tmp_path, quiet_machine):
-    from bench.extras import scaling_section
+    from bench.report_scaling import scaling_section
 
     vit, reducer = tiny_vit(), build_reducer("tome", r=4)
     m = scaling_metrics(
