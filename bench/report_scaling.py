@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
 from bench.labels import method_label
 from bench.results_io import append_markdown
+from bench.scaling import ScalingMetrics, ScalingPoint
+
+
+def _scaling(record: dict[str, Any]) -> ScalingMetrics:
+    """A record's scaling metrics, in the shape :mod:`bench.scaling` declares."""
+    return cast(ScalingMetrics, record["metrics"])
 
 
 def _fmt_num(v: Any, spec: str) -> str:
@@ -27,7 +33,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
 
     rows = []
 
-    def add(label: str, s: dict[str, Any], latency: Any, gmacs: Any) -> None:
+    def add(label: str, s: ScalingPoint, latency: Any, gmacs: Any) -> None:
         rows.append(
             {
                 "method": label,
@@ -39,9 +45,9 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
         )
 
     for r in recs:
-        for s in r["metrics"]["scaling"]:
+        for s in _scaling(r)["scaling"]:
             add(method_label(r), s, s["latency_ms_b1"], s["gmacs"])
-    for s in recs[0]["metrics"]["scaling"]:
+    for s in _scaling(recs[0])["scaling"]:
         add("unreduced", s, s["latency_ms_b1_unreduced"], s["gmacs_unreduced"])
     d = pd.DataFrame(rows)
     lat = "latency ms (batch 1)"
@@ -89,12 +95,14 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
     ]
     claims = []
     for r in recs:
-        m = r["metrics"]
-        res = m["resolution_at_base_latency"]
+        m = _scaling(r)
+        res = m.get("resolution_at_base_latency")
         res_s = (
-            "never: slower already at the base resolution"
+            "–"
+            if res is None
+            else "never: slower already at the base resolution"
             if math.isnan(res)
-            else f"{res:.0f}" + (" (extrapolated)" if m["resolution_at_base_latency_extrapolated"] else "")
+            else f"{res:.0f}" + (" (extrapolated)" if m.get("resolution_at_base_latency_extrapolated") else "")
         )
         points = [s for s in m["scaling"] if not s.get("extrapolated", False)]
         upto = f"{points[-1]['resolution']} px" if points else "–"
@@ -103,9 +111,9 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
         claim = _fmt_num(m["claim_latency_vs_base"], ".0f") + "×"
         claim += "" if m.get("claim_measured") else " (extrapolated)"
         lines.append(
-            f"| {method_label(r)} | {upto} | {_fmt_num(m['alpha_latency'], '.2f')} | "
-            f"{_fmt_num(m['alpha_latency_unreduced'], '.2f')} | {_fmt_num(m['alpha_gmacs'], '.2f')} |"
-            f" {_fmt_num(m['alpha_gmacs_unreduced'], '.2f')} | {res_s} | {claim} |"
+            f"| {method_label(r)} | {upto} | {_fmt_num(m.get('alpha_latency'), '.2f')} | "
+            f"{_fmt_num(m.get('alpha_latency_unreduced'), '.2f')} | {_fmt_num(m.get('alpha_gmacs'), '.2f')} |"
+            f" {_fmt_num(m.get('alpha_gmacs_unreduced'), '.2f')} | {res_s} | {claim} |"
         )
         how = (
             "measured"
@@ -117,9 +125,9 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
         claims.append((m["claim_latency_vs_base"], method_label(r), m["claim_resolution"], how))
     cached = sorted(
         {
-            r["metrics"].get("scaling_unreduced_measured_at")
+            _scaling(r).get("scaling_unreduced_measured_at")
             for r in recs
-            if r["metrics"].get("scaling_unreduced_from_cache")
+            if _scaling(r).get("scaling_unreduced_from_cache")
         }
     )
     if cached:

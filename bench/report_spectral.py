@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
 from bench.labels import method_label
 from bench.results_io import append_markdown
+from bench.spectral import SpectralMetrics
 
 
 def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
@@ -22,13 +23,13 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
 
     rows, bands = [], []
     for r in recs:
-        for b, row in enumerate(r["metrics"]["spectral_blocks"]):
+        for b, row in enumerate(_spectral(r)["spectral_blocks"]):
             rows.append({"method": method_label(r), "block": b, "hf_energy": row["hf_energy"]})
-        for k, v in enumerate(r["metrics"]["spectral_band_rel"][-1]):
+        for k, v in enumerate(_spectral(r)["spectral_band_rel"][-1]):
             bands.append({"method": method_label(r), "band": k, "relative power": v})
-    ref = recs[0]["metrics"]["spectral_blocks"]
+    ref = _spectral(recs[0])["spectral_blocks"]
     rows += [{"method": "unreduced", "block": b, "hf_energy": row["hf_energy_unreduced"]} for b, row in enumerate(ref)]
-    n_images = recs[0]["metrics"]["spectral_images"]
+    n_images = _spectral(recs[0])["spectral_images"]
     fig, (ax,) = figure()
     lines_by_method(ax, pd.DataFrame(rows), "block", "hf_energy")
     ax.set_ylabel("HF energy ratio ‖X − mean‖² / ‖X‖² (size-weighted)")
@@ -65,7 +66,7 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
         "|---|---|---|---|---|---|",
     ]
     for r in recs:
-        m = r["metrics"]
+        m = _spectral(r)
         last = m["spectral_blocks"][-1]
         rem = [v["removed"] for v in m["spectral_removal"].values() if not math.isnan(v["removed"])]
         kept = [v["kept"] for v in m["spectral_removal"].values() if not math.isnan(v["kept"])]
@@ -78,6 +79,11 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
     paper_lines, paper_paths = paper_section(recs, results_dir, method_label)
     append_markdown(results_dir, lines + [""] + paper_lines)
     return [energy, band_path, *paper_paths]
+
+
+def _spectral(record: dict[str, Any]) -> SpectralMetrics:
+    """A record's spectral metrics, in the shape :mod:`bench.spectral` declares."""
+    return cast(SpectralMetrics, record["metrics"])
 
 
 def _avg(v: list[float]) -> float:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from omegaconf import DictConfig
@@ -39,6 +39,77 @@ from methods.identity import NoReduction
 if TYPE_CHECKING:
     from bench.cache import MeasurementCache
     from bench.subject import Measured, Subject
+
+
+class _SpectralBlockRequired(TypedDict):
+    """What every stored block row has."""
+
+    tokens: int
+    hf_energy: float
+    """‖X − mean‖² / ‖X‖² of the patch tokens, size-weighted."""
+    effective_rank: float
+    stable_rank: float
+    residual_fro: float
+    """Dong et al.'s rank-collapse residual (Frobenius; ``residual_l1inf`` the ℓ1,∞ form)."""
+    residual_l1inf: float
+    hf_energy_unreduced: float
+    hf_energy_rel: float
+    effective_rank_unreduced: float
+    effective_rank_rel: float
+    stable_rank_unreduced: float
+    stable_rank_rel: float
+    residual_fro_unreduced: float
+    residual_fro_rel: float
+
+
+class SpectralBlock(_SpectralBlockRequired, total=False):
+    """Token statistics after one block (means over the images), the reference's beside them."""
+
+    fourier_dlog_pi: float
+    """The paper's analysis (:func:`paper_metrics`); absent in records from before it."""
+    fourier_dlog_pi_unreduced: float
+    cos_to_mean: float
+    cos_to_mean_unreduced: float
+
+
+class RemovedVsKept(TypedDict):
+    """Mean FATR ``std`` score of the tokens a reduction removed or merged, and of those it kept."""
+
+    removed: float
+    kept: float
+
+
+class _SpectralMetricsRequired(TypedDict):
+    """What every stored spectral record has."""
+
+    spectral_images: int
+    spectral_blocks: list[SpectralBlock]
+    spectral_band_rel: list[list[float]]
+    """Per block, power per radial band relative to the unreduced model's."""
+    spectral_removal: dict[str, RemovedVsKept]
+    """Per reduction block (its index as a string)."""
+    hf_energy_last_rel: float
+    effective_rank_last_rel: float
+
+
+class SpectralMetrics(_SpectralMetricsRequired, total=False):
+    """What :func:`spectral_metrics` adds to a record's metrics, and what every reader may rely
+    on. The paper's analysis (the keys of this class, not of its required base) is missing
+    from records written before it."""
+
+    fourier_freq_pi: list[float]
+    fourier_profile: list[list[float]]
+    fourier_profile_unreduced: list[list[float]]
+    fourier_dlog_pi_last: float
+    fourier_dlog_pi_last_unreduced: float
+    fourier_dlog_pi_last_images: list[float]
+    fourier_dlog_pi_last_unreduced_images: list[float]
+    cos_to_mean_last: float
+    cos_to_mean_last_unreduced: float
+    selection_iou_keep: float
+    selection_iou: dict[str, float]
+    """Per block where it was taken (its index as a string)."""
+    selection_iou_unreduced: list[float]
 
 
 def _mean(t: Tensor) -> float:
@@ -251,7 +322,7 @@ def spectral_metrics(
     key: Any = None,
     iou_keep: float = 0.5,
     cache: MeasurementCache | None = None,
-) -> dict[str, Any]:
+) -> SpectralMetrics:
     """Everything the spectral harness records for one method, relative to the unreduced model.
 
     Args:
@@ -273,7 +344,7 @@ def spectral_metrics(
     rel = sm.relative_band_power(stats.spectra, ref.spectra)  # (depth, N, bands)
     band_rel = [[_mean(rel[b, :, k]) for k in range(num_bands)] for b in range(rel.shape[0])]
     last = blocks[-1]
-    out = {
+    out: SpectralMetrics = {
         "spectral_images": int(len(images)),
         "spectral_blocks": blocks,
         "spectral_band_rel": band_rel,
