@@ -50,13 +50,18 @@ def display_name(record: dict[str, Any]) -> str:
     return record.get("method", "") + (f" ({variant})" if variant else "")
 
 
-def _registered_knob(method: Any) -> str | None:
-    """The budget knob of a registered method (records written before the knob was stored)."""
+def _configured_knob(record: dict[str, Any]) -> str | None:
+    """The budget knob of the record's reducer class, named by its method config's ``_target_``
+    (for records written before the knob was stored)."""
+    method = ((record.get("config") or {}).get("method")) or {}
+    target = (method.get("reducer") or {}).get("_target_") if isinstance(method, dict) else None
+    if not isinstance(target, str):
+        return None
     try:
-        from methods import reducer_class
+        from hydra.utils import get_class
 
-        return reducer_class(str(method)).budget_knob
-    except Exception:  # noqa: BLE001 - an unknown plug-in method simply has no knob to show
+        return getattr(get_class(target), "budget_knob", None)
+    except Exception:  # noqa: BLE001 - a plug-in class that cannot be imported here simply has no knob to show
         return None
 
 
@@ -65,7 +70,7 @@ def knob_text(record: dict[str, Any]) -> str:
     budget = record.get("budget") or {}
     knob, value = budget.get("knob"), budget.get("knob_value")
     if not knob and budget.get("macs_ratio_target") is None:
-        knob = _registered_knob(record.get("method"))
+        knob = _configured_knob(record)
         value = (record.get("hparams") or {}).get(knob) if knob else None
     if not knob or value is None:
         return ""

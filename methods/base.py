@@ -90,7 +90,8 @@ class TokenState:
 
 
 class TokenReducer(nn.Module):
-    """Base class of every method. Subclass it, implement :meth:`reduce`, register it.
+    """Base class of every method. Subclass it and implement :meth:`reduce`; the harness builds
+    it from a Hydra method config (``reducer._target_``, see ``bench/conf/method/``).
 
     A subclass passes its constructor arguments to ``super().__init__(**hparams)`` so that
     runs can be recorded, hashed and rebuilt with a different budget knob.
@@ -239,48 +240,3 @@ class KeepRateReducer(TokenReducer):
                 special, patch = self.count_step(b, special, patch)
             counts.append((n_in, num_prefix + special + patch))
         return counts
-
-
-_REGISTRY: dict[str, type[TokenReducer]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a reducer buildable by name (``method=<name>``)."""
-
-    def deco(cls: type[TokenReducer]) -> type[TokenReducer]:
-        if not (isinstance(cls, type) and issubclass(cls, TokenReducer)):
-            raise TypeError(f"@register({name!r}) needs a TokenReducer subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a reducer named {name!r} is already registered ({_REGISTRY[name].__name__})")
-        _REGISTRY[name] = cls
-        cls.method_name = name  # type: ignore[attr-defined]
-        return cls
-
-    return deco
-
-
-class UnknownMethodError(KeyError):
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def reducer_class(name: str) -> type[TokenReducer]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown method {name!r}; registered methods: {', '.join(available_methods())}"
-        ) from None
-
-
-def build_reducer(name: str, **hparams: Any) -> TokenReducer:
-    """Build a registered reducer by name, turning bad arguments into one clear error."""
-    cls = reducer_class(name)
-    try:
-        return cls(**hparams)
-    except TypeError as e:
-        raise ReducerConfigError(f"bad arguments for method {name!r}: {e}") from None

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.grouping import assign_to_centres, distance_matrix_macs, merge_patch_groups, pairwise_sq_distances
 
 
@@ -83,7 +83,6 @@ def dpcknn_reduce(state: TokenState, num_centres: int, k_neighbours: int) -> Tok
     return merge_patch_groups(state, group, num_centres)
 
 
-@register("dpcknn")
 class DPCKNN(KeepRateReducer):
     """Density-peak (DPC-kNN) clustering merge of the patch tokens at the reduction blocks."""
 

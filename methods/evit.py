@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import CLS_ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState, register
+from methods.base import CLS_ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState
 from methods.tokens import batch_gather, concat_states, keep_tokens, prefix_index
 
 
@@ -46,7 +46,6 @@ def evit_reduce(state: TokenState, keep: int, fuse: bool) -> TokenState:
     return concat_states(out, [(out.x, out.size, out.pos, out.source), (x_fused, size_fused, pos_fused, src_fused)])
 
 
-@register("evit")
 class EViT(KeepRateReducer):
     """EViT with fusion (``fuse=True``, the paper's method) or plain top-k pruning."""
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from methods.base import TokenReducer, register
+from methods.base import TokenReducer
 
 
-@register("none")
 class NoReduction(TokenReducer):
     """Keeps every token. Its logits equal the unpatched model's (tested on real weights)."""
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.grouping import (
     assign_to_centres,
     cluster_members,
@@ -84,7 +84,6 @@ def kmedoids_reduce(state: TokenState, k: int, iters: int) -> TokenState:
     return merge_patch_groups(state, group, k)
 
 
-@register("kmedoids")
 class KMedoids(KeepRateReducer):
     """K-medoids merging of the patch tokens at the reduction blocks."""
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.grouping import merge_patch_groups
 
 
@@ -65,7 +65,6 @@ def pool_reduce(state: TokenState, out: tuple[int, int]) -> TokenState:
     return merge_patch_groups(state, group, out[0] * out[1], grid=(out[0], out[1]))
 
 
-@register("pool")
 class Pool(KeepRateReducer):
     """Average pooling of the patch grid at the reduction blocks (size-weighted)."""
 

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 import torch
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.evit import EViT
 from methods.tokens import keep_tokens, prefix_index
 
 
-@register("topk")
 class TopK(EViT):
     """Class-attention top-k pruning (EViT with ``fuse=False``)."""
 
@@ -52,7 +51,6 @@ def random_keep(state: TokenState, keep: int, generator: torch.Generator) -> Tok
     return keep_tokens(state, torch.cat([prefix_index(state), kept], dim=1))
 
 
-@register("random")
 class RandomPrune(KeepRateReducer):
     """Uniform random pruning of the patch tokens at the reduction blocks (seeded)."""
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState, register
+from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
 from methods.tokens import merge_all
 
 
@@ -115,7 +115,6 @@ def tome_merge(state: TokenState, r: int) -> TokenState:
     return merge_all(state, group, num_out)
 
 
-@register("tome")
 class ToMe(TokenReducer):
     """ToMe: merge ``r`` tokens in every block (or per the schedule).
 

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from bench_utils import FAST, REPO, compose, image_folder
+from conftest import build_reducer
 
 from bench.compare import main as compare_main
 from bench.errors import BenchError
@@ -231,7 +232,7 @@ def test_latency_records_the_spread_of_its_per_iteration_speedups(vit, images):
     import copy
 
     from bench.latency import measure_latency, speedup_quartiles
-    from methods import apply_reducer, build_reducer
+    from methods import apply_reducer
 
     reference = copy.deepcopy(vit)
     apply_reducer(vit, build_reducer("tome", r=8))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 
 from bench.errors import BenchError
 from bench.paper_metrics import (
@@ -25,7 +25,7 @@ from bench.paper_report import mean_ci, paired_ci
 from bench.spectral import block_statistics, spectral_metrics
 from bench.spectral_metrics import radial_power_spectrum, scatter_to_grid, untouched_mask
 from fatr.reducer import DC_SLOTS
-from methods import ATTN, apply_reducer, build_reducer, reduction_context
+from methods import ATTN, apply_reducer, reduction_context
 from methods.identity import NoReduction
 
 LOG_EPS = math.log(PARK_KIM_EPS)

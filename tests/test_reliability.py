@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 import torch
 from bench_utils import FAST, REPO, compose, image_folder, run_cli
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 from PIL import Image
 
-import fatr  # noqa: F401  registers FATR
 from bench.accuracy import predict
 from bench.data import load_imagenet_folder, synsets, to_rgb
 from bench.errors import BenchError
@@ -32,7 +31,6 @@ from bench.leaderboard import markdown, table, write_leaderboard
 from bench.models import load_checkpoint, read_state_dict
 from bench.results_io import check_writable
 from bench.store import append_record, read_records, read_run_records
-from methods import build_reducer
 from methods.base import ModelInfo
 
 QUICK = ["bench.spectral.enabled=false", "bench.scaling.enabled=false"]
