@@ -50,17 +50,31 @@ def display_name(record: dict[str, Any]) -> str:
     return record.get("method", "") + (f" ({variant})" if variant else "")
 
 
-def _configured_knob(record: dict[str, Any]) -> str | None:
-    """The budget knob of the record's reducer class, named by its method config's ``_target_``
-    (for records written before the knob was stored)."""
-    method = ((record.get("config") or {}).get("method")) or {}
-    target = (method.get("reducer") or {}).get("_target_") if isinstance(method, dict) else None
-    if not isinstance(target, str):
+METHOD_CONF = Path(__file__).parent / "conf" / "method"
+"""The method config group: ``method=<name>`` is ``<name>.yaml`` here, whose ``reducer._target_`` is the class."""
+
+
+def _reducer_target(record: dict[str, Any]) -> str | None:
+    """The reducer class a record ran: its stored method config's ``_target_``, or for records
+    that did not store one, that of the method's config file of the same name."""
+    method = (record.get("config") or {}).get("method")
+    if isinstance(method, dict) and isinstance(method.get("reducer"), dict):
+        return method["reducer"].get("_target_")
+    path = METHOD_CONF / f"{record.get('method')}.yaml"
+    if not path.is_file():
         return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(path).get("reducer", {}).get("_target_")
+
+
+def _configured_knob(record: dict[str, Any]) -> str | None:
+    """The budget knob of the record's reducer class (records written before the knob was stored)."""
     try:
         from hydra.utils import get_class
 
-        return getattr(get_class(target), "budget_knob", None)
+        target = _reducer_target(record)
+        return getattr(get_class(target), "budget_knob", None) if isinstance(target, str) else None
     except Exception:  # noqa: BLE001 - a plug-in class that cannot be imported here simply has no knob to show
         return None
 
