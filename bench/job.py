@@ -34,13 +34,13 @@ from bench.results_io import check_writable
 from bench.scaling import scaling_job
 from bench.spectral import spectral_job
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
-from bench.subject import Baseline, Measured, Subject, subject_of
+from bench.subject import Baseline, Measured, ReferenceKey, Subject, canonical, subject_of
 from bench.terminal import say
 from bench.validate import validate_for_model, validate_settings
 from methods import ReducerConfigError, TokenReducer, apply_reducer
 from methods.identity import NoReduction
 
-_BASELINES: dict[tuple, Baseline] = {}
+_BASELINES: dict[tuple[ReferenceKey, str], Baseline] = {}
 """The unreduced reference per model, images, device and bench settings, for this process's jobs."""
 
 
@@ -147,7 +147,7 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
     sweep, same weights, images, device and settings). With ``resume=true`` a stored
     unreduced record is reused, not measured or appended again; its predictions come from the
     cache or are recomputed (agreement needs them, records do not hold them)."""
-    key = (str(cfg.model), str(cfg.data), str(device), str(cfg.bench))
+    key = (ReferenceKey.of(cfg, device), canonical(cfg.bench))
     if key not in _BASELINES:
         base_cfg = cfg.copy()
         with open_dict(base_cfg):

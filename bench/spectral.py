@@ -150,9 +150,7 @@ class BlockRecorder:
         self.cos_to_mean: list[Tensor] = []
         self.iou: dict[int, Tensor] = {}
         self.removal: dict[int, dict[str, float]] = {}
-        self.ctx = reduction_context(model)
-        self.ctx.observers.append(self._on_reduction)
-        self.ctx.extra_needs = frozenset({ATTN})
+        self.observation = reduction_context(model).observe(self._on_reduction, needs={ATTN})
         self.hooks = [blk.register_forward_hook(self._on_block) for blk in model.blocks]
         if attention_everywhere:
             for i, blk in enumerate(model.blocks):
@@ -206,8 +204,7 @@ class BlockRecorder:
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
-        self.ctx.observers.remove(self._on_reduction)
-        self.ctx.extra_needs = frozenset()
+        self.observation.remove()
 
 
 @dataclass

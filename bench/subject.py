@@ -8,11 +8,12 @@ this; :func:`bench.job.measure` runs them in order.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 if TYPE_CHECKING:
@@ -20,6 +21,26 @@ if TYPE_CHECKING:
     from bench.cache import MeasurementCache
     from bench.data import ImageSet
     from methods import TokenReducer
+
+
+def canonical(section: Any) -> str:
+    """A config section as sorted JSON, interpolations resolved: equal settings, equal text."""
+    plain = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+    return json.dumps(plain, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """Which unreduced reference an in-process cache entry belongs to: the same weights
+    (model section), the same images (data section), the same device."""
+
+    model: str
+    data: str
+    device: str
+
+    @classmethod
+    def of(cls, cfg: DictConfig, device: torch.device) -> ReferenceKey:
+        return cls(canonical(cfg.model), canonical(cfg.data), str(device))
 
 
 @dataclass
@@ -57,8 +78,8 @@ class Subject:
     """bf16 autocast for every timed forward (``bench.latency.amp``)."""
     threads: int | None
     """CPU threads for every timed forward (``bench.latency.threads``)."""
-    reference_key: tuple[str, str, str]
-    """Model, images and device: keys the unreduced reference kept in this process."""
+    reference_key: ReferenceKey
+    """Keys the unreduced reference kept in this process."""
 
     @property
     def reduced(self) -> bool:
@@ -89,7 +110,7 @@ def subject_of(
         progress=cfg.progress,
         amp=lat.amp,
         threads=lat.threads,
-        reference_key=(str(cfg.model), str(cfg.data), str(device)),
+        reference_key=ReferenceKey.of(cfg, device),
     )
 
 

@@ -275,3 +275,32 @@ def test_explicit_attention_maps_only_where_a_reducer_needs_them(monkeypatch, im
     with torch.no_grad():
         model(images)
     assert len(calls) == len(model.blocks) - explicit_blocks
+
+
+def test_observers_add_needs_and_remove_only_their_own(images):
+    from methods import ATTN, KEYS, reduction_context
+
+    model = apply_reducer(tiny_vit(), build_reducer("evit", blocks=[1, 3]))  # EViT itself reads CLS_ATTN only
+    ctx = reduction_context(model)
+    seen: list[tuple[str, bool, bool]] = []
+
+    def tool(name):
+        return lambda block, before, after: seen.append((name, before.attn is not None, before.keys is not None))
+
+    a = ctx.observe(tool("a"), needs={ATTN})
+    b = ctx.observe(tool("b"), needs={KEYS})
+    with torch.no_grad():
+        model(images)
+    assert seen == [("a", True, True), ("b", True, True)] * 2, "each tool gets its tap, neither clobbers the other"
+
+    a.remove()
+    assert ctx.extra_needs == {KEYS} and ctx.observers == (b.callback,)
+    seen.clear()
+    with torch.no_grad():
+        model(images)
+    assert seen == [("b", False, True)] * 2, "removing one tool leaves the other's tap"
+
+    b.remove()
+    assert ctx.extra_needs == frozenset() and ctx.observers == ()
+    with pytest.raises(ValueError, match="unknown needs"):
+        ctx.observe(needs={"logits"})

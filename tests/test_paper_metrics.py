@@ -203,9 +203,8 @@ def capture_with_attention(reducer, images):
     model = tiny_vit()
     apply_reducer(model, reducer, trace_source=True)
     ctx = reduction_context(model)
-    ctx.extra_needs = frozenset({ATTN})
     steps = []
-    ctx.observers.append(lambda b, before, after: steps.append((b, before, after)))
+    ctx.observe(lambda b, before, after: steps.append((b, before, after)), needs={ATTN})
     with torch.no_grad():
         model(images)
     assert steps
