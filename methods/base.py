@@ -95,6 +95,10 @@ class TokenReducer(nn.Module):
 
     A subclass passes its constructor arguments to ``super().__init__(**hparams)`` so that
     runs can be recorded, hashed and rebuilt with a different budget knob.
+
+    Args:
+        **hparams: every constructor argument of the subclass, by name (recorded with each run);
+            ``prop_attn`` (default True) turns proportional attention on once tokens were merged.
     """
 
     budget_knob: ClassVar[str | None] = None
@@ -186,6 +190,12 @@ class KeepRateReducer(TokenReducer):
     EViT, FATR, pooling, clustering and pruning all take the same two knobs, ``blocks`` and
     ``keep_rate``, so they can be compared at identical token counts. Subclasses refine
     :meth:`count_step` when they add tokens of their own (EViT's fused token, FATR's DC tokens).
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob).
+        **hparams: the subclass's own arguments, recorded with these two.
     """
 
     budget_knob = "keep_rate"

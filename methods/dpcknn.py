@@ -84,7 +84,15 @@ def dpcknn_reduce(state: TokenState, num_centres: int, k_neighbours: int) -> Tok
 
 
 class DPCKNN(KeepRateReducer):
-    """Density-peak (DPC-kNN) clustering merge of the patch tokens at the reduction blocks."""
+    """Density-peak (DPC-kNN) clustering merge of the patch tokens at the reduction blocks.
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob); ``K`` cluster centres.
+        k: nearest neighbours (the token itself included) that define each token's density.
+        prop_attn: proportional attention, so a cluster token counts for its members.
+    """
 
     def __init__(
         self,

@@ -47,7 +47,15 @@ def evit_reduce(state: TokenState, keep: int, fuse: bool) -> TokenState:
 
 
 class EViT(KeepRateReducer):
-    """EViT with fusion (``fuse=True``, the paper's method) or plain top-k pruning."""
+    """EViT with fusion (``fuse=True``, the paper's method) or plain top-k pruning.
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob).
+        fuse: fuse the inattentive tokens into one (the paper) rather than drop them.
+        prop_attn: proportional attention once tokens were fused (off, as in the paper).
+    """
 
     def __init__(
         self,

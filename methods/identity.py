@@ -6,7 +6,10 @@ from methods.base import TokenReducer
 
 
 class NoReduction(TokenReducer):
-    """Keeps every token. Its logits equal the unpatched model's (tested on real weights)."""
+    """Keeps every token. Its logits equal the unpatched model's (tested on real weights).
+
+    Args: none; it is the unreduced reference (``method=none``).
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -85,7 +85,15 @@ def kmedoids_reduce(state: TokenState, k: int, iters: int) -> TokenState:
 
 
 class KMedoids(KeepRateReducer):
-    """K-medoids merging of the patch tokens at the reduction blocks."""
+    """K-medoids merging of the patch tokens at the reduction blocks.
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob); ``K`` clusters.
+        iters: Voronoi iterations after the evenly spaced initialisation (0: the initial medoids).
+        prop_attn: proportional attention, so a cluster token counts for its members.
+    """
 
     def __init__(
         self,

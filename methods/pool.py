@@ -66,7 +66,15 @@ def pool_reduce(state: TokenState, out: tuple[int, int]) -> TokenState:
 
 
 class Pool(KeepRateReducer):
-    """Average pooling of the patch grid at the reduction blocks (size-weighted)."""
+    """Average pooling of the patch grid at the reduction blocks (size-weighted).
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob); the pooled grid
+            matches that count as closely as a grid can.
+        prop_attn: proportional attention, so a pooled token counts for the patches it covers.
+    """
 
     def __init__(
         self,

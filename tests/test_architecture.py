@@ -8,6 +8,7 @@ do not, since they never run.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,31 @@ def test_the_measurement_and_report_modules_import_alone():
     for module in ("bench.leaderboard", "bench.report_scaling", "bench.job"):
         out = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0, f"import {module}: {out.stderr[-1500:]}"
+
+
+def test_every_reducer_documents_its_constructor_arguments():
+    """timm style: each reducer's docstring has an ``Args:`` block naming every argument."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import fatr
+    import methods
+    from methods import TokenReducer
+
+    missing, checked = [], []
+    for pkg in (methods, fatr):
+        for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+            for cls in vars(importlib.import_module(info.name)).values():
+                if not (inspect.isclass(cls) and issubclass(cls, TokenReducer) and cls.__module__ == info.name):
+                    continue
+                doc = inspect.getdoc(cls) or ""
+                args = doc.split("Args:", 1)[1] if "Args:" in doc else None
+                params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+                names = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+                documented = set(re.findall(r"^ *\**(\w+):", args, flags=re.M)) if args is not None else set()
+                checked.append(cls.__qualname__)
+                if args is None or not set(names) <= documented:
+                    missing.append(f"{cls.__qualname__} ({', '.join(sorted(set(names) - documented)) or 'no Args:'})")
+    assert len(checked) >= 10 and "FATR" in checked and "ToMe" in checked
+    assert missing == []
