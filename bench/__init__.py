@@ -1,8 +1,5 @@
 """The harness: runs, measurements, run store, leaderboard, fine-tuning.
 
-Importing it registers every method the harness knows: the baselines in ``methods`` and FATR,
-which lives in its own package on top of ``methods`` (``methods`` itself never imports it).
+Methods are not registered anywhere: ``method=<name>`` picks ``conf/method/<name>.yaml``, whose
+``reducer._target_`` names the class (:func:`bench.job.build_reducer_from_config` builds it).
 """
-
-import fatr  # noqa: F401  registers FATR next to the baselines
-import methods  # noqa: F401  registers the baselines

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bench.finite import check_finite_output
+
+if TYPE_CHECKING:
+    from bench.cache import MeasurementCache
+    from bench.subject import Measured, Subject
 
 
 @dataclass
@@ -52,3 +58,32 @@ def accuracy_metrics(preds: Predictions, labels: Tensor, reference: Predictions 
     if reference is not None:
         m["agreement"] = 100.0 * (preds.top1 == reference.top1).float().mean().item()
     return m
+
+
+def cached_predictions(
+    cache: MeasurementCache, model: nn.Module, images: Tensor, batch_size: int, device: torch.device, progress: bool
+) -> Predictions:
+    """The unreduced model's predictions, from the measurement cache or measured (and stored)."""
+
+    def compute() -> dict[str, Any]:
+        return {"top5": predict(model, images, batch_size, device, "unreduced", progress).top5}
+
+    stored, _ = cache.get_or_compute("predictions", {"batch_size": batch_size}, compute)
+    return Predictions(stored["top5"])
+
+
+def accuracy_job(enabled: bool, subject: Subject, out: Measured) -> None:
+    """Top-1, top-5 and, for a reduced model, agreement and Δ top-1 against the reference
+    (``bench.accuracy``); the unreduced model's predictions come from the cache when it has them."""
+    s = subject
+    t0 = time.perf_counter()
+    if not s.reduced and s.cache is not None:
+        out.preds = cached_predictions(s.cache, s.model, s.data.images, s.batch_size, s.device, s.progress)
+    else:
+        out.preds = predict(s.model, s.data.images, s.batch_size, s.device, s.name, s.progress)
+    m = out.metrics
+    m["accuracy_seconds"] = time.perf_counter() - t0
+    m.update(accuracy_metrics(out.preds, s.data.labels, s.base.preds if s.base else None))
+    if s.base is not None:
+        m["baseline_top1"] = s.base.metrics["top1"]
+        m["delta_top1"] = m["top1"] - s.base.metrics["top1"]

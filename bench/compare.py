@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from bench.errors import BenchError
-from bench.leaderboard import display_name, latest_per_config, result_key
+from bench.labels import display_name
+from bench.leaderboard import latest_per_config, result_key
 from bench.outcomes import Outcomes, load_outcomes
 from bench.report_stats import check_options
 from bench.stats import bootstrap_for, discordance, wilson_interval

@@ -15,6 +15,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.outcomes import load_outcomes
+from bench.results_io import append_markdown
 from bench.stats import Interval, bootstrap_for, discordance
 from bench.store import config_hash
 
@@ -84,7 +85,7 @@ def finetuned_rows(
 ) -> pd.DataFrame:
     """One row per fine-tuned record (``records`` already one per configuration); with
     ``results_dir`` (where the per-image outcomes are) the Δs get paired intervals."""
-    from bench.leaderboard import display_name
+    from bench.labels import display_name
 
     tuned = [r for r in records if "finetune" in r and "top1" in r.get("metrics", {})]
     shelf = {_without(r["config"], "bench"): r for r in records if "finetune" not in r and "config" in r}
@@ -204,9 +205,7 @@ def finetuned_section(
             for x, y in zip(curve.get("images_seen", []), curve.get("loss", []), strict=False):
                 curves.append({"run": f"{row['label']} [{recipe.split(',')[0]}]", "images seen": x, "loss": y})
         lines.append("")
-    from bench.extras import _append
-
-    _append(results_dir, lines)
+    append_markdown(results_dir, lines)
     if not curves:
         return []
     from bench.plots import figure, lines_by_method, save

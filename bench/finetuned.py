@@ -64,10 +64,13 @@ def swap_in(tuned: Finetuned, cfg: DictConfig, model: nn.Module, data, device) -
     """Load the fine-tuned state into ``model``, which still holds the base weights: first the
     relative analyses cache their unreduced reference from those, so that, like accuracy's Δ
     and agreement, they compare the fine-tuned model with the model it started from."""
-    from bench.extras import spectral_job
+    from bench.spectral import spectral_job
+    from bench.subject import Measured, subject_of
     from methods.identity import NoReduction
 
-    spectral_job(cfg, model, NoReduction(), data, device)  # computes and caches the reference, if enabled
+    spectral = cfg.bench.get("spectral")
+    if spectral and spectral.enabled:  # computes and keeps the reference; the numbers are not needed
+        spectral_job(spectral, subject_of(cfg, model, NoReduction(), data, device), Measured())
     tuned.load_into(model)
 
 

@@ -14,13 +14,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from methods import TokenReducer
+from bench.errors import BenchError
+from methods import TokenReducer, reduction_context
 from methods.patch import model_info
+
+if TYPE_CHECKING:
+    from bench.subject import Measured, Subject
 
 
 def _shape(v: Any) -> list[int]:
@@ -164,14 +168,70 @@ def analytic_macs(shape: VitShape, reducer: TokenReducer, num_patches: int) -> i
     return total + shape.num_head_layers * c * shape.num_classes
 
 
+def check_token_counts(model: nn.Module, reducer: TokenReducer, image: torch.Tensor) -> None:
+    """Refuse a reducer whose :meth:`~methods.TokenReducer.token_counts` disagrees with the
+    tokens a real forward of ``image`` through the patched ``model`` has after each block.
+
+    The analytic MACs and budget matching are computed from ``token_counts``; a user's reducer
+    that reduces but keeps the inherited "no reduction" counts would otherwise get silently
+    wrong MACs and budgets."""
+    ctx = reduction_context(model)
+    with torch.no_grad():
+        model(image)
+    seen = list(ctx.token_trace)
+    assert ctx.state is not None
+    grid = ctx.state.patch_grid
+    num_prefix, depth = ctx.info.num_prefix, ctx.info.depth
+    counts = reducer.token_counts(num_prefix, grid[0] * grid[1], depth)
+    name = type(reducer).__name__
+    if len(counts) != len(seen):
+        raise BenchError(
+            f"reducer {name}: token_counts gives {len(counts)} blocks, the model has {len(seen)}; "
+            "override token_counts to match reduce (MACs and budgets are computed from it)"
+        )
+    n = num_prefix + grid[0] * grid[1]
+    for block, ((n_in, n_out), real) in enumerate(zip(counts, seen, strict=True)):
+        if (n_in, n_out) != (n, real):
+            raise BenchError(
+                f"reducer {name}: token_counts says {n_in} tokens enter block {block} and {n_out} leave it, "
+                f"but a real forward has {n} and {real}; override token_counts to match reduce "
+                "(MACs and budgets are computed from it)"
+            )
+        n = real
+
+
 def macs_report(model: nn.Module, reducer: TokenReducer, image: torch.Tensor) -> dict[str, float | None]:
     """GMACs per image both ways for a patched model: fvcore on ``image`` (one image) and the
     analytic count for its patch grid. They must agree within 2%.
 
-    A reducer that does not implement ``token_counts`` inherits the unreduced schedule, so its
-    analytic count would be the unreduced model's: it is reported as missing (None) instead."""
+    The reducer's ``token_counts`` is first checked against a real forward
+    (:func:`check_token_counts`). A reducer that reduces nothing but spends matmuls of its own
+    without counting them (``overhead_macs``) gets an analytic count that misses them: it is
+    reported as missing (None) instead."""
+    check_token_counts(model, reducer, image)
     counted = fvcore_macs(model, image) / 1e9
     analytic = analytic_macs(VitShape.of(model), reducer, model_info(model).num_patches) / 1e9
     if type(reducer).token_counts is TokenReducer.token_counts and abs(counted / analytic - 1) > 0.02:
         analytic = None
     return {"gmacs": counted, "gmacs_analytic": analytic}
+
+
+def flop_metrics(model: nn.Module, reducer: TokenReducer, image: torch.Tensor) -> dict[str, Any]:
+    """fvcore and analytic GMACs per image (they must agree within 2%), and parameters."""
+    report: dict[str, Any] = macs_report(model, reducer, image)
+    report["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return report
+
+
+def flops_job(enabled: bool, subject: Subject, out: Measured) -> None:
+    """GMACs and parameters (``bench.flops``) and, for a reduced model, its MACs ratio; the
+    unreduced model's come from the measurement cache when it has them."""
+    s = subject
+    image = s.data.images[:1].to(s.device)
+    if not s.reduced and s.cache is not None:
+        out.metrics.update(s.cache.get_or_compute("flops", {}, lambda: flop_metrics(s.model, s.reducer, image))[0])
+    else:
+        out.metrics.update(flop_metrics(s.model, s.reducer, image))
+    if s.base is not None:
+        out.metrics["baseline_gmacs"] = s.base.metrics["gmacs"]
+        out.metrics["macs_ratio"] = out.metrics["gmacs"] / s.base.metrics["gmacs"]

@@ -6,9 +6,9 @@ decoded images and the unreduced baseline, so a sweep spends its time in the mod
 
 from __future__ import annotations
 
-import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,38 +17,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from bench.accuracy import Predictions, accuracy_metrics, predict
+from bench.accuracy import Predictions, accuracy_job, accuracy_metrics, cached_predictions
 from bench.budget import solve_budget
 from bench.cache import MeasurementCache, unreduced_cache
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError, record_skip
 from bench.finetuned import Finetuned, resolve_finetuned, swap_in
-from bench.flops import macs_report
-from bench.latency import measure_latency, unreduced_latency
-from bench.models import load_model, set_resolution
+from bench.flops import flops_job
+from bench.labels import variant_label
+from bench.latency import latency_job, unreduced_latency
+from bench.models import load_model, model_without_reducer, set_resolution
 from bench.outcomes import Outcomes, outcomes_of, save_outcomes
 from bench.phases import PhaseClock
 from bench.report_stats import check_options
 from bench.results_io import check_writable
+from bench.scaling import scaling_job
+from bench.spectral import spectral_job
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
+from bench.subject import Baseline, Measured, ReferenceKey, Subject, canonical, subject_of
 from bench.terminal import say
 from bench.validate import validate_for_model, validate_settings
-from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
+from methods import ReducerConfigError, TokenReducer, apply_reducer
 from methods.identity import NoReduction
 
-_BASELINES: dict[tuple, Baseline] = {}
-
-
-@dataclass
-class Baseline:
-    preds: Predictions | None
-    metrics: dict[str, Any]
-    cfg: DictConfig
-    recorded: bool
-    """Whether its record is in the store: it is appended only once a job using it has finished."""
-    cache: MeasurementCache | None = None
-    """The unreduced model's measurements on disk (predictions, spectral reference, scaling)."""
-    seconds: float = 0.0
+_BASELINES: dict[tuple[ReferenceKey, str], Baseline] = {}
+"""The unreduced reference per model, images, device and bench settings, for this process's jobs."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,11 +89,30 @@ def job_identity(cfg: DictConfig, finetuned: Finetuned | None = None) -> dict[st
     return identity
 
 
-def flop_metrics(model: nn.Module, reducer: TokenReducer, data: ImageSet, device: torch.device) -> dict[str, Any]:
-    """fvcore and analytic GMACs per image (they must agree within 2%), and parameters."""
-    report: dict[str, Any] = macs_report(model, reducer, data.images[:1].to(device))
-    report["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    return report
+@dataclass(frozen=True)
+class Measurement:
+    """One measurement of a job: its phase (also the name of its ``bench`` config section)
+    and its entry, ``run(section, subject, out)``."""
+
+    phase: str
+    run: Callable[[Any, Subject, Measured], None]
+    reduced_only: bool = False
+    """Relative to the unreduced model, which is its reference (latency: timed in alternation)."""
+
+    def switched_on(self, bench: DictConfig) -> bool:
+        section = bench.get(self.phase)
+        return bool(section.get("enabled", False)) if isinstance(section, DictConfig) else bool(section)
+
+
+MEASUREMENTS = [
+    Measurement("accuracy", accuracy_job),
+    Measurement("flops", flops_job),
+    Measurement("latency", latency_job, reduced_only=True),
+    Measurement("spectral", spectral_job, reduced_only=True),
+    Measurement("scaling", scaling_job, reduced_only=True),
+]
+"""In the order a job runs them: later ones read earlier ones' metrics (speedup efficiency
+needs the MACs ratio)."""
 
 
 def measure(
@@ -118,81 +130,14 @@ def measure(
     The unreduced model (``base`` None) takes its predictions and FLOPs from ``cache`` when it
     can and is not timed here: its latency is the one measured in alternation with the first reduced
     job (see :func:`run_job`). Each phase's seconds accumulate in ``clock``."""
-    name = cfg.method.name if base is not None else "unreduced"
     clock = clock or PhaseClock()
-    metrics: dict[str, Any] = {}
-    preds = None
-    if cfg.bench.accuracy:
-        t0 = time.perf_counter()
-        with clock.phase("accuracy"):
-            if base is None and cache is not None:
-                preds = cached_predictions(cache, model, data, cfg, device)
-            else:
-                preds = predict(model, data.images, cfg.data.batch_size, device, name, cfg.progress)
-        metrics["accuracy_seconds"] = time.perf_counter() - t0
-        metrics.update(accuracy_metrics(preds, data.labels, base.preds if base else None))
-        if base is not None:
-            metrics["baseline_top1"] = base.metrics["top1"]
-            metrics["delta_top1"] = metrics["top1"] - base.metrics["top1"]
-    if cfg.bench.flops:
-        with clock.phase("flops"):
-            if base is None and cache is not None:
-                metrics.update(cache.get_or_compute("flops", {}, lambda: flop_metrics(model, reducer, data, device))[0])
-            else:
-                metrics.update(flop_metrics(model, reducer, data, device))
-        if base is not None:
-            metrics["baseline_gmacs"] = base.metrics["gmacs"]
-            metrics["macs_ratio"] = metrics["gmacs"] / base.metrics["gmacs"]
-    if cfg.bench.latency.enabled and base is not None:
-        lat = cfg.bench.latency
-        x = data.images[: lat.batch_size]
-        if len(x) < lat.batch_size:
-            x = x.repeat((lat.batch_size + len(x) - 1) // len(x), 1, 1, 1)[: lat.batch_size]
-        reference = model_without_reducer(model)
-        with clock.phase("latency"):
-            metrics.update(
-                measure_latency(
-                    model,
-                    reference,
-                    x.to(device),
-                    lat.warmup,
-                    lat.iters,
-                    lat.amp,
-                    lat.threads,
-                    cfg.progress,
-                    tolerance=lat.get("tolerance"),
-                    max_seconds=lat.get("max_seconds"),
-                    max_iters=lat.get("max_iters") or 200,
-                )
-            )
-        if metrics["latency_busy"]:
-            say(f"warning: {name}: latency measured on a busy machine ({metrics['latency_busy_reason']})")
-        if "macs_ratio" in metrics:
-            # 1.0 = latency fell exactly as much as MACs did
-            metrics["speedup_efficiency"] = metrics["speedup"] * metrics["macs_ratio"]
-    if base is not None:  # relative analyses of a reduced model; the unreduced one is their reference
-        from bench.extras import scaling_job, spectral_job
-
-        with clock.phase("spectral"):
-            metrics.update(spectral_job(cfg, model, reducer, data, device, base.cache))
-        with clock.phase("scaling"):
-            metrics.update(scaling_job(cfg, model, reducer, data, device, base.cache))
-        if metrics.get("scaling_busy"):
-            say(f"warning: {name}: scaling latency measured on a busy machine ({metrics['scaling_busy_reason']})")
-    return metrics, preds
-
-
-def cached_predictions(
-    cache: MeasurementCache, model: nn.Module, data: ImageSet, cfg: DictConfig, device: torch.device
-) -> Predictions:
-    """The unreduced model's predictions, from the measurement cache or measured (and stored)."""
-    settings = {"batch_size": cfg.data.batch_size}
-
-    def compute() -> dict[str, Any]:
-        return {"top5": predict(model, data.images, cfg.data.batch_size, device, "unreduced", cfg.progress).top5}
-
-    stored, _ = cache.get_or_compute("predictions", settings, compute)
-    return Predictions(stored["top5"])
+    subject = subject_of(cfg, model, reducer, data, device, base, cache)
+    out = Measured()
+    for m in MEASUREMENTS:
+        if m.switched_on(cfg.bench) and (subject.reduced or not m.reduced_only):
+            with clock.phase(m.phase):
+                m.run(cfg.bench.get(m.phase), subject, out)
+    return out.metrics, out.preds
 
 
 def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.device) -> Baseline:
@@ -202,7 +147,7 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
     sweep, same weights, images, device and settings). With ``resume=true`` a stored
     unreduced record is reused, not measured or appended again; its predictions come from the
     cache or are recomputed (agreement needs them, records do not hold them)."""
-    key = (str(cfg.model), str(cfg.data), str(device), str(cfg.bench))
+    key = (ReferenceKey.of(cfg, device), canonical(cfg.bench))
     if key not in _BASELINES:
         base_cfg = cfg.copy()
         with open_dict(base_cfg):
@@ -216,7 +161,7 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
         stored = _stored_baseline(cfg, base_cfg)
         preds = None
         if stored is not None and cfg.bench.accuracy:
-            preds = cached_predictions(cache, plain, data, cfg, device)
+            preds = cached_predictions(cache, plain, data.images, cfg.data.batch_size, device, cfg.progress)
             top1 = accuracy_metrics(preds, data.labels)["top1"]
             if top1 != stored["top1"]:
                 say(
@@ -352,37 +297,6 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     outcomes = outcomes_of(preds, data, base.preds)
     seconds = time.perf_counter() - t_start - base_seconds
     return _record(cfg, reducer, budget, data, device, metrics, seconds, outcomes, notes, finetuned)
-
-
-def variant_label(reducer: TokenReducer) -> str:
-    """The hyper-parameters that differ from the class defaults (the budget knob aside), so
-    that two configurations of one method stay apart in tables and plots."""
-    import inspect
-
-    params = inspect.signature(type(reducer).__init__).parameters
-    parts = []
-    for key, value in reducer.hparams.items():
-        default = params[key].default if key in params else inspect.Parameter.empty
-        if key == reducer.budget_knob or (default is not inspect.Parameter.empty and _same(value, default)):
-            continue
-        if key.endswith("_path") and isinstance(value, str):
-            value = Path(value).name
-        parts.append(f"{key}={value}")
-    return ", ".join(parts)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    return a == b
-
-
-def model_without_reducer(model: nn.Module) -> nn.Module:
-    """An unreduced copy that runs through the same patched code (``none`` reducer)."""
-    ref = copy.deepcopy(model)
-    remove_reducer(ref)
-    apply_reducer(ref, NoReduction())
-    return ref
 
 
 def _sweep_dir() -> str | None:

@@ -20,13 +20,19 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bench.finite import check_finite_output
+from bench.models import model_without_reducer
+from bench.terminal import say
+
+if TYPE_CHECKING:
+    from bench.subject import Measured, Subject
 
 
 class _Timer:
@@ -325,3 +331,32 @@ def speedup_quartiles(ratios: list[float]) -> tuple[float, float]:
         return ratios[0], ratios[0]
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q1, q3
+
+
+def latency_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+    """A reduced model's latency against the unreduced one, timed in alternation on one batch
+    (``bench.latency``), and how much of its MACs reduction became speedup."""
+    s, lat = subject, section
+    x = s.data.images[: lat.batch_size]
+    if len(x) < lat.batch_size:
+        x = x.repeat((lat.batch_size + len(x) - 1) // len(x), 1, 1, 1)[: lat.batch_size]
+    m = out.metrics
+    m.update(
+        measure_latency(
+            s.model,
+            model_without_reducer(s.model),
+            x.to(s.device),
+            lat.warmup,
+            lat.iters,
+            lat.amp,
+            lat.threads,
+            s.progress,
+            tolerance=lat.get("tolerance"),
+            max_seconds=lat.get("max_seconds"),
+            max_iters=lat.get("max_iters") or 200,
+        )
+    )
+    if m["latency_busy"]:
+        say(f"warning: {s.name}: latency measured on a busy machine ({m['latency_busy_reason']})")
+    if "macs_ratio" in m:  # 1.0 = latency fell exactly as much as MACs did
+        m["speedup_efficiency"] = m["speedup"] * m["macs_ratio"]

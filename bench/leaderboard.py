@@ -7,14 +7,14 @@ config), so re-running this reproduces them exactly.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bench.labels import display_name, knob_text
 from bench.report_stats import GROUP_KEYS, MISSING, add_statistics, group_title, primary_group, statistics_lines
-from bench.row_notes import GROUPS, knob_text, measured_settings, note_lines, settings_lines
+from bench.row_notes import GROUPS, measured_settings, note_lines, settings_lines
 from bench.store import config_hash, read_run_records
 
 COLUMNS = {
@@ -38,12 +38,6 @@ COLUMNS = {
 }
 RAW_METRICS = ("outcomes_file", "speedup_q1", "speedup_q3", "latency_busy_reason")
 """Metrics the statistics need that the tables do not show."""
-
-
-def display_name(record: dict[str, Any]) -> str:
-    """Method name plus its non-default settings, short enough for a legend."""
-    variant = re.sub(r"omega_path=[^,]+", "ω calibrated", record.get("variant") or "")
-    return record.get("method", "") + (f" ({variant})" if variant else "")
 
 
 def result_key(record: dict[str, Any]) -> str:
@@ -187,6 +181,8 @@ def _generate(
 ) -> list[Path]:
     """Every output file into ``out``; per-image outcomes are read from ``source``."""
     from bench.report_plots import plot_differences, plot_latency, plot_pareto
+    from bench.report_scaling import scaling_section
+    from bench.report_spectral import spectral_section
     from bench.report_variants import variants_section
 
     records = [r for r in everything if "finetune" not in r]  # fine-tuned models get their own section
@@ -202,8 +198,6 @@ def _generate(
     if not df.empty and "speedup" in df:
         paths.append(plot_latency(df, out / "latency.png"))
     paths = [p for p in paths if p is not None]
-    from bench.extras import scaling_section, spectral_section
-
     main_group = primary_group(records)  # one figure each: the group with the most images
     paths += spectral_section(main_group, out)
     paths += scaling_section(main_group, out)

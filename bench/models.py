@@ -19,6 +19,8 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.finite import check_finite_weights
+from methods import apply_reducer, remove_reducer
+from methods.identity import NoReduction
 
 _CACHE: dict[tuple, nn.Module] = {}
 
@@ -157,3 +159,11 @@ def set_resolution(model: nn.Module, size: int) -> nn.Module:
         finally:
             pos_logger.setLevel(level)
     return model
+
+
+def model_without_reducer(model: nn.Module) -> nn.Module:
+    """An unreduced copy that runs through the same patched code (``none`` reducer)."""
+    ref = copy.deepcopy(model)
+    remove_reducer(ref)
+    apply_reducer(ref, NoReduction())
+    return ref

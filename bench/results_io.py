@@ -62,3 +62,9 @@ def staged_outputs(results_dir: str | Path) -> Iterator[Path]:
             os.replace(src, dst)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def append_markdown(results_dir: str | Path, lines: list[str]) -> None:
+    """Add a section's lines to the ``leaderboard.md`` being generated in ``results_dir``."""
+    md = Path(results_dir) / "leaderboard.md"
+    md.write_text(md.read_text() + "\n".join(lines))

@@ -13,38 +13,10 @@ from typing import Any
 
 import pandas as pd
 
+from bench.labels import value_text
+
 # Measurement groups whose numbers depend on bench settings, and the metric that marks them measured.
 GROUPS = {"latency": "latency_ms", "spectral": "spectral_blocks", "scaling": "scaling"}
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, (int, float, list, tuple)):
-        return str(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_value(x) for x in v) + "]"
-    return f"{v:.4g}"
-
-
-def _registered_knob(method: Any) -> str | None:
-    """The budget knob of a registered method (records written before the knob was stored)."""
-    try:
-        from methods import reducer_class
-
-        return reducer_class(str(method)).budget_knob
-    except Exception:  # noqa: BLE001 - an unknown plug-in method simply has no knob to show
-        return None
-
-
-def knob_text(record: dict[str, Any]) -> str:
-    """``r=8``, ``keep_rate=0.7`` or ``r=[9,0,7]``: the solved knob, or the method's own."""
-    budget = record.get("budget") or {}
-    knob, value = budget.get("knob"), budget.get("knob_value")
-    if not knob and budget.get("macs_ratio_target") is None:
-        knob = _registered_knob(record.get("method"))
-        value = (record.get("hparams") or {}).get(knob) if knob else None
-    if not knob or value is None:
-        return ""
-    return f"{knob}={_value(value)}"
 
 
 def measured_settings(record: dict[str, Any]) -> dict[str, str]:
@@ -73,7 +45,7 @@ def measured_settings(record: dict[str, Any]) -> dict[str, str]:
             text = f"{s.get('images')} images, {s.get('bands')} bands"
         else:
             text = (
-                f"resolutions {_value(s.get('resolutions'))}, batch of {s.get('batch_tokens')} tokens, "
+                f"resolutions {value_text(s.get('resolutions'))}, batch of {s.get('batch_tokens')} tokens, "
                 f"{s.get('iters')} iters after {s.get('warmup')} warm-up"
             )
             if s.get("max_seconds_per_point") is not None:

@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 
 import bench.sweep_id  # noqa: F401  registers the ${fatr_run_id:} resolver the config's sweep folder uses
 from bench.errors import BenchError, job_output_dir, record_done, record_failure
-from methods import ReducerConfigError, UnknownMethodError, UnsupportedModelError
+from methods import ReducerConfigError, UnsupportedModelError
 
-USER_ERRORS = (BenchError, ReducerConfigError, UnknownMethodError, UnsupportedModelError)
+USER_ERRORS = (BenchError, ReducerConfigError, UnsupportedModelError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,12 +36,87 @@ from bench.flops import VitShape, analytic_macs, fvcore_macs
 from bench.latency import describe_busy, time_forward
 from bench.models import set_resolution
 from bench.store import now_iso
+from bench.terminal import say
 from methods import ReducerConfigError, TokenReducer, apply_reducer, remove_reducer
 from methods.identity import NoReduction
 from methods.patch import model_info
 
 if TYPE_CHECKING:
     from bench.cache import MeasurementCache
+    from bench.subject import Measured, Subject
+
+
+class _ScalingPointRequired(TypedDict):
+    """What every stored scaling point has."""
+
+    resolution: int
+    tokens: int
+    """Tokens entering the first block (patches plus prefix tokens)."""
+    gmacs: float | None
+    """Analytic count, or fvcore's where the reducer cannot count its tokens (see ``gmacs_source``)."""
+    gmacs_unreduced: float | None
+    latency_ms_b1: float | None
+    """Batch-1 latency, measured or (``extrapolated``) at the last measured point's time per GMAC;
+    None where neither is possible."""
+    latency_ms_b1_unreduced: float | None
+    speedup_b1: float | None
+
+
+class ScalingPoint(_ScalingPointRequired, total=False):
+    """One resolution of a method's scaling record (``metrics["scaling"]``, smallest first)."""
+
+    extrapolated: bool
+    """Latency not measured here (absent in records from before the time budget: all measured)."""
+    gmacs_source: str | None
+    """``analytic``, ``fvcore`` or None (absent in records from before the time budget)."""
+    gmacs_analytic: float
+    """Older records only: the analytic count next to fvcore's ``gmacs``."""
+    peak_mem_mb_b1: float
+    """Measured points only, as the batch fields below."""
+    peak_mem_mb_b1_unreduced: float
+    batch: int
+    """Images in the batch that holds ``bench.scaling.batch_tokens`` tokens, where it was timed."""
+    latency_ms_batch: float
+    latency_ms_batch_unreduced: float
+    speedup_batch: float
+    peak_mem_mb_batch: float
+
+
+class _ScalingMetricsRequired(TypedDict):
+    """What every stored scaling record has."""
+
+    scaling: list[ScalingPoint]
+    claim_resolution: int
+    claim_latency_ms_extrapolated: float
+    """Latency at ``claim_resolution``: measured there, else at the last measured point's time per GMAC."""
+    claim_latency_vs_base: float
+    """That latency over the unreduced model's at the smallest resolution."""
+
+
+class ScalingMetrics(_ScalingMetricsRequired, total=False):
+    """What :func:`scaling_metrics` adds to a record's metrics, and what every reader may rely on.
+
+    The keys of this class (not of its required base) are missing from some stored records
+    (older versions of the harness, or a single resolution before the fits were always
+    written): readers use ``.get`` for them."""
+
+    alpha_latency: float
+    """Exponent of ``latency ∝ tokensᵅ`` over the measured points; NaN with fewer than two."""
+    alpha_latency_unreduced: float
+    alpha_gmacs: float
+    alpha_gmacs_unreduced: float
+    resolution_at_base_latency: float
+    """Where the method is as slow as the unreduced model at the base resolution; NaN: slower already there."""
+    resolution_at_base_latency_extrapolated: bool
+    claim_measured: bool
+    scaling_budget_s: float | None
+    """``max_seconds_per_point`` (absent in records from before the time budget)."""
+    scaling_measured_resolutions: list[int]
+    scaling_unreduced_from_cache: bool
+    scaling_unreduced_measured_at: str
+    scaling_unreduced_busy_reason: str | None
+    scaling_busy: bool
+    scaling_busy_reason: str | None
 
 
 def at_resolution(model: nn.Module, reducer: TokenReducer, size: int) -> nn.Module:
@@ -212,7 +288,7 @@ def scaling_metrics(
     show_progress: bool = True,
     max_seconds_per_point: float | None = None,
     cache: MeasurementCache | None = None,
-) -> dict[str, Any]:
+) -> ScalingMetrics:
     """Every scaling number of one method (see the module docstring).
 
     Args:
@@ -257,7 +333,7 @@ def scaling_metrics(
     bar.close()
     rows = _rows(model, reducer, sizes, red_rows, ref_rows)
     busy = _busy(device, red_rows)
-    out: dict[str, Any] = {
+    out: ScalingMetrics = {
         "scaling": rows,
         "scaling_budget_s": max_seconds_per_point,
         "scaling_measured_resolutions": sorted(red_rows),
@@ -277,15 +353,15 @@ def _rows(
     sizes: list[int],
     red: dict[int, dict[str, Any]],
     ref: dict[int, dict[str, Any]],
-) -> list[dict[str, Any]]:
+) -> list[ScalingPoint]:
     """One row per size: measured latencies where both models were timed, the rest
     extrapolated at the last measured point's time per GMAC (marked ``extrapolated``)."""
-    rows = []
-    last: dict[str, Any] | None = None
+    rows: list[ScalingPoint] = []
+    last: ScalingPoint | None = None
     for size in sizes:
         g = analytic_gmacs(model, reducer, size)
         g_ref = analytic_gmacs(model, NoReduction(), size)
-        row: dict[str, Any] = {
+        row: ScalingPoint = {  # the latencies follow
             "resolution": size,
             "tokens": tokens_at(model, size),
             "gmacs": g if g is not None else red.get(size, {}).get("gmacs_fvcore"),
@@ -323,7 +399,7 @@ def _rows(
     return rows
 
 
-def _fits(model: nn.Module, reducer: TokenReducer, rows: list[dict[str, Any]], claim_resolution: int) -> dict[str, Any]:
+def _fits(model: nn.Module, reducer: TokenReducer, rows: list[ScalingPoint], claim_resolution: int) -> dict[str, Any]:
     """α over the measured rows, the resolution at the base latency, and the claim."""
     nan = float("nan")
     measured = [r for r in rows if not r["extrapolated"]]
@@ -357,3 +433,27 @@ def _fits(model: nn.Module, reducer: TokenReducer, rows: list[dict[str, Any]], c
     out["claim_latency_vs_base"] = claim_ms / base
     out["claim_measured"] = bool(at_claim is not None and not at_claim["extrapolated"])
     return out
+
+
+def scaling_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+    """A reduced model's cost from the base resolution up to the claim's (``bench.scaling``),
+    timed with the latency settings' autocast and threads."""
+    s, sc = subject, section
+    metrics = scaling_metrics(
+        s.model,
+        s.reducer,
+        list(sc.resolutions),
+        s.device,
+        sc.batch_tokens,
+        sc.warmup,
+        sc.iters,
+        s.amp,
+        s.threads,
+        sc.claim_resolution,
+        s.progress,
+        sc.get("max_seconds_per_point"),
+        s.cache,
+    )
+    out.metrics.update(metrics)
+    if metrics.get("scaling_busy"):
+        say(f"warning: {s.name}: scaling latency measured on a busy machine ({metrics['scaling_busy_reason']})")

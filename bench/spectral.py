@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from bench import paper_metrics as pm
@@ -37,6 +38,78 @@ from methods.identity import NoReduction
 
 if TYPE_CHECKING:
     from bench.cache import MeasurementCache
+    from bench.subject import Measured, Subject
+
+
+class _SpectralBlockRequired(TypedDict):
+    """What every stored block row has."""
+
+    tokens: int
+    hf_energy: float
+    """‖X − mean‖² / ‖X‖² of the patch tokens, size-weighted."""
+    effective_rank: float
+    stable_rank: float
+    residual_fro: float
+    """Dong et al.'s rank-collapse residual (Frobenius; ``residual_l1inf`` the ℓ1,∞ form)."""
+    residual_l1inf: float
+    hf_energy_unreduced: float
+    hf_energy_rel: float
+    effective_rank_unreduced: float
+    effective_rank_rel: float
+    stable_rank_unreduced: float
+    stable_rank_rel: float
+    residual_fro_unreduced: float
+    residual_fro_rel: float
+
+
+class SpectralBlock(_SpectralBlockRequired, total=False):
+    """Token statistics after one block (means over the images), the reference's beside them."""
+
+    fourier_dlog_pi: float
+    """The paper's analysis (:func:`paper_metrics`); absent in records from before it."""
+    fourier_dlog_pi_unreduced: float
+    cos_to_mean: float
+    cos_to_mean_unreduced: float
+
+
+class RemovedVsKept(TypedDict):
+    """Mean FATR ``std`` score of the tokens a reduction removed or merged, and of those it kept."""
+
+    removed: float
+    kept: float
+
+
+class _SpectralMetricsRequired(TypedDict):
+    """What every stored spectral record has."""
+
+    spectral_images: int
+    spectral_blocks: list[SpectralBlock]
+    spectral_band_rel: list[list[float]]
+    """Per block, power per radial band relative to the unreduced model's."""
+    spectral_removal: dict[str, RemovedVsKept]
+    """Per reduction block (its index as a string)."""
+    hf_energy_last_rel: float
+    effective_rank_last_rel: float
+
+
+class SpectralMetrics(_SpectralMetricsRequired, total=False):
+    """What :func:`spectral_metrics` adds to a record's metrics, and what every reader may rely
+    on. The paper's analysis (the keys of this class, not of its required base) is missing
+    from records written before it."""
+
+    fourier_freq_pi: list[float]
+    fourier_profile: list[list[float]]
+    fourier_profile_unreduced: list[list[float]]
+    fourier_dlog_pi_last: float
+    fourier_dlog_pi_last_unreduced: float
+    fourier_dlog_pi_last_images: list[float]
+    fourier_dlog_pi_last_unreduced_images: list[float]
+    cos_to_mean_last: float
+    cos_to_mean_last_unreduced: float
+    selection_iou_keep: float
+    selection_iou: dict[str, float]
+    """Per block where it was taken (its index as a string)."""
+    selection_iou_unreduced: list[float]
 
 
 def _mean(t: Tensor) -> float:
@@ -77,9 +150,7 @@ class BlockRecorder:
         self.cos_to_mean: list[Tensor] = []
         self.iou: dict[int, Tensor] = {}
         self.removal: dict[int, dict[str, float]] = {}
-        self.ctx = reduction_context(model)
-        self.ctx.observers.append(self._on_reduction)
-        self.ctx.extra_needs = frozenset({ATTN})
+        self.observation = reduction_context(model).observe(self._on_reduction, needs={ATTN})
         self.hooks = [blk.register_forward_hook(self._on_block) for blk in model.blocks]
         if attention_everywhere:
             for i, blk in enumerate(model.blocks):
@@ -133,8 +204,7 @@ class BlockRecorder:
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
-        self.ctx.observers.remove(self._on_reduction)
-        self.ctx.extra_needs = frozenset()
+        self.observation.remove()
 
 
 @dataclass
@@ -249,7 +319,7 @@ def spectral_metrics(
     key: Any = None,
     iou_keep: float = 0.5,
     cache: MeasurementCache | None = None,
-) -> dict[str, Any]:
+) -> SpectralMetrics:
     """Everything the spectral harness records for one method, relative to the unreduced model.
 
     Args:
@@ -271,7 +341,7 @@ def spectral_metrics(
     rel = sm.relative_band_power(stats.spectra, ref.spectra)  # (depth, N, bands)
     band_rel = [[_mean(rel[b, :, k]) for k in range(num_bands)] for b in range(rel.shape[0])]
     last = blocks[-1]
-    out = {
+    out: SpectralMetrics = {
         "spectral_images": int(len(images)),
         "spectral_blocks": blocks,
         "spectral_band_rel": band_rel,
@@ -312,3 +382,20 @@ def paper_metrics(stats: BlockStatistics, ref: BlockStatistics, iou_keep: float)
             _mean(ref.iou[b]) if b in ref.iou else float("nan") for b in range(len(ref.per_block))
         ],
     }
+
+
+def spectral_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+    """The spectral analysis of a reduced model (``bench.spectral``) against the unreduced one,
+    whose statistics are kept per ``subject.reference_key`` in this process and in the cache."""
+    iou_keep = section.get("iou_keep", 0.5)
+    if isinstance(iou_keep, bool) or not isinstance(iou_keep, (int, float)) or not 0 < iou_keep <= 1:
+        raise BenchError(f"bench.spectral.iou_keep must be in (0, 1], got {iou_keep!r}")
+    if int(section.images) < 1:
+        raise BenchError(f"bench.spectral.images must be at least 1, got {section.images}")
+    s = subject
+    images = s.data.images[: section.images].to(s.device)
+    out.metrics.update(
+        spectral_metrics(
+            s.model, s.reducer, images, section.bands, key=s.reference_key, iou_keep=float(iou_keep), cache=s.cache
+        )
+    )

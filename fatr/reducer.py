@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fatr.dc import check_dc_grids, coarsen_windows, window_of
 from fatr.scores import SCORES, hf_scores
 from methods.attention import AttentionReweight
-from methods.base import ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState, register
+from methods.base import ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState
 from methods.tokens import batch_gather, merge_groups, prefix_index
 
 DC_SLOTS = "fatr_dc_slots"
@@ -98,7 +98,6 @@ def fatr_reduce(
     return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True, extra=extra)
 
 
-@register("fatr")
 class FATR(KeepRateReducer):
     """Frequency-aware token reduction (Lee et al., NeurIPS 2025).
 

@@ -68,12 +68,12 @@ def high_pass(attn: Tensor, valid: Tensor | None = None) -> Tensor:
     return (a - 1.0 / n_valid) * v[:, :, None] * v[:, None, :]
 
 
-_SKETCH: dict[tuple[int, int, str], Tensor] = {}
+_SKETCH: dict[tuple[int, int, torch.device], Tensor] = {}
 
 
 def _sketch(n: int, rank: int, device: torch.device) -> Tensor:
     """A fixed Gaussian test matrix ``(N, rank)``: scores are deterministic, no RNG state used."""
-    key = (n, rank, str(device))
+    key = (n, rank, torch.device(device))
     if key not in _SKETCH:
         g = torch.Generator().manual_seed(0)
         _SKETCH[key] = torch.randn(n, rank, generator=g).to(device)

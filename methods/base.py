@@ -90,10 +90,15 @@ class TokenState:
 
 
 class TokenReducer(nn.Module):
-    """Base class of every method. Subclass it, implement :meth:`reduce`, register it.
+    """Base class of every method. Subclass it and implement :meth:`reduce`; the harness builds
+    it from a Hydra method config (``reducer._target_``, see ``bench/conf/method/``).
 
     A subclass passes its constructor arguments to ``super().__init__(**hparams)`` so that
     runs can be recorded, hashed and rebuilt with a different budget knob.
+
+    Args:
+        **hparams: every constructor argument of the subclass, by name (recorded with each run);
+            ``prop_attn`` (default True) turns proportional attention on once tokens were merged.
     """
 
     budget_knob: ClassVar[str | None] = None
@@ -185,6 +190,12 @@ class KeepRateReducer(TokenReducer):
     EViT, FATR, pooling, clustering and pruning all take the same two knobs, ``blocks`` and
     ``keep_rate``, so they can be compared at identical token counts. Subclasses refine
     :meth:`count_step` when they add tokens of their own (EViT's fused token, FATR's DC tokens).
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob).
+        **hparams: the subclass's own arguments, recorded with these two.
     """
 
     budget_knob = "keep_rate"
@@ -239,48 +250,3 @@ class KeepRateReducer(TokenReducer):
                 special, patch = self.count_step(b, special, patch)
             counts.append((n_in, num_prefix + special + patch))
         return counts
-
-
-_REGISTRY: dict[str, type[TokenReducer]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a reducer buildable by name (``method=<name>``)."""
-
-    def deco(cls: type[TokenReducer]) -> type[TokenReducer]:
-        if not (isinstance(cls, type) and issubclass(cls, TokenReducer)):
-            raise TypeError(f"@register({name!r}) needs a TokenReducer subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a reducer named {name!r} is already registered ({_REGISTRY[name].__name__})")
-        _REGISTRY[name] = cls
-        cls.method_name = name  # type: ignore[attr-defined]
-        return cls
-
-    return deco
-
-
-class UnknownMethodError(KeyError):
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def reducer_class(name: str) -> type[TokenReducer]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown method {name!r}; registered methods: {', '.join(available_methods())}"
-        ) from None
-
-
-def build_reducer(name: str, **hparams: Any) -> TokenReducer:
-    """Build a registered reducer by name, turning bad arguments into one clear error."""
-    cls = reducer_class(name)
-    try:
-        return cls(**hparams)
-    except TypeError as e:
-        raise ReducerConfigError(f"bad arguments for method {name!r}: {e}") from None

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.grouping import assign_to_centres, distance_matrix_macs, merge_patch_groups, pairwise_sq_distances
 
 
@@ -83,9 +83,16 @@ def dpcknn_reduce(state: TokenState, num_centres: int, k_neighbours: int) -> Tok
     return merge_patch_groups(state, group, num_centres)
 
 
-@register("dpcknn")
 class DPCKNN(KeepRateReducer):
-    """Density-peak (DPC-kNN) clustering merge of the patch tokens at the reduction blocks."""
+    """Density-peak (DPC-kNN) clustering merge of the patch tokens at the reduction blocks.
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob); ``K`` cluster centres.
+        k: nearest neighbours (the token itself included) that define each token's density.
+        prop_attn: proportional attention, so a cluster token counts for its members.
+    """
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import CLS_ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState, register
+from methods.base import CLS_ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState
 from methods.tokens import batch_gather, concat_states, keep_tokens, prefix_index
 
 
@@ -46,9 +46,16 @@ def evit_reduce(state: TokenState, keep: int, fuse: bool) -> TokenState:
     return concat_states(out, [(out.x, out.size, out.pos, out.source), (x_fused, size_fused, pos_fused, src_fused)])
 
 
-@register("evit")
 class EViT(KeepRateReducer):
-    """EViT with fusion (``fuse=True``, the paper's method) or plain top-k pruning."""
+    """EViT with fusion (``fuse=True``, the paper's method) or plain top-k pruning.
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob).
+        fuse: fuse the inattentive tokens into one (the paper) rather than drop them.
+        prop_attn: proportional attention once tokens were fused (off, as in the paper).
+    """
 
     def __init__(
         self,

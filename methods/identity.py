@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from methods.base import TokenReducer, register
+from methods.base import TokenReducer
 
 
-@register("none")
 class NoReduction(TokenReducer):
-    """Keeps every token. Its logits equal the unpatched model's (tested on real weights)."""
+    """Keeps every token. Its logits equal the unpatched model's (tested on real weights).
+
+    Args: none; it is the unreduced reference (``method=none``).
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.grouping import (
     assign_to_centres,
     cluster_members,
@@ -84,9 +84,16 @@ def kmedoids_reduce(state: TokenState, k: int, iters: int) -> TokenState:
     return merge_patch_groups(state, group, k)
 
 
-@register("kmedoids")
 class KMedoids(KeepRateReducer):
-    """K-medoids merging of the patch tokens at the reduction blocks."""
+    """K-medoids merging of the patch tokens at the reduction blocks.
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob); ``K`` clusters.
+        iters: Voronoi iterations after the evenly spaced initialisation (0: the initial medoids).
+        prop_attn: proportional attention, so a cluster token counts for its members.
+    """
 
     def __init__(
         self,

@@ -12,11 +12,13 @@ map; proportional attention (``log(size)`` on the logits) goes in as the SDPA ad
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import Tensor, nn
 
 from methods.attention import attention_forward
-from methods.base import ATTN, CLS_ATTN, KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
+from methods.base import ATTN, CLS_ATTN, KEYS, NEEDS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
 from methods.tokens import initial_state
 
 
@@ -24,22 +26,74 @@ class UnsupportedModelError(TypeError):
     """The model is not a timm VisionTransformer this patch knows how to reduce."""
 
 
-class ReductionContext:
-    """Per-model state shared by the patched blocks during one forward pass."""
+Observer = Callable[[int, TokenState, TokenState], None]
+"""Called as ``observe(block, before, after)`` at every reduction."""
 
-    def __init__(self, reducer: TokenReducer, info: ModelInfo, trace_source: bool) -> None:
+
+class Observation:
+    """What one analysis tool added to a :class:`ReductionContext` (a callback, taps); its
+    :meth:`remove` takes back exactly that, and leaves every other tool's additions alone."""
+
+    def __init__(self, ctx: ReductionContext, callback: Observer | None, needs: frozenset[str]) -> None:
+        self.ctx = ctx
+        self.callback = callback
+        self.needs = needs
+
+    def remove(self) -> None:
+        self.ctx._withdraw(self)
+
+
+class ReductionContext:
+    """Per-model state shared by the patched blocks during one forward pass.
+
+    Args:
+        reducer: the bound reducer the blocks call.
+        info: what the reducer knows about the model.
+        trace_source: keep the source map (which patches each token covers) in the token state.
+        patch_embed: the model's patch embedding, which turns an input's size into its patch grid.
+    """
+
+    def __init__(self, reducer: TokenReducer, info: ModelInfo, trace_source: bool, patch_embed: nn.Module) -> None:
         self.reducer = reducer
         self.info = info
         self.trace_source = trace_source
+        self.patch_embed = patch_embed
         self.state: TokenState | None = None
+        """The tokens between blocks during a forward (set by the patched model)."""
         self.image_hw: tuple[int, int] | None = None
+        """Height and width of the last forward's input images."""
         self.token_trace: list[int] = []
         """Token count after each block's reduction in the last forward (checked against
-        ``TokenReducer.token_counts`` by the tests)."""
-        self.observers: list = []
-        """Called as ``observe(block, before, after)`` at every reduction (analysis tools)."""
-        self.extra_needs: frozenset[str] = frozenset()
-        """Taps requested at reduction blocks on top of the reducer's own (analysis tools)."""
+        ``TokenReducer.token_counts`` by the tests and the FLOPs measurement)."""
+        self._observations: list[Observation] = []
+        self._extra_needs: frozenset[str] = frozenset()
+
+    def observe(self, callback: Observer | None = None, needs: Iterable[str] = ()) -> Observation:
+        """Add an analysis tool: ``callback`` at every reduction, and ``needs`` (of ``ATTN``,
+        ``CLS_ATTN``, ``KEYS``) tapped at reduction blocks on top of the reducer's own. Tools add
+        to each other; ``.remove()`` on the returned handle takes one back."""
+        wanted = frozenset(needs)
+        if not wanted <= NEEDS:
+            raise ValueError(f"unknown needs {sorted(wanted - NEEDS)}; choose from {sorted(NEEDS)}")
+        observation = Observation(self, callback, wanted)
+        self._observations.append(observation)
+        self._extra_needs = self._extra_needs | wanted
+        return observation
+
+    def _withdraw(self, observation: Observation) -> None:
+        if observation in self._observations:
+            self._observations.remove(observation)
+        self._extra_needs = frozenset().union(*(o.needs for o in self._observations))
+
+    @property
+    def observers(self) -> tuple[Observer, ...]:
+        """The callbacks added with :meth:`observe`, in order."""
+        return tuple(o.callback for o in self._observations if o.callback is not None)
+
+    @property
+    def extra_needs(self) -> frozenset[str]:
+        """Taps requested at reduction blocks on top of the reducer's own (all tools together)."""
+        return self._extra_needs
 
     def attention_bias(self, block: int, dtype: torch.dtype) -> Tensor | None:
         state = self.state
@@ -87,7 +141,7 @@ def _blocks_pre_hook(module: nn.Module, args: tuple) -> None:
     x = args[0]
     grid = ctx.info.patch_grid
     if ctx.image_hw is not None:
-        grid = _feature_grid(ctx.model_patch_embed, ctx.image_hw)
+        grid = _feature_grid(ctx.patch_embed, ctx.image_hw)
     num_patches = x.shape[1] - ctx.info.num_prefix
     if grid[0] * grid[1] != num_patches:
         raise UnsupportedModelError(
@@ -178,8 +232,7 @@ def apply_reducer(model: nn.Module, reducer: TokenReducer, trace_source: bool = 
         remove_reducer(model)
     info = model_info(model)
     reducer.bind(info)
-    ctx = ReductionContext(reducer, info, trace_source)
-    ctx.model_patch_embed = model.patch_embed
+    ctx = ReductionContext(reducer, info, trace_source, model.patch_embed)
     for i, blk in enumerate(model.blocks):
         blk.__class__ = _patched_class(type(blk), {"forward": _reduced_block_forward})
         blk._reduction_ctx = ctx

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.grouping import merge_patch_groups
 
 
@@ -65,9 +65,16 @@ def pool_reduce(state: TokenState, out: tuple[int, int]) -> TokenState:
     return merge_patch_groups(state, group, out[0] * out[1], grid=(out[0], out[1]))
 
 
-@register("pool")
 class Pool(KeepRateReducer):
-    """Average pooling of the patch grid at the reduction blocks (size-weighted)."""
+    """Average pooling of the patch grid at the reduction blocks (size-weighted).
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob); the pooled grid
+            matches that count as closely as a grid can.
+        prop_attn: proportional attention, so a pooled token counts for the patches it covers.
+    """
 
     def __init__(
         self,

@@ -17,14 +17,20 @@ from collections.abc import Sequence
 
 import torch
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState, register
+from methods.base import KeepRateReducer, ReducerConfigError, TokenState
 from methods.evit import EViT
 from methods.tokens import keep_tokens, prefix_index
 
 
-@register("topk")
 class TopK(EViT):
-    """Class-attention top-k pruning (EViT with ``fuse=False``)."""
+    """Class-attention top-k pruning (EViT with ``fuse=False``).
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob).
+        prop_attn: proportional attention (off: pruned tokens all stand for one patch).
+    """
 
     def __init__(
         self,
@@ -52,9 +58,17 @@ def random_keep(state: TokenState, keep: int, generator: torch.Generator) -> Tok
     return keep_tokens(state, torch.cat([prefix_index(state), kept], dim=1))
 
 
-@register("random")
 class RandomPrune(KeepRateReducer):
-    """Uniform random pruning of the patch tokens at the reduction blocks (seeded)."""
+    """Uniform random pruning of the patch tokens at the reduction blocks (seeded).
+
+    Args:
+        blocks: indices of the blocks that reduce (0-based, strictly increasing).
+        keep_rate: fraction of the patch tokens kept at each of them, ``ceil(keep_rate * N)``;
+            one number for every block or one per block (the budget knob).
+        seed: seed of the choice, drawn afresh per block from ``(seed, block)``: the same
+            tokens for the same input on every run, independent of any global RNG.
+        prop_attn: proportional attention (off: pruned tokens all stand for one patch).
+    """
 
     def __init__(
         self,

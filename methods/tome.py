@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState, register
+from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
 from methods.tokens import merge_all
 
 
@@ -115,12 +115,16 @@ def tome_merge(state: TokenState, r: int) -> TokenState:
     return merge_all(state, group, num_out)
 
 
-@register("tome")
 class ToMe(TokenReducer):
     """ToMe: merge ``r`` tokens in every block (or per the schedule).
 
-    ``prop_attn`` (proportional attention, on by default) should be off for MAE-style
-    models fine-tuned without it.
+    Args:
+        r: tokens merged in every block (the budget knob; a fraction is spread over the blocks
+            so the average is exact), or a list with one count per block (see :func:`tome_schedule`).
+        inflection: ToMe's linear schedule, from ``r(1-inflection)`` to ``r(1+inflection)``
+            across the blocks; 0 keeps ``r`` constant.
+        prop_attn: proportional attention (``log(size)`` on the logits); should be off for
+            MAE-style models fine-tuned without it.
     """
 
     budget_knob = "r"

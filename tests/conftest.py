@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 
-import bench  # noqa: F401  registers every method the harness knows (FATR included)
+from methods import TokenReducer
 
 REPO = Path(__file__).resolve().parents[1]
+METHOD_CONF = REPO / "bench" / "conf" / "method"
 SHARED = Path(os.environ.get("FATR_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
 VAL = SHARED / "data" / "imagenet-val-1300"
@@ -28,6 +30,26 @@ def tiny_vit(**kw) -> torch.nn.Module:
     args.update(kw)
     torch.manual_seed(0)
     return timm.models.vision_transformer.VisionTransformer(**args).eval()
+
+
+def method_names() -> list[str]:
+    """Every method the harness offers: the files of the Hydra method group."""
+    return sorted(p.stem for p in METHOD_CONF.glob("*.yaml"))
+
+
+def build_reducer(name: str, **overrides) -> TokenReducer:
+    """``method=<name>`` built the way ``bench.run`` builds it: ``bench/conf/method/<name>.yaml``
+    with ``overrides`` set in its ``reducer`` section, through
+    :func:`bench.job.build_reducer_from_config` (bad arguments: one ``BenchError``)."""
+    from bench.job import build_reducer_from_config
+
+    path = METHOD_CONF / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no method config {path}; methods: {', '.join(method_names())}")
+    cfg = OmegaConf.load(path)
+    for key, value in overrides.items():
+        cfg.reducer[key] = value
+    return build_reducer_from_config(cfg)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ def run_capturing(model, reducer, images, trace_source=True):
     apply_reducer(model, reducer, trace_source=trace_source)
     ctx = reduction_context(model)
     steps = []
-    ctx.observers.append(lambda b, before, after: steps.append((b, before, after)))
+    ctx.observe(lambda b, before, after: steps.append((b, before, after)))
     with torch.no_grad():
         logits = model(images)
     return logits, steps, ctx

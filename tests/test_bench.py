@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 from bench_utils import FAST, compose, image_folder
+from conftest import build_reducer, method_names
 
-import fatr  # noqa: F401  registers FATR
 from bench.budget import match_budget
 from bench.errors import BenchError
 from bench.flops import VitShape, analytic_macs, fvcore_macs
@@ -17,7 +17,7 @@ from bench.job import run_job
 from bench.leaderboard import table, write_leaderboard
 from bench.models import load_checkpoint
 from bench.store import append_record, read_records
-from methods import apply_reducer, available_methods, build_reducer, reducer_class
+from methods import apply_reducer
 from methods.patch import model_info
 
 
@@ -28,7 +28,7 @@ def deit():
 
 
 def _methods():
-    return [m for m in available_methods() if not m.startswith("test_")]
+    return [m for m in method_names() if not m.startswith("test_")]
 
 
 @pytest.mark.parametrize("method", _methods())
@@ -49,7 +49,7 @@ def test_fvcore_counts_fused_attention(deit):
     assert counted > linear_only + 0.98 * attention, "SDPA must be counted"
 
 
-@pytest.mark.parametrize("method", [m for m in _methods() if reducer_class(m).budget_knob])
+@pytest.mark.parametrize("method", [m for m in _methods() if build_reducer(m).budget_knob])
 def test_budget_matching_hits_the_target(deit, method):
     info = model_info(deit)
     sol = match_budget(build_reducer(method), 0.65, VitShape.of(deit), info, method=method)

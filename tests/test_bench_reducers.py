@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_reducer
 
-from methods import build_reducer
 from methods.base import ATTN, CLS_ATTN, KEYS, ModelInfo
 from methods.tokens import initial_state
 

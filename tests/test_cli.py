@@ -27,7 +27,7 @@ def test_comma_list_sweeps_without_dash_m(tmp_path, val):
         assert (tmp_path / "results" / name).exists(), name
 
 
-def test_unknown_method_lists_the_registered_ones(tmp_path):
+def test_unknown_method_lists_the_method_configs(tmp_path):
     out = run_cli(["method=nope"], tmp_path)
     assert out.returncode != 0
     assert "Could not find 'method/nope'" in out.stderr and "tome" in out.stderr

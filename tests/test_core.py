@@ -7,20 +7,13 @@ import math
 import pytest
 import timm
 import torch
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 from helpers import patch_sizes, run_capturing
+from omegaconf import OmegaConf
 
-from methods import (
-    ReducerConfigError,
-    TokenReducer,
-    UnknownMethodError,
-    UnsupportedModelError,
-    apply_reducer,
-    available_methods,
-    build_reducer,
-    register,
-    remove_reducer,
-)
+from bench.errors import BenchError
+from bench.job import build_reducer_from_config
+from methods import ReducerConfigError, TokenReducer, UnsupportedModelError, apply_reducer, remove_reducer
 from methods.tome import bipartite_groups, tome_schedule
 
 VARIANTS = {
@@ -212,19 +205,21 @@ def test_tome_schedules():
 
 
 def test_clear_errors():
-    with pytest.raises(UnknownMethodError, match="registered methods: .*tome"):
-        build_reducer("nope")
     for bad in (0, 1.5, -0.1):
-        with pytest.raises(ReducerConfigError, match="keep_rate must be in"):
+        with pytest.raises(BenchError, match="cannot build method 'evit': keep_rate must be in"):
             build_reducer("evit", keep_rate=bad)
-    with pytest.raises(ReducerConfigError, match="r must be >= 0"):
+    with pytest.raises(BenchError, match="r must be >= 0"):
         build_reducer("tome", r=-1)
     with pytest.raises(ReducerConfigError, match="outside the model's depth: valid blocks are 0..5"):
         apply_reducer(tiny_vit(), build_reducer("evit", blocks=[3, 6]))
     with pytest.raises(UnsupportedModelError, match="needs a timm VisionTransformer"):
         apply_reducer(timm.create_model("resnet10t", num_classes=3), build_reducer("none"))
-    with pytest.raises(ReducerConfigError, match="bad arguments for method 'tome'"):
+    with pytest.raises(BenchError, match="cannot build method 'tome': .*keep_rate"):
         build_reducer("tome", keep_rate=0.5)
+    with pytest.raises(BenchError, match="needs a 'reducer' with a '_target_' class"):
+        build_reducer_from_config(OmegaConf.create({"name": "x", "reducer": {"r": 8}}))
+    with pytest.raises(BenchError, match="torch.nn.Identity is not a TokenReducer subclass"):
+        build_reducer_from_config(OmegaConf.create({"name": "x", "reducer": {"_target_": "torch.nn.Identity"}}))
 
 
 class DropLastHalf(TokenReducer):
@@ -252,9 +247,8 @@ def test_user_reducer_plugs_in_with_one_class(images):
     _, _, ctx = run_capturing(tiny_vit(), reducer, images)
     assert ctx.token_trace == [65, 33, 33, 33, 33, 33]
 
-    register("test_drop_last_half")(DropLastHalf)
-    assert "test_drop_last_half" in available_methods()
-    _, _, ctx = run_capturing(tiny_vit(), build_reducer("test_drop_last_half"), images)
+    method = OmegaConf.create({"name": "drop_last_half", "reducer": {"_target_": f"{__name__}.DropLastHalf"}})
+    _, _, ctx = run_capturing(tiny_vit(), build_reducer_from_config(method), images)  # as bench.run builds it
     assert ctx.token_trace == [65, 65, 33, 33, 33, 33]
 
 
@@ -281,3 +275,32 @@ def test_explicit_attention_maps_only_where_a_reducer_needs_them(monkeypatch, im
     with torch.no_grad():
         model(images)
     assert len(calls) == len(model.blocks) - explicit_blocks
+
+
+def test_observers_add_needs_and_remove_only_their_own(images):
+    from methods import ATTN, KEYS, reduction_context
+
+    model = apply_reducer(tiny_vit(), build_reducer("evit", blocks=[1, 3]))  # EViT itself reads CLS_ATTN only
+    ctx = reduction_context(model)
+    seen: list[tuple[str, bool, bool]] = []
+
+    def tool(name):
+        return lambda block, before, after: seen.append((name, before.attn is not None, before.keys is not None))
+
+    a = ctx.observe(tool("a"), needs={ATTN})
+    b = ctx.observe(tool("b"), needs={KEYS})
+    with torch.no_grad():
+        model(images)
+    assert seen == [("a", True, True), ("b", True, True)] * 2, "each tool gets its tap, neither clobbers the other"
+
+    a.remove()
+    assert ctx.extra_needs == {KEYS} and ctx.observers == (b.callback,)
+    seen.clear()
+    with torch.no_grad():
+        model(images)
+    assert seen == [("b", False, True)] * 2, "removing one tool leaves the other's tap"
+
+    b.remove()
+    assert ctx.extra_needs == frozenset() and ctx.observers == ()
+    with pytest.raises(ValueError, match="unknown needs"):
+        ctx.observe(needs={"logits"})

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 from helpers import run_capturing
 
+from bench.errors import BenchError
 from fatr import hf_scores
 from fatr.dc import window_of
 from fatr.reducer import DC_GRID, DC_SLOTS
-from methods import ReducerConfigError, apply_reducer, build_reducer
+from methods import ReducerConfigError, apply_reducer
 from methods.attention import AttentionReweight, attention_forward
 
 CONFIGS = [
@@ -166,9 +167,9 @@ def test_logit_omega2_scales_attention_paid_to_dc_tokens(images):
 
 
 def test_fatr_errors():
-    with pytest.raises(ReducerConfigError, match="choose one of"):
+    with pytest.raises(BenchError, match="choose one of"):
         build_reducer("fatr", score="loud")
-    with pytest.raises(ReducerConfigError, match="does not nest"):
+    with pytest.raises(BenchError, match="does not nest"):
         build_reducer("fatr", dc_grid=[2, 3, 1])
     with pytest.raises(ReducerConfigError, match="finer than"):
         apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=16))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from bench_utils import compose
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 from helpers import run_capturing
 
+from bench.errors import BenchError
 from fatr import FATR
 from fatr.reducer import DC_EMPTY, attention_received
 from fatr.scores import high_pass, svd_scores, top_left_subspace
-from methods import ReducerConfigError, apply_reducer, build_reducer
+from methods import ReducerConfigError, apply_reducer
 from methods.attention import AttentionReweight, attention_forward, fused_reweighted, reweight_probs
 
 
@@ -187,7 +188,7 @@ def test_dc_pos_file_for_another_grid_is_refused(tmp_path):
     ],
 )
 def test_bad_fatr_settings(kw, match):
-    with pytest.raises(ReducerConfigError, match=match):
+    with pytest.raises(BenchError, match=match):
         build_reducer("fatr", **kw)
 
 

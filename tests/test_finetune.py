@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from bench_utils import FAST, REPO, image_folder
-from conftest import tiny_vit
+from conftest import build_reducer, method_names, tiny_vit
 from PIL import Image
 
 import bench.trainer as trainer_module
@@ -32,7 +32,7 @@ from bench.train_data import (
     train_transform,
 )
 from bench.trainer import LAST, METRICS, Recipe, read_metrics, train
-from methods import apply_reducer, available_methods, build_reducer, remove_reducer
+from methods import apply_reducer, remove_reducer
 
 TINY_RECIPE = dict(
     name="tiny",
@@ -101,7 +101,7 @@ def losses(out_dir) -> list[float]:
 # -- the loop --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(available_methods()))
+@pytest.mark.parametrize("method", sorted(method_names()))
 def test_loss_falls_on_a_fixed_batch(method, tmp_path):
     teacher = tiny_vit()
     student = copy.deepcopy(teacher)

@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from bench_utils import FAST, REPO, compose, image_folder
+from conftest import build_reducer
 
 from bench.compare import main as compare_main
 from bench.errors import BenchError
@@ -18,6 +20,8 @@ from bench.leaderboard import latest_per_config, table, write_leaderboard
 from bench.outcomes import Outcomes, load_outcomes, save_outcomes
 from bench.stats import discordance
 from bench.store import append_record, config_hash, read_records
+from methods import TokenReducer
+from methods.identity import NoReduction
 
 N = 400
 IDS = np.array([f"n{c:08d}/img_{i}.JPEG" for i, c in enumerate(np.arange(N) % 40)])
@@ -231,7 +235,7 @@ def test_latency_records_the_spread_of_its_per_iteration_speedups(vit, images):
     import copy
 
     from bench.latency import measure_latency, speedup_quartiles
-    from methods import apply_reducer, build_reducer
+    from methods import apply_reducer
 
     reference = copy.deepcopy(vit)
     apply_reducer(vit, build_reducer("tome", r=8))
@@ -250,30 +254,48 @@ def test_bad_statistics_options_fail_before_any_work(tmp_path):
         run_job(cfg)
 
 
-def test_a_reducer_without_token_counts_has_no_analytic_macs():
-    import torch
+class EveryOther(TokenReducer):
+    """A user's reducer: keeps every other patch token in block 1."""
+
+    def reduces_at(self, block):
+        return block == 1
+
+    def reduce(self, state, block):
+        from methods.tokens import keep_tokens
+
+        idx = torch.cat([torch.arange(state.num_prefix), torch.arange(state.num_prefix, state.num_tokens, 2)])
+        return keep_tokens(state, idx.expand(state.x.shape[0], -1))
+
+
+class EveryOtherCounted(EveryOther):
+    """The same, with the token counts that its reduce produces."""
+
+    def token_counts(self, num_prefix, num_patches, depth):
+        n, half = num_prefix + num_patches, num_prefix + (num_patches + 1) // 2
+        return [(n, n), (n, half)] + [(half, half)] * (depth - 2)
+
+
+def test_flops_refuse_a_reducer_whose_token_counts_disagree_with_its_forward():
     from conftest import tiny_vit
 
     from bench.flops import macs_report
-    from methods import TokenReducer, apply_reducer
-    from methods.identity import NoReduction
-    from methods.tokens import keep_tokens
-
-    class EveryOther(TokenReducer):
-        def reduces_at(self, block):
-            return block == 1
-
-        def reduce(self, state, block):
-            idx = torch.cat([torch.arange(state.num_prefix), torch.arange(state.num_prefix, state.num_tokens, 2)])
-            return keep_tokens(state, idx.expand(state.x.shape[0], -1))
+    from methods import apply_reducer
 
     x = torch.randn(1, 3, 32, 32)
-    model = tiny_vit()
-    apply_reducer(model, EveryOther())
-    assert macs_report(model, EveryOther(), x)["gmacs_analytic"] is None
-    apply_reducer(model, NoReduction())
-    report = macs_report(model, NoReduction(), x)
+    model = apply_reducer(tiny_vit(), EveryOther())
+    message = (
+        "reducer EveryOther: token_counts says 65 tokens enter block 1 and 65 leave it, but a real forward has 65 "
+        "and 33; override token_counts to match reduce (MACs and budgets are computed from it)"
+    )
+    with pytest.raises(BenchError) as refused:
+        macs_report(model, model.token_reducer, x)
+    assert str(refused.value) == message
+
+    model = apply_reducer(tiny_vit(), EveryOtherCounted())
+    report = macs_report(model, model.token_reducer, x)
     assert report["gmacs_analytic"] == pytest.approx(report["gmacs"], rel=0.02)
+    plain = macs_report(apply_reducer(tiny_vit(), NoReduction()), NoReduction(), x)
+    assert report["gmacs"] < 0.8 * plain["gmacs"]
 
 
 def test_user_runs_default_to_a_git_ignored_folder(monkeypatch):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 
 from bench.errors import BenchError
 from bench.paper_metrics import (
@@ -25,7 +25,7 @@ from bench.paper_report import mean_ci, paired_ci
 from bench.spectral import block_statistics, spectral_metrics
 from bench.spectral_metrics import radial_power_spectrum, scatter_to_grid, untouched_mask
 from fatr.reducer import DC_SLOTS
-from methods import ATTN, apply_reducer, build_reducer, reduction_context
+from methods import ATTN, apply_reducer, reduction_context
 from methods.identity import NoReduction
 
 LOG_EPS = math.log(PARK_KIM_EPS)
@@ -203,9 +203,8 @@ def capture_with_attention(reducer, images):
     model = tiny_vit()
     apply_reducer(model, reducer, trace_source=True)
     ctx = reduction_context(model)
-    ctx.extra_needs = frozenset({ATTN})
     steps = []
-    ctx.observers.append(lambda b, before, after: steps.append((b, before, after)))
+    ctx.observe(lambda b, before, after: steps.append((b, before, after)), needs={ATTN})
     with torch.no_grad():
         model(images)
     assert steps
@@ -301,7 +300,9 @@ def test_spectral_metrics_record_the_papers_analysis(images):
 def test_spectral_analysis_bad_input(images):
     from omegaconf import OmegaConf
 
-    from bench.extras import spectral_job
+    from bench.data import ImageSet
+    from bench.spectral import spectral_job
+    from bench.subject import Measured, subject_of
 
     with pytest.raises(BenchError, match="square patch grid, got 8x12"):
         block_statistics(tiny_vit(img_size=(32, 48)), NoReduction(), torch.randn(1, 3, 32, 48), 4)
@@ -309,9 +310,15 @@ def test_spectral_analysis_bad_input(images):
         block_statistics(tiny_vit(), NoReduction(), images[:0], 4)
     for spectral, match in (({"iou_keep": 1.5}, "iou_keep must be in"), ({"images": 0}, "images must be at least 1")):
         sc = {"enabled": True, "images": 2, "bands": 4, "iou_keep": 0.5, **spectral}
-        cfg = OmegaConf.create({"bench": {"spectral": sc}, "model": {}, "data": {}})
+        cfg = OmegaConf.create(
+            {"bench": {"latency": {"amp": False, "threads": None}}, "model": {}, "data": {"batch_size": 2}}
+        )
+        cfg.progress = False
+        data = ImageSet(images, torch.zeros(len(images), dtype=torch.long), [""] * len(images), "")
         with pytest.raises(BenchError, match=match):
-            spectral_job(cfg, tiny_vit(), NoReduction(), None, torch.device("cpu"))
+            spectral_job(
+                OmegaConf.create(sc), subject_of(cfg, tiny_vit(), NoReduction(), data, torch.device("cpu")), Measured()
+            )
 
 
 def test_intervals_hand_computed():

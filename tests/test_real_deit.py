@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_reducer
 
-from methods import apply_reducer, build_reducer, remove_reducer
+from methods import apply_reducer, remove_reducer
 
 pytestmark = pytest.mark.shared
 

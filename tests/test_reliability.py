@@ -19,20 +19,18 @@ import numpy as np
 import pytest
 import torch
 from bench_utils import FAST, REPO, compose, image_folder, run_cli
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 from PIL import Image
 
-import fatr  # noqa: F401  registers FATR
 from bench.accuracy import predict
 from bench.data import load_imagenet_folder, synsets, to_rgb
 from bench.errors import BenchError
-from bench.job import run_job
+from bench.job import MEASUREMENTS, run_job
 from bench.latency import measure_latency
 from bench.leaderboard import markdown, table, write_leaderboard
 from bench.models import load_checkpoint, read_state_dict
 from bench.results_io import check_writable
 from bench.store import append_record, read_records, read_run_records
-from methods import build_reducer
 from methods.base import ModelInfo
 
 QUICK = ["bench.spectral.enabled=false", "bench.scaling.enabled=false"]
@@ -151,7 +149,8 @@ def test_batch_size_zero_and_a_mistyped_root_record_nothing_and_create_no_result
 
 
 def test_a_job_that_fails_after_the_baseline_was_measured_records_nothing(tmp_path, val, monkeypatch):
-    import bench.extras
+    import dataclasses
+
     import bench.job
 
     bench.job._BASELINES.clear()
@@ -159,14 +158,17 @@ def test_a_job_that_fails_after_the_baseline_was_measured_records_nothing(tmp_pa
     args = ["method=tome", f"data.root={val}", f"results_dir={results}", *FAST, *ACCURACY_ONLY]
     calls = []
 
-    def fails_once(*a, **k):  # a measurement after the unreduced model's, failing the first time
-        calls.append(1)
-        if len(calls) == 1:
-            raise BenchError("spectral measurement failed")
-        return {}
+    def fails_once(section, subject, out):  # the reduced model's accuracy fails the first time
+        measure_accuracy(section, subject, out)
+        if subject.reduced:
+            calls.append(1)
+            if len(calls) == 1:
+                raise BenchError("a measurement failed")
 
-    monkeypatch.setattr(bench.extras, "spectral_job", fails_once)
-    with pytest.raises(BenchError, match="spectral measurement failed"):
+    measure_accuracy = next(m.run for m in MEASUREMENTS if m.phase == "accuracy")
+    measurements = [dataclasses.replace(m, run=fails_once) if m.phase == "accuracy" else m for m in MEASUREMENTS]
+    monkeypatch.setattr(bench.job, "MEASUREMENTS", measurements)
+    with pytest.raises(BenchError, match="a measurement failed"):
         run_job(compose(args))
     assert read_records(results) == [], "the unreduced record must wait for the job to finish"
     run_job(compose(args))  # the same process: the cached unreduced measurement is recorded now

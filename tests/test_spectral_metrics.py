@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 from helpers import run_capturing
 
 from bench.spectral_metrics import (
@@ -21,7 +21,6 @@ from bench.spectral_metrics import (
     std_score,
     untouched_mask,
 )
-from methods import build_reducer
 from methods.base import TokenState
 from methods.tokens import initial_state, keep_tokens
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from bench_utils import FAST, compose, image_folder
-from conftest import tiny_vit
+from conftest import build_reducer, tiny_vit
 
 from bench import job as job_module
 from bench import latency as latency_module
@@ -28,7 +28,6 @@ from bench.latency import StopRule, busy_reason, measure_latency, relative_sprea
 from bench.phases import PhaseClock, time_table
 from bench.scaling import analytic_gmacs, at_resolution, scaling_metrics
 from bench.store import read_records
-from methods import build_reducer
 from methods.identity import NoReduction
 
 # -- the measurement cache ----------------------------------------------------------------------
@@ -307,7 +306,7 @@ def test_scaling_extrapolates_beyond_the_budget(quiet_machine):
 
 
 def test_scaling_table_and_plot_mark_extrapolated_points(tmp_path, quiet_machine):
-    from bench.extras import scaling_section
+    from bench.report_scaling import scaling_section
 
     vit, reducer = tiny_vit(), build_reducer("tome", r=4)
     m = scaling_metrics(

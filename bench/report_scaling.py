@@ -1,0 +1,150 @@
+"""The leaderboard's high-resolution scaling section: each method's cost against its tokens, as a
+table, a plot and the 4K claim, from the records :mod:`bench.scaling` writes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, cast
+
+import pandas as pd
+
+from bench.labels import method_label
+from bench.results_io import append_markdown
+from bench.scaling import ScalingMetrics, ScalingPoint
+
+
+def _scaling(record: dict[str, Any]) -> ScalingMetrics:
+    """A record's scaling metrics, in the shape :mod:`bench.scaling` declares."""
+    return cast(ScalingMetrics, record["metrics"])
+
+
+def _fmt_num(v: Any, spec: str) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
+    """Scaling table, plot and the high-resolution claim from merged ``records``; latencies
+    the harness extrapolated (beyond the measured resolutions) are dashed and say so."""
+    recs = [r for r in records if "scaling" in r.get("metrics", {})]
+    if not recs:
+        return []
+    from bench.plots import figure, label_styles, lines_by_method, log_ticks, save
+
+    rows = []
+
+    def add(label: str, s: ScalingPoint, latency: Any, gmacs: Any) -> None:
+        rows.append(
+            {
+                "method": label,
+                "tokens": s["tokens"],
+                "latency ms (batch 1)": latency,
+                "GMACs": gmacs,
+                "extrapolated": bool(s.get("extrapolated", False)),
+            }
+        )
+
+    for r in recs:
+        for s in _scaling(r)["scaling"]:
+            add(method_label(r), s, s["latency_ms_b1"], s["gmacs"])
+    for s in _scaling(recs[0])["scaling"]:
+        add("unreduced", s, s["latency_ms_b1_unreduced"], s["gmacs_unreduced"])
+    d = pd.DataFrame(rows)
+    lat = "latency ms (batch 1)"
+    fig, axes = figure(2, 12, 4.8)
+    measured = d[~d["extrapolated"]].dropna(subset=[lat])
+    lines_by_method(axes[0], measured, "tokens", lat)
+    colors, _ = label_styles(d["method"])
+    for label, part in d.dropna(subset=[lat]).groupby("method", sort=False):
+        known = part[~part["extrapolated"]]
+        guess = part[part["extrapolated"]]
+        if guess.empty or known.empty:
+            continue
+        line = pd.concat([known.tail(1), guess])  # from the last measured point on
+        axes[0].plot(line["tokens"], line[lat], ls="--", lw=1.2, color=colors[label], marker="o", mfc="none", ms=5)
+    if d["extrapolated"].any():
+        axes[0].plot([], [], ls="--", color="grey", marker="o", mfc="none", label="extrapolated (not measured)")
+    lines_by_method(axes[1], d.dropna(subset=["GMACs"]), "tokens", "GMACs")
+    axes[1].set_ylabel("GMACs (analytic count)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        log_ticks(ax, d["tokens"])
+        ax.tick_params(axis="x", labelrotation=45)
+    path = save(
+        fig,
+        results_dir / "scaling.png",
+        f"Cost vs tokens ({min(d['tokens'])} → {max(d['tokens'])} tokens), {recs[0].get('device')}",
+        legend_ax=axes[0],
+    )
+
+    lines = [
+        "",
+        "## High-resolution scaling",
+        "",
+        "Same schedule at every resolution (ToMe keeps its per-block r). Tokens and GMACs from the analytic count "
+        "at every resolution; batch-1 latency measured up to the resolution in the table (where one measurement "
+        "fits the per-point time budget) and beyond it extrapolated at that point's time per GMAC (dashed in "
+        "scaling.png). α: exponent of cost ∝ tokensᵅ fitted over the measured resolutions. 'Res. at base "
+        "latency': the resolution at which the method is as slow (batch 1) as the unreduced model at the "
+        "smallest resolution.",
+        "",
+        "| method | latency measured up to | α latency | α latency (unreduced) | α GMACs | α GMACs (unreduced) |"
+        " res. at base latency | latency at claim res. / base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    claims = []
+    for r in recs:
+        m = _scaling(r)
+        res = m.get("resolution_at_base_latency")
+        res_s = (
+            "–"
+            if res is None
+            else "never: slower already at the base resolution"
+            if math.isnan(res)
+            else f"{res:.0f}" + (" (extrapolated)" if m.get("resolution_at_base_latency_extrapolated") else "")
+        )
+        points = [s for s in m["scaling"] if not s.get("extrapolated", False)]
+        upto = f"{points[-1]['resolution']} px" if points else "–"
+        if m.get("scaling_busy"):
+            upto += " (busy machine)"
+        claim = _fmt_num(m["claim_latency_vs_base"], ".0f") + "×"
+        claim += "" if m.get("claim_measured") else " (extrapolated)"
+        lines.append(
+            f"| {method_label(r)} | {upto} | {_fmt_num(m.get('alpha_latency'), '.2f')} | "
+            f"{_fmt_num(m.get('alpha_latency_unreduced'), '.2f')} | {_fmt_num(m.get('alpha_gmacs'), '.2f')} |"
+            f" {_fmt_num(m.get('alpha_gmacs_unreduced'), '.2f')} | {res_s} | {claim} |"
+        )
+        how = (
+            "measured"
+            if m.get("claim_measured")
+            else "extrapolated from the largest measured resolution at its time per GMAC"
+            if "scaling_budget_s" in m
+            else "power law fitted on the three largest measured resolutions"  # records before the budget
+        )
+        claims.append((m["claim_latency_vs_base"], method_label(r), m["claim_resolution"], how))
+    cached = sorted(
+        {
+            _scaling(r).get("scaling_unreduced_measured_at")
+            for r in recs
+            if _scaling(r).get("scaling_unreduced_from_cache")
+        }
+    )
+    if cached:
+        lines += [
+            "",
+            f"The unreduced model's scaling latencies come from the measurement cache (measured {', '.join(cached)}).",
+        ]
+    best = min((c for c in claims if not math.isnan(c[0])), default=None)
+    if best is not None:
+        verdict = "holds" if best[0] <= 1.0 else "does not hold"
+        how = best[3] if best[3] == "measured" else best[3] + "; an extrapolation, not a measurement"
+        lines += [
+            "",
+            f"**The claim that a reducer runs {best[2]}×{best[2]} images at the unreduced model's base-resolution "
+            f"latency {verdict} in these measurements**: the best method here ({best[1]}) takes "
+            f"{best[0]:.0f}× the base latency at {best[2]}² ({how}).",
+        ]
+    lines.append("")
+    append_markdown(results_dir, lines)
+    return [path]

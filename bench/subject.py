@@ -1,0 +1,123 @@
+"""What every measurement of a job reads and where it writes: the patched model under test, its
+images, the unreduced reference it is compared with, and the metrics measured so far.
+
+Each measurement module (accuracy, flops, latency, spectral, scaling) has one job-side entry,
+``<name>_job(section, subject, out)``, that takes its own ``bench.<name>`` config section and
+this; :func:`bench.job.measure` runs them in order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+if TYPE_CHECKING:
+    from bench.accuracy import Predictions
+    from bench.cache import MeasurementCache
+    from bench.data import ImageSet
+    from methods import TokenReducer
+
+
+def canonical(section: Any) -> str:
+    """A config section as sorted JSON, interpolations resolved: equal settings, equal text."""
+    plain = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+    return json.dumps(plain, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """Which unreduced reference an in-process cache entry belongs to: the same weights
+    (model section), the same images (data section), the same device."""
+
+    model: str
+    data: str
+    device: str
+
+    @classmethod
+    def of(cls, cfg: DictConfig, device: torch.device) -> ReferenceKey:
+        return cls(canonical(cfg.model), canonical(cfg.data), str(device))
+
+
+@dataclass
+class Baseline:
+    """The unreduced model measured on a job's images, shared by the jobs of one process."""
+
+    preds: Predictions | None
+    metrics: dict[str, Any]
+    cfg: DictConfig
+    recorded: bool
+    """Whether its record is in the store: it is appended only once a job using it has finished."""
+    cache: MeasurementCache | None = None
+    """The unreduced model's measurements on disk (predictions, spectral reference, scaling)."""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One patched model under measurement."""
+
+    model: nn.Module
+    reducer: TokenReducer
+    data: ImageSet
+    device: torch.device
+    name: str
+    """The method's name, ``unreduced`` for the reference itself (progress bars, warnings)."""
+    base: Baseline | None
+    """The unreduced reference; None while the unreduced model itself is measured."""
+    cache: MeasurementCache | None
+    """The unreduced model's measurements on disk (its own, or the reference's for a reduced model)."""
+    batch_size: int
+    """Images per forward of the accuracy pass (``data.batch_size``)."""
+    progress: bool
+    amp: bool
+    """bf16 autocast for every timed forward (``bench.latency.amp``)."""
+    threads: int | None
+    """CPU threads for every timed forward (``bench.latency.threads``)."""
+    reference_key: ReferenceKey
+    """Keys the unreduced reference kept in this process."""
+
+    @property
+    def reduced(self) -> bool:
+        return self.base is not None
+
+
+def subject_of(
+    cfg: DictConfig,
+    model: nn.Module,
+    reducer: TokenReducer,
+    data: ImageSet,
+    device: torch.device,
+    base: Baseline | None = None,
+    cache: MeasurementCache | None = None,
+) -> Subject:
+    """The subject of one job's measurements; a reduced model (``base`` given) reads the
+    reference's measurement cache, the unreduced one its own ``cache``."""
+    lat = cfg.bench.latency
+    return Subject(
+        model=model,
+        reducer=reducer,
+        data=data,
+        device=device,
+        name=cfg.method.name if base is not None else "unreduced",
+        base=base,
+        cache=base.cache if base is not None else cache,
+        batch_size=cfg.data.batch_size,
+        progress=cfg.progress,
+        amp=lat.amp,
+        threads=lat.threads,
+        reference_key=ReferenceKey.of(cfg, device),
+    )
+
+
+@dataclass
+class Measured:
+    """What the measurements of one job found so far (later ones read earlier ones' metrics)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    preds: Predictions | None = None
+    """Top-5 predictions per image, from the accuracy measurement."""
