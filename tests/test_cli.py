@@ -43,7 +43,8 @@ def test_bad_data_root_is_one_line(tmp_path):
 
 
 def test_user_reducer_from_its_own_yaml(tmp_path, val):
-    """A reducer class and a hydra yaml outside the project, found through hydra.searchpath."""
+    """A reducer class and a hydra yaml outside the project, found through hydra.searchpath (the
+    README's example, FLOPs measurement included: its token_counts passes the forward check)."""
     (tmp_path / "my_reducers.py").write_text(
         textwrap.dedent("""
         import torch
@@ -62,6 +63,14 @@ def test_user_reducer_from_its_own_yaml(tmp_path, val):
                 n = state.num_tokens
                 idx = torch.cat([torch.arange(state.num_prefix), torch.arange(state.num_prefix, n, 2)])
                 return keep_tokens(state, idx.expand(state.x.shape[0], -1))
+
+            def token_counts(self, num_prefix, num_patches, depth):
+                counts, n = [], num_prefix + num_patches
+                for b in range(depth):
+                    out = num_prefix + (n - num_prefix + 1) // 2 if b == self.block else n
+                    counts.append((n, out))
+                    n = out
+                return counts
     """)
     )
     conf = tmp_path / "conf" / "method"
@@ -73,7 +82,6 @@ def test_user_reducer_from_its_own_yaml(tmp_path, val):
         "method=every_other",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
         "budget.macs_ratio=null",
-        "bench.flops=false",
         "bench.scaling.enabled=false",
         f"data.root={val}",
         *FAST,
@@ -82,6 +90,7 @@ def test_user_reducer_from_its_own_yaml(tmp_path, val):
     assert out.returncode == 0, out.stderr[-3000:]
     rec = read_records(tmp_path / "results")[-1]
     assert rec["method"] == "every_other" and rec["hparams"] == {"block": 4}
+    assert rec["metrics"]["gmacs_analytic"] < rec["metrics"]["baseline_gmacs"]  # its counts were used
 
 
 @pytest.mark.parametrize(
