@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +145,36 @@ class SweepSummary(Callback):
 _ACTIVE: SweepSummary | None = None
 
 
+INTERRUPT_LEADERBOARD_SECONDS = 60
+"""How long Ctrl-C may spend regenerating the leaderboard before it gives up and exits."""
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: int):
+    """Raise ``_OutOfTime`` in the main thread after ``seconds`` (POSIX ``SIGALRM``; elsewhere no
+    limit). An interrupted sweep must always end: once (a test from a fresh clone), a Ctrl-C
+    landing between two jobs left the process running for over two minutes without printing
+    its line; rebuilding the leaderboard is the only step on this path that can take long."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _OutOfTime(f"gave up after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def report_interrupt() -> int:
     """After Ctrl-C: one line saying what finished and how to resume, the leaderboard rebuilt
     from what was recorded; returns the exit status (130, as shells report SIGINT)."""
@@ -157,7 +190,7 @@ def report_interrupt() -> int:
     where = "no records written"
     if done:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _time_limit(INTERRUPT_LEADERBOARD_SECONDS):
                 warnings.simplefilter("ignore")
                 from bench.leaderboard import write_leaderboard
 

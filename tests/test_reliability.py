@@ -551,3 +551,22 @@ def test_resume_neither_remeasures_nor_reappends_the_unreduced_record_and_lists_
     stored_base = read_records(tmp_path / "results")[0]["metrics"]
     assert evit["baseline_top1"] == stored_base["top1"] and evit["baseline_gmacs"] == stored_base["gmacs"]
     assert json.dumps(evit)  # a complete record
+
+
+def test_interrupt_gives_up_on_a_leaderboard_that_takes_too_long(tmp_path, monkeypatch, capsys):
+    """Ctrl-C must always end: a leaderboard step that hangs is abandoned after the time limit
+    and the one line still says what was recorded."""
+    import bench.callbacks as callbacks
+    import bench.leaderboard as leaderboard
+
+    sweep = callbacks.SweepSummary()
+    sweep.results_dir = str(tmp_path)
+    monkeypatch.setattr(sweep, "marked", lambda name: [("0_tome", "")])
+    monkeypatch.setattr(callbacks, "_ACTIVE", sweep)
+    monkeypatch.setattr(callbacks, "INTERRUPT_LEADERBOARD_SECONDS", 1)
+    monkeypatch.setattr(leaderboard, "write_leaderboard", lambda *a, **k: time.sleep(30))
+    t0 = time.monotonic()
+    assert callbacks.report_interrupt() == 130
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert f"recorded in {tmp_path} (leaderboard not regenerated)" in err
