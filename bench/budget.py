@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.errors import BenchError
-from bench.flops import VitShape, analytic_macs
+from bench.measure.flops import VitShape, analytic_macs
 from methods import ModelInfo, TokenReducer
 from methods.identity import NoReduction
 

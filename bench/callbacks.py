@@ -78,7 +78,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from bench.errors import FAILURE_FILE, SKIP_FILE
         from bench.leaderboard import summary
-        from bench.phases import time_table
+        from bench.measure.phases import time_table
 
         if self.bar is not None:
             self.bar.close()

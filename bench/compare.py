@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from bench.errors import BenchError
-from bench.labels import display_name
 from bench.leaderboard import latest_per_config, result_key
-from bench.outcomes import Outcomes, load_outcomes
-from bench.report_stats import check_options
-from bench.stats import bootstrap_for, discordance, wilson_interval
+from bench.measure.outcomes import Outcomes, load_outcomes
+from bench.report.labels import display_name
+from bench.report.significance import check_options
+from bench.report.stats import bootstrap_for, discordance, wilson_interval
 from bench.store import RUNS_FILE, read_records
 
 

@@ -43,8 +43,8 @@ class FinetuneSummary(SweepSummary):
         if not _main_process():
             return
         from bench.errors import FAILURE_FILE
-        from bench.finetune_report import finetuned_rows
         from bench.leaderboard import latest_per_config, write_leaderboard
+        from bench.report.finetuned import finetuned_rows
         from bench.store import read_records
 
         if self.bar is not None:

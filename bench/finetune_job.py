@@ -18,13 +18,13 @@ from torch import nn
 
 from bench.budget import solve_budget
 from bench.errors import BenchError
-from bench.finetuned import read_finetuned, save_finetuned, save_reducer_state
 from bench.job import build_reducer_from_config, resolve_device, run_job
-from bench.losses import needs_labels
 from bench.models import load_model, set_resolution
 from bench.store import config_hash, device_name
-from bench.train_data import SeededImages, check_disjoint, list_train_images, train_transform
-from bench.trainer import LAST, METRICS, Recipe, init_distributed, read_metrics, train
+from bench.train.data import SeededImages, check_disjoint, list_train_images, train_transform
+from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
+from bench.train.losses import needs_labels
+from bench.train.trainer import LAST, METRICS, Recipe, init_distributed, read_metrics, train
 from methods import ReducerConfigError, apply_reducer
 from methods.identity import NoReduction
 
@@ -179,7 +179,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
             if recipe.train == "reducer":  # small, and all that changed: what omega_path loads
                 save_reducer_state(out_dir / REDUCER_FILE, result.model, {**reducer.hparams, **provenance})
             (out_dir / LAST).unlink(missing_ok=True)  # final.pt holds everything a later run needs
-            from bench.finetune_report import plot_loss_curve
+            from bench.report.finetuned import plot_loss_curve
 
             plot = plot_loss_curve(rows, Path(cfg.results_dir) / "finetune" / f"{run_id}.png", _title(cfg, recipe))
             print(f"[finetune] {method}: saved {final}; loss curve {plot}")

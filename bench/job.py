@@ -17,25 +17,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from bench.accuracy import Predictions, accuracy_job, accuracy_metrics, cached_predictions
 from bench.budget import solve_budget
-from bench.cache import MeasurementCache, unreduced_cache
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError, record_skip
-from bench.finetuned import Finetuned, resolve_finetuned, swap_in
-from bench.flops import flops_job
-from bench.labels import variant_label
-from bench.latency import latency_job, unreduced_latency
+from bench.measure.accuracy import Predictions, accuracy_job, accuracy_metrics, cached_predictions
+from bench.measure.cache import MeasurementCache, unreduced_cache
+from bench.measure.flops import flops_job
+from bench.measure.latency import latency_job, unreduced_latency
+from bench.measure.outcomes import Outcomes, outcomes_of, save_outcomes
+from bench.measure.phases import PhaseClock
+from bench.measure.scaling import scaling_job
+from bench.measure.spectral import spectral_job
+from bench.measure.subject import Baseline, Measured, ReferenceKey, Subject, canonical, subject_of
 from bench.models import load_model, model_without_reducer, set_resolution
-from bench.outcomes import Outcomes, outcomes_of, save_outcomes
-from bench.phases import PhaseClock
-from bench.report_stats import check_options
+from bench.report.labels import variant_label
+from bench.report.significance import check_options
 from bench.results_io import check_writable
-from bench.scaling import scaling_job
-from bench.spectral import spectral_job
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
-from bench.subject import Baseline, Measured, ReferenceKey, Subject, canonical, subject_of
 from bench.terminal import say
+from bench.train.finetuned import Finetuned, resolve_finetuned, swap_in
 from bench.validate import validate_for_model, validate_settings
 from methods import ReducerConfigError, TokenReducer, apply_reducer
 from methods.identity import NoReduction

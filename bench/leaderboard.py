@@ -12,9 +12,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench.labels import display_name, knob_text
-from bench.report_stats import GROUP_KEYS, MISSING, add_statistics, group_title, primary_group, statistics_lines
-from bench.row_notes import GROUPS, measured_settings, note_lines, settings_lines
+from bench.report.labels import display_name, knob_text
+from bench.report.row_notes import GROUPS, measured_settings, note_lines, settings_lines
+from bench.report.significance import GROUP_KEYS, MISSING, add_statistics, group_title, primary_group, statistics_lines
 from bench.store import config_hash, read_run_records
 
 COLUMNS = {
@@ -180,10 +180,10 @@ def _generate(
     everything: list[dict[str, Any]], source: Path, out: Path, resample: str, n_boot: int, seed: int
 ) -> list[Path]:
     """Every output file into ``out``; per-image outcomes are read from ``source``."""
-    from bench.report_plots import plot_differences, plot_latency, plot_pareto
-    from bench.report_scaling import scaling_section
-    from bench.report_spectral import spectral_section
-    from bench.report_variants import variants_section
+    from bench.report.plots import plot_differences, plot_latency, plot_pareto
+    from bench.report.scaling import scaling_section
+    from bench.report.spectral import spectral_section
+    from bench.report.variants import variants_section
 
     records = [r for r in everything if "finetune" not in r]  # fine-tuned models get their own section
     df = add_statistics(table(records), source, resample, n_boot, seed)
@@ -201,7 +201,7 @@ def _generate(
     main_group = primary_group(records)  # one figure each: the group with the most images
     paths += spectral_section(main_group, out)
     paths += scaling_section(main_group, out)
-    from bench.finetune_report import finetuned_section
+    from bench.report.finetuned import finetuned_section
 
     paths += finetuned_section(everything, out, source, resample, n_boot, seed)
     return paths

@@ -25,10 +25,10 @@ import torch
 from bench.errors import BenchError
 from bench.finetune_job import _models, evaluation_config, make_recipe
 from bench.job import build_reducer_from_config, resolve_device
-from bench.losses import needs_labels
 from bench.store import device_name, now_iso
-from bench.train_data import SeededImages, list_train_images, train_transform
-from bench.trainer import Dist, _Training
+from bench.train.data import SeededImages, list_train_images, train_transform
+from bench.train.losses import needs_labels
+from bench.train.trainer import Dist, _Training
 
 OWN_KEYS = ("steps", "warmup", "out")
 

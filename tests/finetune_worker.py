@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from test_finetune import TINY_RECIPE, tiny_run  # noqa: E402
 
-from bench.trainer import Recipe, init_distributed, train  # noqa: E402
+from bench.train.trainer import Recipe, init_distributed, train  # noqa: E402
 
 if __name__ == "__main__":
     folder, out_dir, micro = sys.argv[1], sys.argv[2], int(sys.argv[3])

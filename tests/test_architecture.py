@@ -1,5 +1,7 @@
 """The packages' import graph, read from the source: no circles, and dependencies one way
-(``methods`` at the bottom, ``fatr`` on ``methods`` only, ``bench`` on both).
+(``methods`` at the bottom, ``fatr`` on ``methods`` only, ``bench`` on both). Inside ``bench``
+the same holds for its rooms: the shared basics at the bottom, ``measure`` on them, ``report``
+and ``train`` on ``measure``, and the jobs and commands at the top level on everything.
 
 Imports inside functions count (they run, only later); imports under ``if TYPE_CHECKING:``
 do not, since they never run.
@@ -115,9 +117,59 @@ def test_dependencies_point_one_way():
     assert wrong == []
 
 
+BENCH_BASICS = {
+    "bench.errors",
+    "bench.terminal",
+    "bench.finite",
+    "bench.data",
+    "bench.models",
+    "bench.store",
+    "bench.results_io",
+    "bench.sweep_id",
+}
+"""Top-level ``bench`` modules every room may use; the other top-level modules are the jobs
+and commands (``job``, ``budget``, ``validate``, ``callbacks``, ``run``, ``finetune``, ...)."""
+BENCH_ALLOWED = {
+    "basics": {"methods", "fatr", "basics"},
+    "measure": {"methods", "fatr", "basics", "measure"},
+    "report": {"methods", "basics", "measure", "report"},
+    "train": {"methods", "fatr", "basics", "measure", "train"},
+}
+
+
+def bench_room(module: str) -> str:
+    """``measure``, ``report``, ``train``, ``basics``, ``commands`` (bench's top level) or the package."""
+    parts = module.split(".")
+    if parts[0] != "bench":
+        return parts[0]
+    if len(parts) > 2 and parts[1] in ("measure", "report", "train"):
+        return parts[1]
+    return "basics" if module in BENCH_BASICS else "commands"
+
+
+def test_bench_rooms_depend_one_way():
+    graph = import_graph()
+    rooms = {bench_room(m) for m in graph if m.startswith("bench.")}
+    assert {"measure", "report", "train", "basics", "commands"} <= rooms
+    wrong = [
+        f"{mod} imports {dep}"
+        for mod, deps in graph.items()
+        if bench_room(mod) in BENCH_ALLOWED
+        for dep in sorted(deps)
+        if bench_room(dep) not in BENCH_ALLOWED[bench_room(mod)]
+    ]
+    assert wrong == []
+
+
+def test_the_room_check_finds_a_wrong_way_import():
+    assert bench_room("bench.measure.latency") == "measure" and bench_room("bench.job") == "commands"
+    assert bench_room("bench.train_throughput") == "commands" and bench_room("bench.store") == "basics"
+    assert "report" not in BENCH_ALLOWED["measure"] and "commands" not in BENCH_ALLOWED["train"]
+
+
 def test_the_measurement_and_report_modules_import_alone():
     """A fresh interpreter per group of modules that used to be circular: each imports first."""
-    for module in ("bench.leaderboard", "bench.report_scaling", "bench.job"):
+    for module in ("bench.leaderboard", "bench.report.scaling", "bench.job"):
         out = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0, f"import {module}: {out.stderr[-1500:]}"
 

@@ -12,9 +12,9 @@ from conftest import build_reducer, method_names
 
 from bench.budget import match_budget
 from bench.errors import BenchError
-from bench.flops import VitShape, analytic_macs, fvcore_macs
 from bench.job import run_job
 from bench.leaderboard import table, write_leaderboard
+from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
 from bench.models import load_checkpoint
 from bench.store import append_record, read_records
 from methods import apply_reducer

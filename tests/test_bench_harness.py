@@ -20,7 +20,8 @@ METHODS = ("fatr", "tome", "evit")
 
 def _new_process() -> None:
     """Forget what one process keeps between the jobs of a sweep."""
-    from bench import data, job, models, spectral
+    from bench import data, job, models
+    from bench.measure import spectral
 
     for memo in (job._BASELINES, spectral._REFERENCE, data._CACHE, models._CACHE):
         memo.clear()

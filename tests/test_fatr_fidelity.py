@@ -289,7 +289,7 @@ def test_fvcore_and_analytic_macs_agree_for_fatr_options(kw, trained):
     """The analytic count (budget matching) includes FATR's own matmuls and the re-weighting."""
     import timm
 
-    from bench.flops import VitShape, analytic_macs, fvcore_macs
+    from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
 
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224").eval()

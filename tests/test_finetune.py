@@ -17,13 +17,12 @@ from bench_utils import FAST, REPO, image_folder
 from conftest import build_reducer, method_names, tiny_vit
 from PIL import Image
 
-import bench.trainer as trainer_module
+import bench.train.trainer as trainer_module
 from bench.errors import BenchError
 from bench.finetune_job import loss_curve, run_finetune, set_drop_path
-from bench.finetuned import read_finetuned, save_finetuned, save_reducer_state
 from bench.leaderboard import write_leaderboard
 from bench.store import append_record, read_records
-from bench.train_data import (
+from bench.train.data import (
     SeededImages,
     StepBatches,
     _posterize,
@@ -31,7 +30,8 @@ from bench.train_data import (
     list_train_images,
     train_transform,
 )
-from bench.trainer import LAST, METRICS, Recipe, read_metrics, train
+from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
+from bench.train.trainer import LAST, METRICS, Recipe, read_metrics, train
 from methods import apply_reducer, remove_reducer
 
 TINY_RECIPE = dict(
@@ -438,14 +438,14 @@ def test_finetune_command_end_to_end(val, folder, tmp_path):
     evaluate = [f"model.checkpoint={ckpt}", f"data.root={val}", "model.img_size=64", "budget.macs_ratio=null"]
     evaluate += [o for o in FAST if not o.startswith("model.")] + [f"results_dir={tmp_path}/results2"]
     evaluate += ["bench.latency.enabled=false", "bench.scaling.enabled=false", "bench.spectral.enabled=false"]
-    import bench.spectral
+    import bench.measure.spectral
 
-    bench.spectral._REFERENCE.clear()
+    bench.measure.spectral._REFERENCE.clear()
     spectral = ["bench.spectral.enabled=true", "bench.spectral.images=2"]
     record = run_job(compose_run(["method=evit", *evaluate, *spectral]))
     assert record["finetune"]["images_seen"] == 8 and record["config"]["model"]["checkpoint"] is None
     assert record["metrics"]["top1"] == tuned["metrics"]["top1"]
-    bench.spectral._REFERENCE.clear()
+    bench.measure.spectral._REFERENCE.clear()
     base_model = ["model.random_init=true", "model.checkpoint=null"]
     shelf = run_job(compose_run(["method=evit", *evaluate[1:], *base_model, *spectral]))  # off the shelf
     ref = [b["hf_energy_unreduced"] for b in shelf["metrics"]["spectral_blocks"]]
@@ -572,7 +572,7 @@ def test_leaderboard_fine_tuned_section_pairs_over_images(tmp_path):
     method wrong on 20 of 100 images the control gets right gives -20 and McNemar's exact p."""
     import numpy as np
 
-    from bench.outcomes import Outcomes, save_outcomes
+    from bench.measure.outcomes import Outcomes, save_outcomes
 
     ids = np.array([f"n01440764/{i}.JPEG" for i in range(100)])
     label = np.zeros(100, dtype=np.int16)

@@ -17,8 +17,8 @@ from conftest import build_reducer
 from bench.compare import main as compare_main
 from bench.errors import BenchError
 from bench.leaderboard import latest_per_config, table, write_leaderboard
-from bench.outcomes import Outcomes, load_outcomes, save_outcomes
-from bench.stats import discordance
+from bench.measure.outcomes import Outcomes, load_outcomes, save_outcomes
+from bench.report.stats import discordance
 from bench.store import append_record, config_hash, read_records
 from methods import TokenReducer
 from methods.identity import NoReduction
@@ -234,7 +234,7 @@ def test_a_real_job_stores_its_per_image_outcomes(tmp_path):
 def test_latency_records_the_spread_of_its_per_iteration_speedups(vit, images):
     import copy
 
-    from bench.latency import measure_latency, speedup_quartiles
+    from bench.measure.latency import measure_latency, speedup_quartiles
     from methods import apply_reducer
 
     reference = copy.deepcopy(vit)
@@ -278,7 +278,7 @@ class EveryOtherCounted(EveryOther):
 def test_flops_refuse_a_reducer_whose_token_counts_disagree_with_its_forward():
     from conftest import tiny_vit
 
-    from bench.flops import macs_report
+    from bench.measure.flops import macs_report
     from methods import apply_reducer
 
     x = torch.randn(1, 3, 32, 32)

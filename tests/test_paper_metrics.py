@@ -10,7 +10,7 @@ import torch
 from conftest import build_reducer, tiny_vit
 
 from bench.errors import BenchError
-from bench.paper_metrics import (
+from bench.measure.paper_metrics import (
     PARK_KIM_EPS,
     cosine_to_mean,
     diagonal_frequencies,
@@ -21,9 +21,9 @@ from bench.paper_metrics import (
     selection_sets,
     top_k_mask,
 )
-from bench.paper_report import mean_ci, paired_ci
-from bench.spectral import block_statistics, spectral_metrics
-from bench.spectral_metrics import radial_power_spectrum, scatter_to_grid, untouched_mask
+from bench.measure.spectral import block_statistics, spectral_metrics
+from bench.measure.spectral_metrics import radial_power_spectrum, scatter_to_grid, untouched_mask
+from bench.report.paper import mean_ci, paired_ci
 from fatr.reducer import DC_SLOTS
 from methods import ATTN, apply_reducer, reduction_context
 from methods.identity import NoReduction
@@ -301,8 +301,8 @@ def test_spectral_analysis_bad_input(images):
     from omegaconf import OmegaConf
 
     from bench.data import ImageSet
-    from bench.spectral import spectral_job
-    from bench.subject import Measured, subject_of
+    from bench.measure.spectral import spectral_job
+    from bench.measure.subject import Measured, subject_of
 
     with pytest.raises(BenchError, match="square patch grid, got 8x12"):
         block_statistics(tiny_vit(img_size=(32, 48)), NoReduction(), torch.randn(1, 3, 32, 48), 4)
@@ -368,7 +368,7 @@ def synthetic_record(method, values, ref_values, checkpoint="deit_tiny_patch16_2
 
 
 def test_paper_section_pairs_only_records_on_the_same_weights_and_images(tmp_path):
-    from bench.paper_report import paper_section
+    from bench.report.paper import paper_section
 
     ref = [-1.0, -2.0, -3.0]
     records = [

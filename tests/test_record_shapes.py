@@ -1,5 +1,5 @@
-"""Metric records have a declared shape (``bench.scaling.ScalingMetrics``,
-``bench.spectral.SpectralMetrics``) that the writer keeps and every reader relies on only as
+"""Metric records have a declared shape (``bench.measure.scaling.ScalingMetrics``,
+``bench.measure.spectral.SpectralMetrics``) that the writer keeps and every reader relies on only as
 far as it goes: optional keys (missing from older records) are read with ``.get``."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from bench_utils import FAST, image_folder, run_cli
 from conftest import tiny_vit
 
-from bench.labels import method_label
-from bench.report_scaling import scaling_section
-from bench.scaling import ScalingMetrics, ScalingPoint, scaling_metrics
-from bench.spectral import SpectralBlock, SpectralMetrics, spectral_metrics
+from bench.measure.scaling import ScalingMetrics, ScalingPoint, scaling_metrics
+from bench.measure.spectral import SpectralBlock, SpectralMetrics, spectral_metrics
+from bench.report.labels import method_label
+from bench.report.scaling import scaling_section
 from methods.tome import ToMe
 
 

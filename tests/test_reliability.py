@@ -22,12 +22,12 @@ from bench_utils import FAST, REPO, compose, image_folder, run_cli
 from conftest import build_reducer, tiny_vit
 from PIL import Image
 
-from bench.accuracy import predict
 from bench.data import load_imagenet_folder, synsets, to_rgb
 from bench.errors import BenchError
 from bench.job import MEASUREMENTS, run_job
-from bench.latency import measure_latency
 from bench.leaderboard import markdown, table, write_leaderboard
+from bench.measure.accuracy import predict
+from bench.measure.latency import measure_latency
 from bench.models import load_checkpoint, read_state_dict
 from bench.results_io import check_writable
 from bench.store import append_record, read_records, read_run_records
@@ -252,7 +252,7 @@ def test_malformed_records_are_skipped_with_a_warning(tmp_path):
 
 
 def test_leaderboard_replaces_all_its_files_or_none(tmp_path, monkeypatch):
-    import bench.report_plots
+    import bench.report.plots
 
     append_record(tmp_path, _record("tome", "2026-01-01", 70.0))
     write_leaderboard(tmp_path)
@@ -263,7 +263,7 @@ def test_leaderboard_replaces_all_its_files_or_none(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(bench.report_plots, "plot_latency", broken)
+    monkeypatch.setattr(bench.report.plots, "plot_latency", broken)
     with pytest.raises(RuntimeError, match="plotting failed"):
         write_leaderboard(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "runs.jsonl"}

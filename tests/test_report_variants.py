@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from bench.leaderboard import latest_per_config, write_leaderboard
-from bench.outcomes import Outcomes, save_outcomes
-from bench.report_variants import variant_rows
+from bench.measure.outcomes import Outcomes, save_outcomes
+from bench.report.variants import variant_rows
 from bench.store import append_record, read_records
 
 N = 300

@@ -9,7 +9,7 @@ import torch
 from conftest import build_reducer, tiny_vit
 from helpers import run_capturing
 
-from bench.spectral_metrics import (
+from bench.measure.spectral_metrics import (
     effective_rank,
     hf_energy_ratio,
     radial_power_spectrum,

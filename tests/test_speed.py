@@ -19,14 +19,14 @@ from bench_utils import FAST, compose, image_folder
 from conftest import build_reducer, tiny_vit
 
 from bench import job as job_module
-from bench import latency as latency_module
-from bench import spectral as spectral_module
-from bench.cache import CACHE_DIR, MeasurementCache, device_fingerprint, unreduced_cache, weights_fingerprint
 from bench.data import ImageSet
-from bench.flops import VitShape, analytic_macs, fvcore_macs
-from bench.latency import StopRule, busy_reason, measure_latency, relative_spread
-from bench.phases import PhaseClock, time_table
-from bench.scaling import analytic_gmacs, at_resolution, scaling_metrics
+from bench.measure import latency as latency_module
+from bench.measure import spectral as spectral_module
+from bench.measure.cache import CACHE_DIR, MeasurementCache, device_fingerprint, unreduced_cache, weights_fingerprint
+from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
+from bench.measure.latency import StopRule, busy_reason, measure_latency, relative_spread
+from bench.measure.phases import PhaseClock, time_table
+from bench.measure.scaling import analytic_gmacs, at_resolution, scaling_metrics
 from bench.store import read_records
 from methods.identity import NoReduction
 
@@ -129,6 +129,21 @@ def test_a_damaged_entry_is_measured_again_with_one_warning(tmp_path, capsys):
     assert (value, hit) == ({"v": 2}, False)
     assert capsys.readouterr().err.count("unreadable") == 1
     assert cache.load("predictions", {}) == {"v": 2}
+
+
+def test_the_code_fingerprint_covers_every_measuring_module():
+    """A moved or renamed measuring module must not drop out of the fingerprint unnoticed (the
+    cache would then keep numbers measured by older code)."""
+    from bench.measure import cache as cache_module
+
+    root = Path(cache_module.__file__).resolve().parents[2]
+    assert all((root / entry).exists() for entry in cache_module.CODE)
+    covered = {f.relative_to(root).as_posix() for e in cache_module.CODE for f in (root / e).rglob("*.py")}
+    covered |= {e for e in cache_module.CODE if e.endswith(".py")}
+    for module in ("accuracy", "flops", "latency", "scaling", "spectral", "spectral_metrics", "paper_metrics"):
+        assert f"bench/measure/{module}.py" in covered
+    assert "methods/tome.py" in covered and "fatr/reducer.py" in covered
+    assert len(cache_module.code_fingerprint()) == 32
 
 
 def test_a_disabled_cache_writes_nothing(tmp_path):
@@ -306,7 +321,7 @@ def test_scaling_extrapolates_beyond_the_budget(quiet_machine):
 
 
 def test_scaling_table_and_plot_mark_extrapolated_points(tmp_path, quiet_machine):
-    from bench.report_scaling import scaling_section
+    from bench.report.scaling import scaling_section
 
     vit, reducer = tiny_vit(), build_reducer("tome", r=4)
     m = scaling_metrics(

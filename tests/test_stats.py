@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.stats import (
+from bench.report.stats import (
     Bootstrap,
     bootstrap_for,
     detectable_delta,
@@ -130,6 +130,6 @@ def test_readme_table_is_the_functions_output():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
-    start = readme.index("<!-- detectable-table: python -m bench.stats -->") + 1
+    start = readme.index("<!-- detectable-table: python -m bench.report.stats -->") + 1
     table = detectable_table([0.05, 0.10, 0.20], [500, 1300, 5000, 10000, 50000])
     assert readme[start : start + len(table)] == table

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from bench.finite import check_finite_output
 
 if TYPE_CHECKING:
-    from bench.cache import MeasurementCache
-    from bench.subject import Measured, Subject
+    from bench.measure.cache import MeasurementCache
+    from bench.measure.subject import Measured, Subject
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.outcomes import Outcomes, load_outcomes
-from bench.report_stats import record_group
-from bench.stats import bootstrap_for, discordance
+from bench.measure.outcomes import Outcomes, load_outcomes
+from bench.report.significance import record_group
+from bench.report.stats import bootstrap_for, discordance
 
 
 def _budget(record: dict[str, Any]) -> float | None:

@@ -50,7 +50,7 @@ def display_name(record: dict[str, Any]) -> str:
     return record.get("method", "") + (f" ({variant})" if variant else "")
 
 
-METHOD_CONF = Path(__file__).parent / "conf" / "method"
+METHOD_CONF = Path(__file__).parents[1] / "conf" / "method"
 """The method config group: ``method=<name>`` is ``<name>.yaml`` here, whose ``reducer._target_`` is the class."""
 
 

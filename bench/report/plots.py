@@ -1,6 +1,6 @@
 """The leaderboard's accuracy and latency figures: one panel per group (model, data set,
 image count, device), so rows from another machine or another image count never share a line,
-with the intervals of :mod:`bench.report_stats` drawn on every point."""
+with the intervals of :mod:`bench.report.significance` drawn on every point."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.plots import base_method, figure, label_styles, save
-from bench.report_stats import GROUP_KEYS, group_title
+from bench.report.significance import GROUP_KEYS, group_title
+from bench.report.style import base_method, figure, label_styles, save
 
 
 def _groups(df: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.labels import value_text
+from bench.report.labels import value_text
 
 # Measurement groups whose numbers depend on bench settings, and the metric that marks them measured.
 GROUPS = {"latency": "latency_ms", "spectral": "spectral_blocks", "scaling": "scaling"}

@@ -3,7 +3,7 @@
 At each resolution the same reducer schedule (blocks and keep rates; ToMe's per-block ``r``
 as solved at the base resolution) runs with timm's interpolated position embeddings.
 
-- Tokens and GMACs come from the analytic count (:func:`bench.flops.analytic_macs`, held
+- Tokens and GMACs come from the analytic count (:func:`bench.measure.flops.analytic_macs`, held
   within 2% of fvcore by the tests) at every resolution, up to the claim's 4096 px: free.
 - Latency and peak memory (batch 1, and a batch that holds a fixed number of tokens) are
   measured only where one measurement is expected to cost at most ``max_seconds_per_point``,
@@ -12,7 +12,7 @@ as solved at the base resolution) runs with timm's interpolated position embeddi
   beyond them latency is extrapolated at the last measured point's time per GMAC and the row
   is marked ``extrapolated``.
 - The unreduced model's latencies are measured once and kept in the measurement cache
-  (:mod:`bench.cache`); an entry measured on a busy machine is never reused, and the record
+  (:mod:`bench.measure.cache`); an entry measured on a busy machine is never reused, and the record
   says whether the entry came from the cache and when it was measured.
 
 From the rows we fit ``cost ∝ tokensᵅ`` (over the measured points), find the resolution at
@@ -32,8 +32,8 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench.flops import VitShape, analytic_macs, fvcore_macs
-from bench.latency import describe_busy, time_forward
+from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
+from bench.measure.latency import describe_busy, time_forward
 from bench.models import set_resolution
 from bench.store import now_iso
 from bench.terminal import say
@@ -42,8 +42,8 @@ from methods.identity import NoReduction
 from methods.patch import model_info
 
 if TYPE_CHECKING:
-    from bench.cache import MeasurementCache
-    from bench.subject import Measured, Subject
+    from bench.measure.cache import MeasurementCache
+    from bench.measure.subject import Measured, Subject
 
 
 class _ScalingPointRequired(TypedDict):
@@ -302,7 +302,7 @@ def scaling_metrics(
             resolution" claim is checked (by extrapolation unless measured).
         show_progress: a bar over the measured points.
         max_seconds_per_point: the budget of one measured point; None measures every size.
-        cache: a :class:`bench.cache.MeasurementCache` for the unreduced model's points.
+        cache: a :class:`bench.measure.cache.MeasurementCache` for the unreduced model's points.
     """
     sizes = list(resolutions)
     bar = tqdm(desc="scaling", disable=not show_progress, leave=False, unit="point")

@@ -64,8 +64,8 @@ def swap_in(tuned: Finetuned, cfg: DictConfig, model: nn.Module, data, device) -
     """Load the fine-tuned state into ``model``, which still holds the base weights: first the
     relative analyses cache their unreduced reference from those, so that, like accuracy's Δ
     and agreement, they compare the fine-tuned model with the model it started from."""
-    from bench.spectral import spectral_job
-    from bench.subject import Measured, subject_of
+    from bench.measure.spectral import spectral_job
+    from bench.measure.subject import Measured, subject_of
     from methods.identity import NoReduction
 
     spectral = cfg.bench.get("spectral")
@@ -76,7 +76,7 @@ def swap_in(tuned: Finetuned, cfg: DictConfig, model: nn.Module, data, device) -
 
 def save_finetuned(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``model`` (patched) and ``meta`` atomically."""
-    from bench.trainer import save_atomic
+    from bench.train.trainer import save_atomic
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights = {k: v for k, v in state.items() if not k.startswith(REDUCER_PREFIX)}
@@ -87,7 +87,7 @@ def save_finetuned(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> 
 def save_reducer_state(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Only the reducer's state (plus ``meta``): all that changes with ``train=reducer``, and
     the file FATR's ``omega_path`` loads."""
-    from bench.trainer import save_atomic
+    from bench.train.trainer import save_atomic
 
     state = {k: v.detach().cpu() for k, v in model.token_reducer.state_dict().items()}
     return save_atomic({**state, "meta": meta}, Path(path))
@@ -121,7 +121,7 @@ def resolve_finetuned(cfg: DictConfig) -> tuple[DictConfig, Finetuned | None]:
         raise BenchError(f"{ckpt} is a fine-tuned {meta['model']['name']}, not {cfg.model.name}: set model.name")
     given = OmegaConf.to_container(cfg.method, resolve=True)
     if given != meta["method"]:
-        from bench.trainer import differences
+        from bench.train.trainer import differences
 
         raise BenchError(
             f"{ckpt} was fine-tuned with method {meta['method'].get('name')} "

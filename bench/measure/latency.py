@@ -32,7 +32,7 @@ from bench.models import model_without_reducer
 from bench.terminal import say
 
 if TYPE_CHECKING:
-    from bench.subject import Measured, Subject
+    from bench.measure.subject import Measured, Subject
 
 
 class _Timer:

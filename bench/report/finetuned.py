@@ -14,15 +14,15 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.outcomes import load_outcomes
+from bench.measure.outcomes import load_outcomes
+from bench.report.stats import Interval, bootstrap_for, discordance
 from bench.results_io import append_markdown
-from bench.stats import Interval, bootstrap_for, discordance
 from bench.store import config_hash
 
 
 def plot_loss_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Loss (and its parts) against images seen, the learning rate on a second axis."""
-    from bench.plots import figure, save
+    from bench.report.style import figure, save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax,) = figure(1, 8, 4.5)
@@ -85,7 +85,7 @@ def finetuned_rows(
 ) -> pd.DataFrame:
     """One row per fine-tuned record (``records`` already one per configuration); with
     ``results_dir`` (where the per-image outcomes are) the Δs get paired intervals."""
-    from bench.labels import display_name
+    from bench.report.labels import display_name
 
     tuned = [r for r in records if "finetune" in r and "top1" in r.get("metrics", {})]
     shelf = {_without(r["config"], "bench"): r for r in records if "finetune" not in r and "config" in r}
@@ -208,7 +208,7 @@ def finetuned_section(
     append_markdown(results_dir, lines)
     if not curves:
         return []
-    from bench.plots import figure, lines_by_method, save
+    from bench.report.style import figure, lines_by_method, save
 
     fig, (ax,) = figure(1, 8, 4.5)
     lines_by_method(ax, pd.DataFrame(curves), "images seen", "loss", hue="run")

@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.errors import BenchError
-from bench.losses import check_loss, finetune_loss
 from bench.store import config_hash
-from bench.train_data import StepBatches
+from bench.train.data import StepBatches
+from bench.train.losses import check_loss, finetune_loss
 
 TRAIN_MODES = ("all", "reducer", "norm")
 STATE_FORMAT = "fatr-bench-train-state/1"

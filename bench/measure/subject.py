@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 if TYPE_CHECKING:
-    from bench.accuracy import Predictions
-    from bench.cache import MeasurementCache
     from bench.data import ImageSet
+    from bench.measure.accuracy import Predictions
+    from bench.measure.cache import MeasurementCache
     from methods import TokenReducer
 
 

@@ -2,7 +2,7 @@
 
 Rows are compared only within one group (model, data set, image count, device) and, for
 rankings, within one MACs budget. Every comparison is paired on the same images, from the
-per-image outcomes each accuracy job stores (:mod:`bench.outcomes`); rows recorded before those
+per-image outcomes each accuracy job stores (:mod:`bench.measure.outcomes`); rows recorded before those
 existed still render, marked, with what can be said without them (a Wilson interval for their
 top-1 when resampling images).
 """
@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.outcomes import Outcomes, load_outcomes
-from bench.stats import RESAMPLE_UNITS, Bootstrap, bootstrap_for, detectable_delta, discordance, wilson_interval
+from bench.measure.outcomes import Outcomes, load_outcomes
+from bench.report.stats import RESAMPLE_UNITS, Bootstrap, bootstrap_for, detectable_delta, discordance, wilson_interval
 
 GROUP_KEYS = ["model", "dataset", "images", "device"]
 """Rows that may share a table, a ranking or a plot line: never across these."""

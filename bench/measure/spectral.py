@@ -7,7 +7,7 @@ tokens painted back onto the patch grid. At each reduction block we also score, 
 ``std`` score on that block's attention, the tokens the method removed or merged against the
 ones it kept as they were.
 
-The FATR paper's own analysis (:mod:`bench.paper_metrics`) is measured in the same pass: per
+The FATR paper's own analysis (:mod:`bench.measure.paper_metrics`) is measured in the same pass: per
 block, Park & Kim's Δ log amplitude of the painted feature map from frequency 0 to π and the
 tokens' cosine similarity to their mean; per reduction block, the IoU of the tokens EViT would
 keep with those FATR calls high-frequency, from that block's attention. The unreduced reference
@@ -27,18 +27,18 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from bench import paper_metrics as pm
-from bench import spectral_metrics as sm
 from bench.errors import BenchError
 from bench.finite import check_finite_output
+from bench.measure import paper_metrics as pm
+from bench.measure import spectral_metrics as sm
 from fatr.reducer import DC_SLOTS
 from methods import ATTN, TokenReducer, apply_reducer, reduction_context, remove_reducer
 from methods.base import TokenState
 from methods.identity import NoReduction
 
 if TYPE_CHECKING:
-    from bench.cache import MeasurementCache
-    from bench.subject import Measured, Subject
+    from bench.measure.cache import MeasurementCache
+    from bench.measure.subject import Measured, Subject
 
 
 class _SpectralBlockRequired(TypedDict):
@@ -218,7 +218,7 @@ class BlockStatistics:
     removal: dict[int, dict[str, float]]
     """Mean HF score of removed and kept tokens per reduction block."""
     log_amplitude: Tensor
-    """Diagonal log amplitude ``(depth, images, K)`` (:func:`bench.paper_metrics.diagonal_log_amplitude`)."""
+    """Diagonal log amplitude ``(depth, images, K)`` (:func:`bench.measure.paper_metrics.diagonal_log_amplitude`)."""
     cos_to_mean: Tensor
     """Cosine similarity of the tokens to their mean ``(depth, images)``."""
     iou: dict[int, Tensor]
@@ -291,7 +291,7 @@ def reference_statistics(
 ) -> BlockStatistics:
     """The unreduced model's statistics: the ``none`` reducer, with the selection IoU at every
     block. Kept per ``key`` in this process and, with ``cache`` (a
-    :class:`bench.cache.MeasurementCache` of this model and these images), on disk."""
+    :class:`bench.measure.cache.MeasurementCache` of this model and these images), on disk."""
     ref_key = (key, tuple(images.shape), num_bands, iou_keep)
     if key is not None and ref_key in _REFERENCE:
         return _REFERENCE[ref_key]
@@ -329,7 +329,7 @@ def spectral_metrics(
         num_bands: radial bands of the power spectrum.
         key: caches the unreduced reference across jobs of one process (None: no cache).
         iou_keep: keep rate at which EViT's and FATR's selections are compared.
-        cache: keeps the unreduced reference on disk across processes (see :mod:`bench.cache`).
+        cache: keeps the unreduced reference on disk across processes (see :mod:`bench.measure.cache`).
     """
     ref = reference_statistics(model, images, num_bands, iou_keep, key, cache)
     stats = block_statistics(model, reducer, images, num_bands, iou_keep)

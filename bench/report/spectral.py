@@ -1,5 +1,5 @@
 """The leaderboard's spectral section: how much high-frequency content each method keeps after
-the last block, as a table and two plots, from the records :mod:`bench.spectral` writes."""
+the last block, as a table and two plots, from the records :mod:`bench.measure.spectral` writes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any, cast
 
 import pandas as pd
 
-from bench.labels import method_label
+from bench.measure.spectral import SpectralMetrics
+from bench.report.labels import method_label
 from bench.results_io import append_markdown
-from bench.spectral import SpectralMetrics
 
 
 def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
@@ -19,7 +19,7 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
     recs = [r for r in records if "spectral_blocks" in r.get("metrics", {})]
     if not recs:
         return []
-    from bench.plots import figure, lines_by_method, save
+    from bench.report.style import figure, lines_by_method, save
 
     rows, bands = [], []
     for r in recs:
@@ -74,7 +74,7 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
             f"| {method_label(r)} | {last['hf_energy_rel']:.3f} | {last['effective_rank_rel']:.3f} | "
             f"{last['stable_rank_rel']:.3f} | {_avg(rem):.4f} | {_avg(kept):.4f} |"
         )
-    from bench.paper_report import paper_section
+    from bench.report.paper import paper_section
 
     paper_lines, paper_paths = paper_section(recs, results_dir, method_label)
     append_markdown(results_dir, lines + [""] + paper_lines)
@@ -82,7 +82,7 @@ def spectral_section(records: list[dict[str, Any]], results_dir: Path) -> list[P
 
 
 def _spectral(record: dict[str, Any]) -> SpectralMetrics:
-    """A record's spectral metrics, in the shape :mod:`bench.spectral` declares."""
+    """A record's spectral metrics, in the shape :mod:`bench.measure.spectral` declares."""
     return cast(SpectralMetrics, record["metrics"])
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.accuracy import Predictions
 from bench.data import ImageSet
 from bench.errors import BenchError
+from bench.measure.accuracy import Predictions
 
 OUTCOMES_DIR = "preds"
 FIELDS = ("image_ids", "pred", "label", "correct", "agree", "top5_hit")

@@ -1,6 +1,6 @@
 """The FATR paper's own frequency analysis (its Figures 1, 3, 4 and 6) as pure tensor functions.
 
-The paper does not measure frequency the way :mod:`bench.spectral_metrics` does (token-space
+The paper does not measure frequency the way :mod:`bench.measure.spectral_metrics` does (token-space
 energy outside the mean, radial power bands); it uses the Fourier analysis of Park & Kim,
 "How do vision transformers work?" (ICLR 2022), whose reference notebook
 (``fourier_analysis.ipynb`` in xxxnell/how-do-vits-work) does, per layer:
@@ -17,7 +17,7 @@ energy outside the mean, radial power bands); it uses the Fourier analysis of Pa
 Two choices are this module's, and documented where they are made:
 
 - **Reduced token sets** are painted back onto the original patch grid through the source map
-  (:func:`bench.spectral_metrics.scatter_to_grid`): every patch takes the value of the token
+  (:func:`bench.measure.spectral_metrics.scatter_to_grid`): every patch takes the value of the token
   that now covers it, so a merged token fills all its patches with its value — the picture the
   rest of the network sees. Patches no token covers (plain pruning) are 0.
 - **Where π is.** The notebook rolls the spectrum by ``h/2`` and keeps ``diag[h/2:]``, which on
@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor
 
-from bench.spectral_metrics import _patch_tokens
+from bench.measure.spectral_metrics import _patch_tokens
 from fatr.scores import hf_scores
 
 __all__ = [
@@ -84,7 +84,7 @@ def diagonal_log_amplitude(grid: Tensor, eps: float = PARK_KIM_EPS) -> Tensor:
 
     Args:
         grid: feature maps ``(B, C, H, W)`` with ``H == W``, e.g. from
-            :func:`bench.spectral_metrics.scatter_to_grid`.
+            :func:`bench.measure.spectral_metrics.scatter_to_grid`.
         eps: added to the amplitude before the log (keeps zero amplitudes finite).
     """
     if grid.dim() != 4:
@@ -119,7 +119,7 @@ def cosine_to_mean(x: Tensor, size: Tensor | None = None, num_prefix: int = 0) -
     ``μ = Σ s_i x_i / Σ s_i`` is the DC signal of the token set; the result is
     ``Σ s_i cos(x_i, μ) / Σ s_i``. 1 means every token points the way of the mean (full
     over-smoothing), so lower is more diverse. A token of size ``s`` counts as ``s`` copies,
-    as in :mod:`bench.spectral_metrics`; prefix tokens and empty slots (size 0) are left out.
+    as in :mod:`bench.measure.spectral_metrics`; prefix tokens and empty slots (size 0) are left out.
     A zero token has cosine 0; an image whose mean token is zero (or that has no patch token)
     gives NaN, as its similarity is undefined.
 

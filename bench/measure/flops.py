@@ -24,7 +24,7 @@ from methods import TokenReducer, reduction_context
 from methods.patch import model_info
 
 if TYPE_CHECKING:
-    from bench.subject import Measured, Subject
+    from bench.measure.subject import Measured, Subject
 
 
 def _shape(v: Any) -> list[int]:

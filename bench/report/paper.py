@@ -124,7 +124,7 @@ def _references(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _figures(recs, results_dir: Path, name, ref_name, what: str) -> list[Path]:
-    from bench.plots import figure, lines_by_method, save
+    from bench.report.style import figure, lines_by_method, save
 
     n_images = max(r["metrics"]["spectral_images"] for r in recs)
     refs = _references(recs)

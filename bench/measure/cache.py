@@ -40,21 +40,7 @@ from bench.data import ImageSet
 from bench.store import device_name
 
 CACHE_DIR = "cache"
-CODE = (
-    "methods",
-    "fatr",
-    "bench/accuracy.py",
-    "bench/cache.py",
-    "bench/data.py",
-    "bench/finite.py",
-    "bench/flops.py",
-    "bench/latency.py",
-    "bench/models.py",
-    "bench/paper_metrics.py",
-    "bench/scaling.py",
-    "bench/spectral.py",
-    "bench/spectral_metrics.py",
-)
+CODE = ("methods", "fatr", "bench/measure", "bench/data.py", "bench/finite.py", "bench/models.py")
 """Source whose change can change a cached number: any edit there invalidates every entry."""
 
 
@@ -102,14 +88,15 @@ def code_fingerprint() -> str:
     """Hash of the measuring code's source files (computed once per process)."""
     global _CODE_HASH
     if _CODE_HASH is None:
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[2]
         h = hashlib.blake2b(digest_size=16)
         for entry in CODE:
             path = root / entry
             files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+            if not files or not all(f.is_file() for f in files):
+                raise FileNotFoundError(f"measuring code {path} is missing: the cache could not tell its changes")
             for f in files:
-                if f.is_file():
-                    h.update(f"{f.relative_to(root)}\n".encode() + f.read_bytes())
+                h.update(f"{f.relative_to(root)}\n".encode() + f.read_bytes())
         _CODE_HASH = h.hexdigest()
     return _CODE_HASH
 

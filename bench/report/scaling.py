@@ -1,5 +1,5 @@
 """The leaderboard's high-resolution scaling section: each method's cost against its tokens, as a
-table, a plot and the 4K claim, from the records :mod:`bench.scaling` writes."""
+table, a plot and the 4K claim, from the records :mod:`bench.measure.scaling` writes."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any, cast
 
 import pandas as pd
 
-from bench.labels import method_label
+from bench.measure.scaling import ScalingMetrics, ScalingPoint
+from bench.report.labels import method_label
 from bench.results_io import append_markdown
-from bench.scaling import ScalingMetrics, ScalingPoint
 
 
 def _scaling(record: dict[str, Any]) -> ScalingMetrics:
-    """A record's scaling metrics, in the shape :mod:`bench.scaling` declares."""
+    """A record's scaling metrics, in the shape :mod:`bench.measure.scaling` declares."""
     return cast(ScalingMetrics, record["metrics"])
 
 
@@ -29,7 +29,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
     recs = [r for r in records if "scaling" in r.get("metrics", {})]
     if not recs:
         return []
-    from bench.plots import figure, label_styles, lines_by_method, log_ticks, save
+    from bench.report.style import figure, label_styles, lines_by_method, log_ticks, save
 
     rows = []
 
