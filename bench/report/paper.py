@@ -13,9 +13,11 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
+
+from bench.measure.spectral import SpectralMetrics
 
 Z95 = 1.959964
 """Normal 95% quantile; the intervals are over images (64 by default), where it is close to t."""
@@ -31,11 +33,17 @@ def _checkpoint(r: dict[str, Any]) -> str:
     return Path(ckpt).stem if ckpt else "no weights"
 
 
+def _paper(record: dict[str, Any]) -> SpectralMetrics:
+    """A record's metrics in the shape :mod:`bench.measure.spectral` declares: the paper's keys
+    are its optional ones, present once ``fourier_dlog_pi_last_images`` is (checked by the caller)."""
+    return cast(SpectralMetrics, record["metrics"])
+
+
 def _group(r: dict[str, Any]) -> tuple:
     """Records that share an unreduced reference and whose per-image values pair up: same
     model, weights and images (the spectral images are the first N of the evaluation set,
     which ``data.limit`` spreads over the folder, so the evaluation set's size counts too)."""
-    m = r["metrics"]
+    m = _paper(r)
     return (
         r.get("model"),
         _checkpoint(r),
@@ -126,13 +134,13 @@ def _references(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _figures(recs, results_dir: Path, name, ref_name, what: str) -> list[Path]:
     from bench.report.style import figure, lines_by_method, save
 
-    n_images = max(r["metrics"]["spectral_images"] for r in recs)
+    n_images = max(_paper(r)["spectral_images"] for r in recs)
     refs = _references(recs)
 
     # Figure 1 of the paper: (a) Δ log amplitude vs frequency at the last block, (b) at π vs depth.
     profile, depth = [], []
     for r in recs:
-        m = r["metrics"]
+        m = _paper(r)
         for f, v in zip(m["fourier_freq_pi"], m["fourier_profile"][-1], strict=True):
             profile.append({"method": name(r), "frequency (π)": f, "Δ log amplitude": v})
         for b, row in enumerate(m["spectral_blocks"]):
@@ -141,7 +149,7 @@ def _figures(recs, results_dir: Path, name, ref_name, what: str) -> list[Path]:
     lines_by_method(ax_f, pd.DataFrame(profile), "frequency (π)", "Δ log amplitude")
     lines_by_method(ax_d, pd.DataFrame(depth), "block", "Δ log amplitude at π")
     for r in refs:
-        m = r["metrics"]
+        m = _paper(r)
         ax_f.plot(m["fourier_freq_pi"], m["fourier_profile_unreduced"][-1], label=ref_name(r), **REF_STYLE)
         ys = [row["fourier_dlog_pi_unreduced"] for row in m["spectral_blocks"]]
         ax_d.plot(range(len(ys)), ys, label=ref_name(r), **REF_STYLE)
@@ -160,12 +168,12 @@ def _figures(recs, results_dir: Path, name, ref_name, what: str) -> list[Path]:
     rows = [
         {"method": name(r), "block": b, "cos": row["cos_to_mean"]}
         for r in recs
-        for b, row in enumerate(r["metrics"]["spectral_blocks"])
+        for b, row in enumerate(_paper(r)["spectral_blocks"])
     ]
     fig, (ax,) = figure()
     lines_by_method(ax, pd.DataFrame(rows), "block", "cos")
     for r in refs:
-        ys = [row["cos_to_mean_unreduced"] for row in r["metrics"]["spectral_blocks"]]
+        ys = [row["cos_to_mean_unreduced"] for row in _paper(r)["spectral_blocks"]]
         ax.plot(range(len(ys)), ys, label=ref_name(r), **REF_STYLE)
     ax.set_xlabel("block (0-based)")
     ax.set_ylabel("cosine similarity to the mean token (size-weighted)")
@@ -180,16 +188,16 @@ def _figures(recs, results_dir: Path, name, ref_name, what: str) -> list[Path]:
     rows = [
         {"method": name(r), "block": int(b), "IoU": v}
         for r in recs
-        for b, v in r["metrics"]["selection_iou"].items()
+        for b, v in _paper(r)["selection_iou"].items()
         if not math.isnan(v)
     ]
     fig, (ax,) = figure()
     if rows:
         lines_by_method(ax, pd.DataFrame(rows), "block", "IoU")
     for r in refs:
-        ys = r["metrics"]["selection_iou_unreduced"]
+        ys = _paper(r)["selection_iou_unreduced"]
         ax.plot(range(len(ys)), ys, label=ref_name(r), **REF_STYLE)
-    keep = recs[0]["metrics"]["selection_iou_keep"]
+    keep = _paper(recs[0])["selection_iou_keep"]
     # Two independent random sets of a fraction q of the tokens overlap by about q / (2 − q).
     ax.axhline(keep / (2 - keep), color="gray", ls=":", lw=1.2, label="≈ chance (random sets)")
     ax.set_xlabel("block (0-based): each method at its own reduction blocks")
@@ -223,7 +231,7 @@ def _table(recs, name, ref_name) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for ref in _references(recs):
-        m = ref["metrics"]
+        m = _paper(ref)
         lines.append(
             f"| {ref_name(ref)} | {_fmt(*mean_ci(m['fourier_dlog_pi_last_unreduced_images']))} | – | – | "
             f"{m['cos_to_mean_last_unreduced']:.3f} | – |"
@@ -234,13 +242,13 @@ def _table(recs, name, ref_name) -> list[str]:
             key = (_group(r), r.get("budget", {}).get("macs_ratio_target"))
             if key not in fatr or not r.get("variant"):
                 fatr[key] = r
-    for r in sorted(recs, key=lambda r: -r["metrics"]["fourier_dlog_pi_last"]):
-        m = r["metrics"]
+    for r in sorted(recs, key=lambda r: -_paper(r)["fourier_dlog_pi_last"]):
+        m = _paper(r)
         own = m["fourier_dlog_pi_last_images"]
         vs_ref = paired_ci(own, m["fourier_dlog_pi_last_unreduced_images"])
         other = fatr.get((_group(r), r.get("budget", {}).get("macs_ratio_target")))
         vs_fatr = (
-            paired_ci(own, other["metrics"]["fourier_dlog_pi_last_images"])
+            paired_ci(own, _paper(other)["fourier_dlog_pi_last_images"])
             if other is not None and other is not r
             else (math.nan, math.nan)
         )
