@@ -499,6 +499,10 @@ def test_results_dir_below_a_file_is_refused(tmp_path):
 # -- 9. Ctrl-C mid-sweep ----------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_sweep_is_one_line_exit_130_and_keeps_what_finished(tmp_path, val):
     results = tmp_path / "results"
     fast = [a for a in FAST if not a.startswith("bench.latency.iters")]
@@ -512,6 +516,10 @@ def test_ctrl_c_mid_sweep_is_one_line_exit_130_and_keeps_what_finished(tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell without job control starts background commands (``.ci/run &``, nohup) with
+        # SIGINT ignored, and a child inherits that: Python then never raises KeyboardInterrupt
+        # and the sweep runs on. A terminal's Ctrl-C arrives at a default handler, so give it one.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 300
