@@ -111,12 +111,25 @@ def measure(method: str, overrides: list[str], steps: int, warmup: int) -> dict[
     }
 
 
-def main(argv: list[str]) -> int:
-    methods, overrides, own = _split(argv)
+def _counts(own: dict[str, str]) -> tuple[int, int]:
     try:
         steps, warmup = int(own.get("steps", 20)), int(own.get("warmup", 3))
-        if steps < 1 or warmup < 0:
-            raise BenchError(f"steps must be >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
+    except ValueError:
+        raise BenchError(f"steps and warmup must be integers, got {own}") from None
+    if steps < 1 or warmup < 0:
+        raise BenchError(f"steps must be >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
+    return steps, warmup
+
+
+def main(argv: list[str]) -> int:
+    from hydra.errors import HydraException
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    methods, overrides, own = _split(argv)
+    try:
+        steps, warmup = _counts(own)
         rows = []
         for method in methods:
             row = measure(method, overrides, steps, warmup)
@@ -135,6 +148,9 @@ def main(argv: list[str]) -> int:
                 print(f"{r['method']:>8}: {r['img_per_s'] / base['img_per_s']:.2f}x the unreduced model's throughput")
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except HydraException as e:  # a malformed override or an unknown config option
+        print(f"error: {str(e).splitlines()[0]} (overrides are those of bench.finetune; see --help)", file=sys.stderr)
         return 2
     return 0
 

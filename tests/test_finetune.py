@@ -617,3 +617,27 @@ def test_train_throughput_times_each_method_and_refuses_bad_settings(folder, tmp
     assert "steps must be >= 1" in capsys.readouterr().err
     assert main(["method=tome", "data.train_root=/no/such/folder", "device=cpu"]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["steps=abc"], "steps and warmup must be integers"),
+        (["--x"], "LexerNoViableAltException"),
+        (["finetune=nope"], "Could not find 'finetune/nope'"),
+        (["method=nope"], "Could not find 'method/nope'"),
+    ],
+)
+def test_train_throughput_bad_arguments_are_one_line(args, message, capsys):
+    from bench.train_throughput import main
+
+    assert main(["device=cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_throughput_help_prints_its_usage(capsys):
+    from bench.train_throughput import main
+
+    assert main(["--help"]) == 0
+    assert "python -m bench.train_throughput method=" in capsys.readouterr().out
