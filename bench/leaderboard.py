@@ -217,21 +217,35 @@ def summary(records: list[dict[str, Any]]) -> str:
     return df.rename(columns=COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=MISSING)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.leaderboard [results_dir]``: re-render a results folder's leaderboard."""
     import argparse
     import os
     import sys
 
     from bench.errors import BenchError
+    from bench.store import RUNS_FILE
 
-    parser = argparse.ArgumentParser(description="Regenerate the leaderboard, CSV and plots of a results folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.leaderboard", description="Regenerate the leaderboard, CSV and plots of a results folder."
+    )
     parser.add_argument("results_dir", nargs="?", default=os.environ.get("FATR_RESULTS_DIR", "results/local"))
     parser.add_argument("--resample", default="images", help="images | classes (cluster bootstrap)")
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    runs = Path(args.results_dir) / RUNS_FILE
+    if not runs.is_file():  # a mistyped folder must not get an empty leaderboard written into it
+        print(f"error: no runs recorded in {runs}; name a results folder that bench.run wrote to", file=sys.stderr)
+        return 2
     try:
         for p in write_leaderboard(args.results_dir, args.resample, args.n_boot, args.seed):
             print(p)
     except BenchError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -578,3 +578,18 @@ def test_interrupt_gives_up_on_a_leaderboard_that_takes_too_long(tmp_path, monke
     assert time.monotonic() - t0 < 10
     err = capsys.readouterr().err
     assert f"recorded in {tmp_path} (leaderboard not regenerated)" in err
+
+
+def test_leaderboard_command_refuses_a_folder_without_runs_and_writes_nothing(tmp_path, capsys):
+    from bench.leaderboard import main
+
+    missing = tmp_path / "typo"
+    assert main([str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: no runs recorded in {missing / 'runs.jsonl'}; name a results folder that bench.run wrote to"
+    )
+    assert not missing.exists()
+    record = {"config_hash": "x", "method": "tome", "timestamp": "2026-01-01", "metrics": {"top1": 70.0}}
+    append_record(tmp_path / "ok", record)
+    assert main([str(tmp_path / "ok")]) == 0
+    assert (tmp_path / "ok" / "leaderboard.md").is_file()
