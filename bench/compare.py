@@ -35,6 +35,12 @@ def describe_run(record: dict[str, Any]) -> str:
     b = _budget(record)
     at = "own knob" if b is None else f"@{b:.2f}"
     label = "unreduced" if record.get("method") == "none" else f"{display_name(record)} {at}"
+    tuned = record.get("finetune")
+    if isinstance(tuned, dict):
+        label += (
+            f" +ft (fine-tuned: {tuned.get('recipe_name')}, loss {tuned.get('loss')}, "
+            f"{tuned.get('images_seen')} images seen)"
+        )
     return f"{label} [{record.get('config_hash')}, {record.get('num_images')} images, {record.get('device')}]"
 
 
@@ -45,12 +51,17 @@ def resolve(spec: str, records: list[dict[str, Any]], images: int | None = None,
         rows = [r for r in rows if r.get("num_images") == images]
     if device:
         rows = [r for r in rows if device.lower() in str(r.get("device", "")).lower()]
+    every_row = rows
     found = []
     if re.fullmatch(r"[0-9a-f]{4,12}", spec):
         keys = {result_key(r) for r in records if str(r.get("config_hash", "")).startswith(spec)}
         found = [r for r in rows if result_key(r) in keys]
     if not found:
-        name, at, budget = spec.partition("@")
+        # ``+ft`` names the fine-tuned model; without it a name means the off-the-shelf one, as the
+        # leaderboard keeps fine-tuned runs in their own section.
+        base, finetuned = (spec[: -len("+ft")], True) if spec.endswith("+ft") else (spec, False)
+        rows = [r for r in rows if ("finetune" in r) == finetuned]
+        name, at, budget = base.partition("@")
         name = name.strip()
         if name in ("unreduced", "none"):
             found = [r for r in rows if r.get("method") == "none"]
@@ -59,7 +70,7 @@ def resolve(spec: str, records: list[dict[str, Any]], images: int | None = None,
             if at:
                 found = [r for r in found if _budget_matches(_budget(r), budget.strip(), spec)]
     if not found:
-        known = sorted({describe_run(r) for r in rows})[:12]
+        known = sorted({describe_run(r) for r in every_row})[:12]
         raise BenchError(
             f"no recorded run matches {spec!r}"
             + (f"; recorded runs include: {'; '.join(known)}" if known else "; no runs are recorded there")
@@ -173,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.compare", description="Paired comparison of two recorded runs on the same images."
     )
-    parser.add_argument("run_a", help="config hash (prefix) or method@budget, e.g. tome@0.65, unreduced")
+    parser.add_argument(
+        "run_a",
+        help="config hash (prefix) or method@budget, e.g. tome@0.65, unreduced; tome@0.65+ft: the fine-tuned one",
+    )
     parser.add_argument("run_b")
     parser.add_argument("--results-dir", default=os.environ.get("FATR_RESULTS_DIR", "results/local"))
     parser.add_argument("--resample", default="images", help="images | classes (cluster bootstrap)")

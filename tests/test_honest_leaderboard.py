@@ -335,3 +335,26 @@ def test_publish_names_its_commands():
 
     assert len(commands) == len(REFERENCE_SWEEPS) and all(c.endswith("results_dir=results") for c in commands)
     assert any("method.reducer.score=svd" in c for c in commands), "the FATR fidelity variants are published"
+
+
+def test_compare_tells_the_fine_tuned_model_from_the_off_the_shelf_one():
+    from bench.compare import describe_run, resolve
+
+    def record(digest: str, finetuned: bool) -> dict:
+        config = {"method": {"name": "tome"}, "data": {"root": "/val"}}
+        r = {"config_hash": digest, "method": "tome", "budget": {"macs_ratio_target": 0.65}, "num_images": 10}
+        r |= {"device": "CPU A", "timestamp": "2026-01-01", "metrics": {"top1": 70.0}, "config": config}
+        if finetuned:
+            config["finetuned"] = {"recipe": "quick"}
+            r["finetune"] = {"recipe_name": "quick", "loss": "kd", "images_seen": 100}
+        return r
+
+    shelf, tuned = record("aaaa11112222", False), record("bbbb33334444", True)
+    records = [shelf, tuned]
+    assert resolve("tome@0.65", records)["config_hash"] == "aaaa11112222"
+    assert resolve("tome@0.65+ft", records)["config_hash"] == "bbbb33334444"
+    assert resolve("bbbb3333", records)["config_hash"] == "bbbb33334444"  # a hash names either
+    assert "+ft (fine-tuned: quick, loss kd, 100 images seen)" in describe_run(tuned)
+    assert "+ft" not in describe_run(shelf)
+    with pytest.raises(BenchError, match=r"no recorded run matches 'evit\+ft'; recorded runs include: tome @0.65"):
+        resolve("evit+ft", records)
