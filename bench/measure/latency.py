@@ -99,6 +99,18 @@ def _quiet_stderr():
         os.close(saved)
 
 
+@contextmanager
+def _cpu_threads(device: torch.device, threads: int | None):
+    """Run on ``threads`` CPU threads (None: torch's default), restored afterwards even on error."""
+    old = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
@@ -203,10 +215,7 @@ def measure_latency(
     (:class:`StopRule`). ``timer`` (ms of one call) and ``clock`` (seconds) are for tests."""
     device = x.device
     rule = StopRule(iters, tolerance, max_seconds, max(iters, max_iters))
-    old_threads = torch.get_num_threads()
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
-    try:
+    with _cpu_threads(device, threads):
         timer = timer or _Timer(device)
         model.eval()
         reference.eval()
@@ -236,8 +245,6 @@ def measure_latency(
         mem = peak_memory_mb(model, x, amp)
         mem_ref = peak_memory_mb(reference, x, amp)
         used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old_threads)
     med, med_ref = statistics.median(ms), statistics.median(ms_ref)
     batch = x.shape[0]
     q1, q3 = speedup_quartiles(ratios)
@@ -306,10 +313,7 @@ def time_forward(
     average after the loop and the timings' relative spread (see :func:`describe_busy`), for
     measurements whose reference was timed at another moment (scaling)."""
     device = x.device
-    old_threads = torch.get_num_threads()
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
-    try:
+    with _cpu_threads(device, threads):
         timer = _Timer(device)
         model.eval()
         with torch.no_grad(), _autocast(device, amp):
@@ -317,8 +321,6 @@ def time_forward(
                 check_finite_output(model(x), "latency warm-up")
             ms = [timer(lambda: model(x)) for _ in range(iters)]
         mem = peak_memory_mb(model, x, amp) if memory else None
-    finally:
-        torch.set_num_threads(old_threads)
     load = load_average() if device.type == "cpu" else None
     spread = relative_spread(ms)
     return {"ms": statistics.median(ms), "timings": ms, "peak_mem_mb": mem, "load": load, "spread": spread}
