@@ -51,7 +51,6 @@ def resolve(spec: str, records: list[dict[str, Any]], images: int | None = None,
         rows = [r for r in rows if r.get("num_images") == images]
     if device:
         rows = [r for r in rows if device.lower() in str(r.get("device", "")).lower()]
-    every_row = rows
     found = []
     if re.fullmatch(r"[0-9a-f]{4,12}", spec):
         keys = {result_key(r) for r in records if str(r.get("config_hash", "")).startswith(spec)}
@@ -60,17 +59,18 @@ def resolve(spec: str, records: list[dict[str, Any]], images: int | None = None,
         # ``+ft`` names the fine-tuned model; without it a name means the off-the-shelf one, as the
         # leaderboard keeps fine-tuned runs in their own section.
         base, finetuned = (spec[: -len("+ft")], True) if spec.endswith("+ft") else (spec, False)
-        rows = [r for r in rows if ("finetune" in r) == finetuned]
+        candidates = [r for r in rows if ("finetune" in r) == finetuned]
         name, at, budget = base.partition("@")
         name = name.strip()
         if name in ("unreduced", "none"):
-            found = [r for r in rows if r.get("method") == "none"]
+            found = [r for r in candidates if r.get("method") == "none"]
         else:
-            found = [r for r in rows if display_name(r) == name] or [r for r in rows if r.get("method") == name]
+            found = [r for r in candidates if display_name(r) == name]
+            found = found or [r for r in candidates if r.get("method") == name]
             if at:
                 found = [r for r in found if _budget_matches(_budget(r), budget.strip(), spec)]
     if not found:
-        known = sorted({describe_run(r) for r in every_row})[:12]
+        known = sorted({describe_run(r) for r in rows})[:12]
         raise BenchError(
             f"no recorded run matches {spec!r}"
             + (f"; recorded runs include: {'; '.join(known)}" if known else "; no runs are recorded there")
