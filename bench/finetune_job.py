@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from bench.allocator import keep_freed_memory
 from bench.budget import solve_budget
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config, resolve_device, run_job
@@ -115,6 +116,7 @@ def loss_curve(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, save, evaluate; returns the fine-tuned model's record (rank 0), else None."""
+    keep_freed_memory()  # training steps on the CPU stop paying page faults too (bench/allocator.py)
     dist_, device = init_distributed(resolve_device(cfg.device))
     method = cfg.method.name
 

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from bench.allocator import keep_freed_memory
 from bench.budget import solve_budget
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError, record_skip
@@ -223,6 +224,7 @@ def _record(
         "config": identity,
         "metrics": metrics,
         "device": device_name(device),
+        "allocator": keep_freed_memory(),
         "git_commit": git_commit(),
         "timestamp": now_iso(),
         "seconds": seconds,
@@ -240,6 +242,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
 
     Every setting is validated and the results folder checked writable before anything is
     measured; records (the unreduced one included) are appended only once the job finished."""
+    keep_freed_memory()  # before the first large tensor: CPU forwards stop paying page faults (bench/allocator.py)
     cfg, finetuned = resolve_finetuned(cfg)  # a bench.finetune checkpoint: its base model + trained state
     validate_settings(cfg)
     check_writable(cfg.results_dir)

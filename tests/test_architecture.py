@@ -126,6 +126,7 @@ BENCH_BASICS = {
     "bench.store",
     "bench.results_io",
     "bench.sweep_id",
+    "bench.allocator",
 }
 """Top-level ``bench`` modules every room may use; the other top-level modules are the jobs
 and commands (``job``, ``budget``, ``validate``, ``callbacks``, ``run``, ``finetune``, ...)."""
