@@ -264,6 +264,36 @@ def test_without_tolerance_the_count_is_fixed(vit, images, quiet_machine):
     assert m["latency_iters"] == 6 and m["latency_stop"] == "6 iterations"
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 2])
+def test_peak_memory_read_in_the_warm_up_equals_a_separate_reading(vit, images, quiet_machine, warmup):
+    """The last warm-up forward doubles as the memory-profiled one (no extra forward); without
+    warm-up the reading comes after the timed loop. Either way it is the same number."""
+    reference = tiny_vit(depth=4)
+    m = measure_latency(vit, reference, images, warmup, 2, show_progress=False)
+    assert m["peak_mem_mb"] == latency_module.peak_memory_mb(vit, images, False) > 0
+    assert m["peak_mem_mb_baseline"] == latency_module.peak_memory_mb(reference, images, False) > 0
+    forwards = []
+    handle = vit.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        measure_latency(vit, reference, images, warmup, 2, show_progress=False)
+    finally:
+        handle.remove()
+    assert len(forwards) == warmup + 2 + (1 if warmup == 0 else 0)
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_scaling_timing_reads_memory_in_its_warm_up_too(vit, images, warmup):
+    forwards = []
+    handle = vit.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        one = latency_module.time_forward(vit, images, warmup, 3)
+    finally:
+        handle.remove()
+    assert len(forwards) == warmup + 3 + (1 if warmup == 0 else 0)
+    assert one["peak_mem_mb"] == latency_module.peak_memory_mb(vit, images, False)
+    assert latency_module.time_forward(vit, images, warmup, 3, memory=False)["peak_mem_mb"] is None
+
+
 def test_busy_machine_is_flagged(vit, images, monkeypatch):
     cpu = torch.device("cpu")
     cpus = latency_module.cpu_count()

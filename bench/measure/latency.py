@@ -64,24 +64,54 @@ def peak_memory_mb(model: nn.Module, x: Tensor, amp: bool) -> float:
     RSS cannot tell (the allocator keeps freed pages), so the allocations and frees the torch
     profiler records are replayed in time order and their running sum's maximum is taken.
     """
+    return _profiled_forward(model, x, amp, "memory")[0]
+
+
+def _profiled_forward(model: nn.Module, x: Tensor, amp: bool, what: str) -> tuple[float, Tensor]:
+    """One forward whose peak memory is read (see :func:`peak_memory_mb`); its output is
+    checked, so the forward can double as the last warm-up call instead of costing one more."""
     device = x.device
     with torch.no_grad(), _autocast(device, amp):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            model(x)
+            out = model(x)
             torch.cuda.synchronize(device)
-            return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-            model(x)
+            peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+                out = model(x)
+            peak = _replayed_peak(prof)
+    check_finite_output(out, what)
+    return peak / 2**20, out
+
+
+def _replayed_peak(prof: torch.profiler.profile) -> int:
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     running = peak = 0
     for _, delta in events:
         running += delta
         peak = max(peak, running)
-    return peak / 2**20
+    return peak
+
+
+def _warm_up(
+    models: list[tuple[nn.Module, str]], x: Tensor, warmup: int, amp: bool, memory: bool
+) -> list[float | None]:
+    """``warmup`` untimed forwards of each ``(model, its name in errors)``, in alternation; with
+    ``memory``, the last one of each is also where its peak memory is read, so measuring memory
+    costs no forward of its own. Returns the peaks (None where not read: ``memory`` off, or no warm-up at all, in which
+    case the caller reads them after the timed loop so that the timing still starts cold)."""
+    peaks: list[float | None] = [None] * len(models)
+    for i in range(warmup):
+        for j, (m, what) in enumerate(models):
+            if memory and i == warmup - 1:
+                peaks[j] = _profiled_forward(m, x, amp, what)[0]
+            else:
+                check_finite_output(m(x), what)
+    return peaks
 
 
 @contextmanager
@@ -221,9 +251,9 @@ def measure_latency(
         reference.eval()
         ms, ms_ref, ratios = [], [], []
         with torch.no_grad(), _autocast(device, amp):
-            for _ in range(warmup):
-                check_finite_output(model(x), "latency warm-up")
-                check_finite_output(reference(x), "latency warm-up (unreduced)")
+            mem, mem_ref = _warm_up(
+                [(model, "latency warm-up"), (reference, "latency warm-up (unreduced)")], x, warmup, amp, memory=True
+            )
             bar = tqdm(desc="latency", total=iters, disable=not show_progress, leave=False)
             start = clock()
             stop = None
@@ -242,8 +272,8 @@ def measure_latency(
                 stop = rule.reason(ratios, clock() - start)
             seconds = clock() - start
             bar.close()
-        mem = peak_memory_mb(model, x, amp)
-        mem_ref = peak_memory_mb(reference, x, amp)
+        if mem is None or mem_ref is None:
+            mem, mem_ref = peak_memory_mb(model, x, amp), peak_memory_mb(reference, x, amp)
         used_threads = torch.get_num_threads()
     med, med_ref = statistics.median(ms), statistics.median(ms_ref)
     batch = x.shape[0]
@@ -317,10 +347,10 @@ def time_forward(
         timer = _Timer(device)
         model.eval()
         with torch.no_grad(), _autocast(device, amp):
-            for _ in range(warmup):
-                check_finite_output(model(x), "latency warm-up")
+            (mem,) = _warm_up([(model, "latency warm-up")], x, warmup, amp, memory)
             ms = [timer(lambda: model(x)) for _ in range(iters)]
-        mem = peak_memory_mb(model, x, amp) if memory else None
+        if memory and mem is None:
+            mem = peak_memory_mb(model, x, amp)
     load = load_average() if device.type == "cpu" else None
     spread = relative_spread(ms)
     return {"ms": statistics.median(ms), "timings": ms, "peak_mem_mb": mem, "load": load, "spread": spread}
