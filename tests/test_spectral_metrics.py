@@ -108,6 +108,33 @@ def test_effective_rank_of_identity_and_rank_one():
     assert effective_rank((u @ v)[None]).item() == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("tokens", [197, 60, 1])
+def test_singular_values_from_the_gram_matrix_match_an_svd(tokens):
+    """Tokens like a ViT's (a large shared component, a decaying spectrum), more or fewer
+    tokens than channels or none, with sizes: the Gram route gives the SVD's values and ranks."""
+    from bench.measure.spectral_metrics import _weighted_singular_values, ranks
+
+    g = torch.Generator().manual_seed(3)
+    c = 48
+    x = 5 * torch.randn(4, 1, c, generator=g) + torch.randn(4, tokens, c, generator=g) @ torch.diag(
+        torch.logspace(0, -4, c)
+    )
+    size = torch.randint(1, 5, (4, tokens), generator=g).float()
+    sv = _weighted_singular_values(x, size, 1)
+    xp = x[:, 1:].double() * size[:, 1:].double().sqrt()[..., None]
+    exact = torch.linalg.svdvals(xp)
+    n = exact.shape[-1]
+    assert sv.shape == (4, c) and torch.all(sv[:, n:] == 0)
+    # a tiny value's error grows as eps·σ_max²/σ: here (σ_max/σ_min ≈ 4e5) about 3e-12 of σ_max
+    assert torch.allclose(sv[:, :n], exact, rtol=0, atol=1e-10 * (exact.max().item() if n else 1.0))
+    erank, srank = ranks(x, size, 1)
+    p = exact / exact.sum(-1, keepdim=True).clamp_min(1e-300)
+    want_erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum(-1)) if n else torch.zeros(4)
+    assert torch.allclose(erank, want_erank.double(), rtol=1e-9)
+    if n:
+        assert torch.allclose(srank, exact.square().sum(-1) / exact[:, 0].square(), rtol=1e-9)
+
+
 def test_effective_rank_normalises_singular_values_not_their_squares():
     # σ = (3, 1): p = (3/4, 1/4) under L1 normalisation (σ²-normalisation would give 9/10, 1/10).
     x = torch.tensor([[[3.0, 0.0], [0.0, 1.0]]])
