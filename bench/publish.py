@@ -4,8 +4,9 @@
 harness never touches the published results. This command is the one way to rewrite them: it
 runs the reference sweeps below, each a ``bench.run`` command with ``results_dir=results``, then
 regenerates the leaderboard. ``--fresh`` first moves the old store aside (into
-``results/local/``), so the published files hold only the new runs; ``--dry-run`` prints the
-commands.
+``results/local/``), so the published files hold only the new runs and the fine-tuned records
+carried over (``bench.finetune`` made those; this command cannot rerun them); ``--dry-run``
+prints the commands.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from bench.store import RUNS_FILE, append_record, read_records
 
 ALL_METHODS = "fatr,tome,evit,pool,kmedoids,dpcknn,topk,random"
 QUICK = ["bench.scaling.enabled=false", "bench.spectral.enabled=false"]
@@ -64,14 +67,24 @@ def commands(results_dir: str, extra: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def move_aside(results_dir: Path) -> Path | None:
-    """Move the old run store and per-image outcomes into ``results/local/published-<time>/``."""
-    old = [p for p in (results_dir / "runs.jsonl", results_dir / "preds") if p.exists()]
+    """Move the old run store and per-image outcomes into ``results/local/published-<time>/``,
+    then carry back the records this command cannot regenerate: fine-tuned ones (made by
+    ``bench.finetune``, whose checkpoints are not kept), with their outcome files, unchanged."""
+    old = [p for p in (results_dir / RUNS_FILE, results_dir / "preds") if p.exists()]
     if not old:
         return None
     archive = Path("results/local") / f"published-{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
     archive.mkdir(parents=True)
     for p in old:
         shutil.move(str(p), archive / p.name)
+    for record in read_records(archive):
+        if "finetune" not in record:
+            continue
+        outcomes = record.get("metrics", {}).get("outcomes_file")
+        if outcomes and (archive / outcomes).is_file():
+            (results_dir / outcomes).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(archive / outcomes, results_dir / outcomes)
+        append_record(results_dir, record)
     return archive
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -358,3 +359,27 @@ def test_compare_tells_the_fine_tuned_model_from_the_off_the_shelf_one():
     assert "+ft" not in describe_run(shelf)
     with pytest.raises(BenchError, match=r"no recorded run matches 'evit\+ft'; recorded runs include: tome @0.65"):
         resolve("evit+ft", records)
+
+
+def test_fresh_publish_carries_the_fine_tuned_records_over(tmp_path, monkeypatch):
+    """``--fresh`` archives the store; the fine-tuned records (which publish cannot rerun) come
+    back unchanged with their outcome files, the others stay in the archive."""
+    from bench.publish import move_aside
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    (results / "preds").mkdir(parents=True)
+    for name in ("a.npz", "b.npz"):
+        (results / "preds" / name).write_bytes(name.encode())
+    plain = {"config_hash": "aaaa", "metrics": {"outcomes_file": "preds/a.npz"}}
+    tuned = {"config_hash": "bbbb", "metrics": {"outcomes_file": "preds/b.npz"}, "finetune": {"recipe": "quick"}}
+    append_record(results, plain)
+    append_record(results, tuned)
+    archive = move_aside(results)
+    assert archive is not None and archive.is_relative_to(Path("results/local"))
+    assert [r["config_hash"] for r in read_records(results)] == ["bbbb"]
+    assert read_records(results)[0] == tuned
+    assert (results / "preds" / "b.npz").read_bytes() == b"b.npz" and not (results / "preds" / "a.npz").exists()
+    assert [r["config_hash"] for r in read_records(archive)] == ["aaaa", "bbbb"]
+    assert (archive / "preds" / "a.npz").exists()
+    assert move_aside(tmp_path / "empty") is None
