@@ -21,6 +21,7 @@ from conftest import build_reducer, tiny_vit
 from bench import job as job_module
 from bench.data import ImageSet
 from bench.measure import latency as latency_module
+from bench.measure import scaling as scaling_module
 from bench.measure import spectral as spectral_module
 from bench.measure.cache import CACHE_DIR, MeasurementCache, device_fingerprint, unreduced_cache, weights_fingerprint
 from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
@@ -290,6 +291,7 @@ def test_scaling_timing_reads_memory_in_its_warm_up_too(vit, images, warmup):
     finally:
         handle.remove()
     assert len(forwards) == warmup + 3 + (1 if warmup == 0 else 0)
+    assert len(forwards) == scaling_module._forwards(warmup, 3)  # what the scaling budget predicts
     assert one["peak_mem_mb"] == latency_module.peak_memory_mb(vit, images, False)
     assert latency_module.time_forward(vit, images, warmup, 3, memory=False)["peak_mem_mb"] is None
 

@@ -177,8 +177,9 @@ def analytic_gmacs(model: nn.Module, reducer: TokenReducer, size: int) -> float 
 
 
 def _forwards(warmup: int, iters: int) -> int:
-    """Forwards one timed point costs: warm-up, timed iterations and the memory pass."""
-    return warmup + iters + 1
+    """Forwards one timed point costs: warm-up and timed iterations; the memory pass is the last
+    warm-up forward, and one more only without warm-up (see ``latency.time_forward``)."""
+    return warmup + iters + (0 if warmup else 1)
 
 
 def measure_points(
