@@ -102,8 +102,9 @@ def _warm_up(
 ) -> list[float | None]:
     """``warmup`` untimed forwards of each ``(model, its name in errors)``, in alternation; with
     ``memory``, the last one of each is also where its peak memory is read, so measuring memory
-    costs no forward of its own. Returns the peaks (None where not read: ``memory`` off, or no warm-up at all, in which
-    case the caller reads them after the timed loop so that the timing still starts cold)."""
+    costs no forward of its own. Returns the peaks: None where not read (``memory`` off, or no
+    warm-up at all, in which case the caller reads them after the timed loop, so that the timing
+    still starts cold)."""
     peaks: list[float | None] = [None] * len(models)
     for i in range(warmup):
         for j, (m, what) in enumerate(models):

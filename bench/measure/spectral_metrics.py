@@ -137,8 +137,6 @@ def _weighted_singular_values(x: Tensor, size: Tensor | None, num_prefix: int) -
     xp, w = _patch_tokens(x, size, num_prefix)
     xw = xp * w.sqrt()[..., None]
     eig = torch.linalg.eigvalsh(xw.mT @ xw).flip(-1)
-    if eig.shape[-1] == 0:
-        return eig
     tol = max(xw.shape[1], xw.shape[2]) * torch.finfo(eig.dtype).eps * eig[:, :1].clamp_min(0)
     return torch.where(eig > tol, eig, torch.zeros_like(eig)).sqrt()
 
