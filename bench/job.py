@@ -26,6 +26,7 @@ from bench.measure.cache import MeasurementCache, unreduced_cache
 from bench.measure.flops import flops_job
 from bench.measure.latency import latency_job, unreduced_latency
 from bench.measure.outcomes import Outcomes, outcomes_of, save_outcomes
+from bench.measure.packed_linear import packed_linear_kernels
 from bench.measure.phases import PhaseClock
 from bench.measure.scaling import scaling_job
 from bench.measure.spectral import spectral_job
@@ -225,6 +226,7 @@ def _record(
         "metrics": metrics,
         "device": device_name(device),
         "allocator": keep_freed_memory(),
+        "linear_kernels": packed_linear_kernels(device),
         "git_commit": git_commit(),
         "timestamp": now_iso(),
         "seconds": seconds,

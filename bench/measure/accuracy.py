@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bench.finite import check_finite_output
+from bench.measure.packed_linear import packed_linear_kernels, prepacked_linears
 
 if TYPE_CHECKING:
     from bench.measure.cache import MeasurementCache
@@ -35,10 +36,11 @@ def predict(
     desc: str = "accuracy",
     show_progress: bool = True,
 ) -> Predictions:
-    """Top-5 predictions for every image (fp32, eval mode, no grad)."""
+    """Top-5 predictions for every image (fp32, eval mode, no grad; on the CPU with prepacked
+    linear layers, see :mod:`bench.measure.packed_linear`)."""
     model.eval().to(device)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), prepacked_linears(model, device):
         for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress, leave=False):
             logits = model(images[i : i + batch_size].to(device, non_blocking=True))
             check_finite_output(logits, f"{desc}, images {i}..{i + len(logits) - 1}")
@@ -68,7 +70,8 @@ def cached_predictions(
     def compute() -> dict[str, Any]:
         return {"top5": predict(model, images, batch_size, device, "unreduced", progress).top5}
 
-    stored, _ = cache.get_or_compute("predictions", {"batch_size": batch_size}, compute)
+    settings = {"batch_size": batch_size, "linear_kernels": packed_linear_kernels(device)}
+    stored, _ = cache.get_or_compute("predictions", settings, compute)
     return Predictions(stored["top5"])
 
 
