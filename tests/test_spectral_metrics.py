@@ -434,3 +434,24 @@ def test_metrics_on_real_reduction_steps(method, kw, images):
             for s in (before, after):
                 v = fn(s.x, s.size, s.num_prefix)
                 assert v.shape == (images.shape[0],) and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_eigenvalues_split_over_threads_equal_a_one_thread_solve(batch):
+    from bench.measure.spectral_metrics import _eigvalsh
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(batch, 40, 24, generator=g, dtype=torch.float64)
+    gram = a.mT @ a
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = torch.linalg.eigvalsh(gram)
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(_eigvalsh(gram), one)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

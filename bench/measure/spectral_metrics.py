@@ -34,6 +34,7 @@ proportional attention masks out) contribute nothing, and the first ``num_prefix
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -136,9 +137,26 @@ def _weighted_singular_values(x: Tensor, size: Tensor | None, num_prefix: int) -
     """
     xp, w = _patch_tokens(x, size, num_prefix)
     xw = xp * w.sqrt()[..., None]
-    eig = torch.linalg.eigvalsh(xw.mT @ xw).flip(-1)
+    eig = _eigvalsh(xw.mT @ xw).flip(-1)
     tol = max(xw.shape[1], xw.shape[2]) * torch.finfo(eig.dtype).eps * eig[:, :1].clamp_min(0)
     return torch.where(eig > tol, eig, torch.zeros_like(eig)).sqrt()
+
+
+def _eigvalsh(gram: Tensor) -> Tensor:
+    """``torch.linalg.eigvalsh`` of a batch, one LAPACK call per thread instead of threads inside
+    each call: at 192 x 192 the solver gains nothing from threads (64 matrices: 0.073 s with 2,
+    0.076 s with 1), so splitting the batch over the 2 cores takes 0.040 s. Every matrix is
+    solved single-threaded, so the values do not depend on how the batch was split (bit-equal to
+    a one-thread solve; within 4e-15 of the largest of a two-thread one)."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or gram.device.type != "cpu" or gram.shape[0] < 2:
+        return torch.linalg.eigvalsh(gram)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return torch.cat(list(pool.map(torch.linalg.eigvalsh, gram.chunk(threads))))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def effective_rank(x: Tensor, size: Tensor | None = None, num_prefix: int = 0) -> Tensor:
