@@ -141,7 +141,10 @@ def plot_latency(df: pd.DataFrame, path: Path) -> Path | None:
     cmap = plt.get_cmap("viridis")
     hue_color = {h: cmap(k / max(1, len(budgets) - 1) * 0.9) for k, h in enumerate(hue_order)}
     hue_color["own knob"] = "#9e9e9e"
-    fig, axes = figure(2, 15, 5.2 * len(groups), nrows=len(groups))
+    # horizontal bars, one row per method: long variant names stay readable, and the panel
+    # grows with the number of rows instead of being squeezed by rotated labels
+    heights = [max(4.5, 0.32 * g["label"].nunique() + 1.5) for _, g in groups]
+    fig, axes = figure(2, 15, sum(heights), nrows=len(groups))
     for row, (key, g) in enumerate(groups):
         ax, ax2 = axes[2 * row], axes[2 * row + 1]
         g = g.assign(hue=g["budget"].map(_budget_text))
@@ -149,24 +152,25 @@ def plot_latency(df: pd.DataFrame, path: Path) -> Path | None:
         width = 0.8 / len(hue_order)
         for k, h in enumerate(hue_order):
             part = g[g["hue"] == h].set_index("label").reindex(labels)
-            xs = np.arange(len(labels)) + (k - (len(hue_order) - 1) / 2) * width
+            ys = np.arange(len(labels)) + (k - (len(hue_order) - 1) / 2) * width
             err = None
             if {"speedup_q1", "speedup_q3"} <= set(part.columns):
                 err = np.nan_to_num(
                     np.vstack([part["speedup"] - part["speedup_q1"], part["speedup_q3"] - part["speedup"]]), nan=0.0
                 )
-            ax.bar(xs, part["speedup"], width, yerr=err, color=hue_color[h], label=h, error_kw={"elinewidth": 0.8})
-        ax.set_xticks(np.arange(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        ax.axhline(1.0, color="black", lw=1)
-        ax.set_ylabel("speedup vs unreduced (×), whiskers: IQR")
+            ax.barh(ys, part["speedup"], width, xerr=err, color=hue_color[h], label=h, error_kw={"elinewidth": 0.8})
+        ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # first method at the top
+        ax.axvline(1.0, color="black", lw=1)
+        ax.set_xlabel("speedup vs unreduced (×), whiskers: IQR")
         ax.set_title(group_title(key), fontsize=9)
         ax.legend(
             title="MACs target",
             fontsize=7,
             title_fontsize=7,
             ncol=len(hue_order),
-            loc="lower left",
-            bbox_to_anchor=(0.0, 1.08),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.09),
             frameon=False,
         )
         if "macs_ratio" in g and g["macs_ratio"].notna().any():
