@@ -29,6 +29,7 @@ from bench.measure.outcomes import Outcomes, outcomes_of, save_outcomes
 from bench.measure.packed_linear import packed_linear_kernels
 from bench.measure.phases import PhaseClock
 from bench.measure.scaling import scaling_job
+from bench.measure.shared_prefix import start_block
 from bench.measure.spectral import spectral_job
 from bench.measure.subject import Baseline, Measured, ReferenceKey, Subject, canonical, subject_of
 from bench.models import load_model, model_without_reducer, set_resolution
@@ -126,6 +127,7 @@ def measure(
     base: Baseline | None,
     clock: PhaseClock | None = None,
     cache: MeasurementCache | None = None,
+    keep_block: int | None = None,
 ) -> tuple[dict[str, Any], Predictions | None]:
     """Every enabled measurement of one patched model; relative numbers against ``base``.
 
@@ -133,7 +135,7 @@ def measure(
     can and is not timed here: its latency is the one measured in alternation with the first reduced
     job (see :func:`run_job`). Each phase's seconds accumulate in ``clock``."""
     clock = clock or PhaseClock()
-    subject = subject_of(cfg, model, reducer, data, device, base, cache)
+    subject = subject_of(cfg, model, reducer, data, device, base, cache, keep_block)
     out = Measured()
     for m in MEASUREMENTS:
         if m.switched_on(cfg.bench) and (subject.reduced or not m.reduced_only):
@@ -161,9 +163,10 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
         plain = model_without_reducer(model)
         cache = unreduced_cache(cfg.results_dir, plain, cfg.model, data, device, enabled=cfg.get("cache", True))
         stored = _stored_baseline(cfg, base_cfg)
+        keep = start_block(model)  # this job's first reduction: its accuracy pass may start there
         preds = None
         if stored is not None and cfg.bench.accuracy:
-            preds = cached_predictions(cache, plain, data.images, cfg.data.batch_size, device, cfg.progress)
+            preds = cached_predictions(cache, plain, data.images, cfg.data.batch_size, device, cfg.progress, keep)
             top1 = accuracy_metrics(preds, data.labels)["top1"]
             if top1 != stored["top1"]:
                 say(
@@ -175,7 +178,7 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
             _BASELINES[key] = Baseline(preds, stored, base_cfg, recorded=True, cache=cache)
         else:
             own = PhaseClock()
-            metrics, preds = measure(cfg, plain, NoReduction(), data, device, None, own, cache)
+            metrics, preds = measure(cfg, plain, NoReduction(), data, device, None, own, cache, keep)
             metrics["seconds_by_phase"] = own.record()
             _BASELINES[key] = Baseline(preds, metrics, base_cfg, recorded=False, cache=cache)
         _BASELINES[key].seconds = time.perf_counter() - t0

@@ -10,7 +10,14 @@ from methods.base import (
     TokenReducer,
     TokenState,
 )
-from methods.patch import UnsupportedModelError, apply_reducer, reduction_context, remove_reducer
+from methods.patch import (
+    UnsupportedModelError,
+    apply_reducer,
+    first_reduction_block,
+    forward_from_block,
+    reduction_context,
+    remove_reducer,
+)
 
 __all__ = [
     "ATTN",
@@ -23,6 +30,8 @@ __all__ = [
     "TokenState",
     "UnsupportedModelError",
     "apply_reducer",
+    "first_reduction_block",
+    "forward_from_block",
     "reduction_context",
     "remove_reducer",
 ]

@@ -271,3 +271,30 @@ def remove_reducer(model: nn.Module) -> nn.Module:
     del model._reduction_ctx, model.blocks._reduction_ctx, model._reduction_hooks
     del model.token_reducer
     return model
+
+
+def first_reduction_block(model: nn.Module) -> int | None:
+    """The first block at which the patched model's reducer acts, or None if it never does.
+    Before it the reduced model computes exactly what the unreduced one computes."""
+    reducer = reduction_context(model).reducer
+    return next((i for i in range(len(model.blocks)) if reducer.reduces_at(i)), None)
+
+
+def forward_from_block(model: nn.Module, x: Tensor, block: int) -> Tensor:
+    """The patched model's output for ``x``, the tokens entering ``blocks[block]`` (as the
+    blocks before it give them), running only ``blocks[block:]``, the final norm and the head.
+
+    Exact only up to the first reduction (:func:`first_reduction_block`): earlier blocks have
+    nothing to reduce, so the state they would leave is the initial one. A caller that starts
+    from another model's tokens checks the result against a full forward (see
+    ``bench.measure.shared_prefix``): the tail follows timm's ``VisionTransformer.forward``."""
+    first = first_reduction_block(model)
+    if first is None or not 0 <= block <= first:
+        raise ValueError(f"cannot start at block {block}: the reducer first acts at block {first}")
+    ctx = reduction_context(model)
+    ctx.image_hw = None
+    _blocks_pre_hook(model.blocks, (x,))
+    ctx.token_trace = [x.shape[1]] * block
+    for blk in model.blocks[block:]:
+        x = blk(x)
+    return model.forward_head(model.norm(x))

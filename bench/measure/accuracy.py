@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from bench.finite import check_finite_output
 from bench.measure.packed_linear import packed_linear_kernels, prepacked_linears
+from bench.measure.shared_prefix import BlockInputs, SharedPrefix, keeping_block_inputs
 
 if TYPE_CHECKING:
     from bench.measure.cache import MeasurementCache
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 class Predictions:
     top5: Tensor
     """(N, 5) class indices, best first."""
+    block_inputs: BlockInputs | None = None
+    """Tokens this pass fed one block (``keep_block``), for reduced models that start there."""
+    shared: str = "not shared"
+    """How a reduced model's pass used the unreduced pass's tokens (see :mod:`bench.measure.shared_prefix`)."""
 
     @property
     def top1(self) -> Tensor:
@@ -35,17 +40,26 @@ def predict(
     device: torch.device | str = "cpu",
     desc: str = "accuracy",
     show_progress: bool = True,
+    keep_block: int | None = None,
+    start: BlockInputs | None = None,
 ) -> Predictions:
     """Top-5 predictions for every image (fp32, eval mode, no grad; on the CPU with prepacked
-    linear layers, see :mod:`bench.measure.packed_linear`)."""
+    linear layers, see :mod:`bench.measure.packed_linear`).
+
+    ``keep_block``: also keep the tokens entering that block (``Predictions.block_inputs``).
+    ``start``: such tokens of the unreduced model, where this reduced model's pass may start
+    (checked on the first batch, see :mod:`bench.measure.shared_prefix`)."""
     model.eval().to(device)
     out = []
-    with torch.no_grad(), prepacked_linears(model, device):
+    forward = SharedPrefix(model, start, images) if start is not None else model
+    with torch.no_grad(), prepacked_linears(model, device), keeping_block_inputs(model, keep_block, images) as kept:
         for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress, leave=False):
-            logits = model(images[i : i + batch_size].to(device, non_blocking=True))
+            batch = images[i : i + batch_size].to(device, non_blocking=True)
+            logits = forward(batch, i) if isinstance(forward, SharedPrefix) else forward(batch)
             check_finite_output(logits, f"{desc}, images {i}..{i + len(logits) - 1}")
             out.append(logits.topk(5, dim=-1).indices.cpu())
-    return Predictions(torch.cat(out))
+    shared = forward.outcome if isinstance(forward, SharedPrefix) else "not shared"
+    return Predictions(torch.cat(out), kept[0] if kept else None, shared)
 
 
 def accuracy_metrics(preds: Predictions, labels: Tensor, reference: Predictions | None = None) -> dict[str, float]:
@@ -63,16 +77,25 @@ def accuracy_metrics(preds: Predictions, labels: Tensor, reference: Predictions 
 
 
 def cached_predictions(
-    cache: MeasurementCache, model: nn.Module, images: Tensor, batch_size: int, device: torch.device, progress: bool
+    cache: MeasurementCache,
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    keep_block: int | None = None,
 ) -> Predictions:
-    """The unreduced model's predictions, from the measurement cache or measured (and stored)."""
+    """The unreduced model's predictions, from the measurement cache or measured (and stored;
+    only then with the tokens entering ``keep_block``, see :func:`predict`)."""
+    fresh: list[Predictions] = []
 
     def compute() -> dict[str, Any]:
-        return {"top5": predict(model, images, batch_size, device, "unreduced", progress).top5}
+        fresh.append(predict(model, images, batch_size, device, "unreduced", progress, keep_block=keep_block))
+        return {"top5": fresh[0].top5}
 
     settings = {"batch_size": batch_size, "linear_kernels": packed_linear_kernels(device)}
     stored, _ = cache.get_or_compute("predictions", settings, compute)
-    return Predictions(stored["top5"])
+    return fresh[0] if fresh else Predictions(stored["top5"])
 
 
 def accuracy_job(enabled: bool, subject: Subject, out: Measured) -> None:
@@ -81,11 +104,18 @@ def accuracy_job(enabled: bool, subject: Subject, out: Measured) -> None:
     s = subject
     t0 = time.perf_counter()
     if not s.reduced and s.cache is not None:
-        out.preds = cached_predictions(s.cache, s.model, s.data.images, s.batch_size, s.device, s.progress)
+        out.preds = cached_predictions(
+            s.cache, s.model, s.data.images, s.batch_size, s.device, s.progress, s.keep_block
+        )
+    elif not s.reduced:
+        out.preds = predict(s.model, s.data.images, s.batch_size, s.device, s.name, s.progress, s.keep_block)
     else:
-        out.preds = predict(s.model, s.data.images, s.batch_size, s.device, s.name, s.progress)
+        start = s.base.preds.block_inputs if s.base.preds is not None else None
+        out.preds = predict(s.model, s.data.images, s.batch_size, s.device, s.name, s.progress, start=start)
     m = out.metrics
     m["accuracy_seconds"] = time.perf_counter() - t0
+    if s.reduced:
+        m["accuracy_shared_prefix"] = out.preds.shared
     m.update(accuracy_metrics(out.preds, s.data.labels, s.base.preds if s.base else None))
     if s.base is not None:
         m["baseline_top1"] = s.base.metrics["top1"]

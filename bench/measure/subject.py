@@ -80,6 +80,9 @@ class Subject:
     """CPU threads for every timed forward (``bench.latency.threads``)."""
     reference_key: ReferenceKey
     """Keys the unreduced reference kept in this process."""
+    keep_block: int | None = None
+    """The unreduced model's accuracy pass keeps the tokens entering this block (the reduced
+    model's first reduction), so the reduced pass can start there (bench/measure/shared_prefix.py)."""
 
     @property
     def reduced(self) -> bool:
@@ -94,6 +97,7 @@ def subject_of(
     device: torch.device,
     base: Baseline | None = None,
     cache: MeasurementCache | None = None,
+    keep_block: int | None = None,
 ) -> Subject:
     """The subject of one job's measurements; a reduced model (``base`` given) reads the
     reference's measurement cache, the unreduced one its own ``cache``."""
@@ -111,6 +115,7 @@ def subject_of(
         amp=lat.amp,
         threads=lat.threads,
         reference_key=ReferenceKey.of(cfg, device),
+        keep_block=keep_block,
     )
 
 
