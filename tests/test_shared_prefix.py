@@ -80,15 +80,19 @@ def test_tome_acting_from_block_zero_shares_nothing():
     assert torch.equal(out.top5, predict(model, images, batch_size=10, show_progress=False).top5)
 
 
+def _assert_full_forwards(model, images, start):
+    out = predict(model, images, batch_size=10, show_progress=False, start=start)
+    assert out.shared.startswith("full forwards (the tokens entering block 2")
+    assert torch.equal(out.top5, predict(model, images, batch_size=10, show_progress=False).top5)
+
+
 def test_other_weights_fall_back_to_full_forwards():
     """A fine-tuned reduced model starts from other tokens: the first batch shows it."""
     model, images = _reduced("evit"), _images()
     base = _unreduced_pass(model, images)
     with torch.no_grad():
         model.blocks[0].mlp.fc2.weight.mul_(1.5)
-    out = predict(model, images, batch_size=10, show_progress=False, start=base.block_inputs)
-    assert out.shared.startswith("full forwards (the tokens entering block 2")
-    assert torch.equal(out.top5, predict(model, images, batch_size=10, show_progress=False).top5)
+    _assert_full_forwards(model, images, base.block_inputs)
 
 
 def test_a_reducer_that_acts_before_its_first_reduction_falls_back(monkeypatch):
@@ -98,9 +102,7 @@ def test_a_reducer_that_acts_before_its_first_reduction_falls_back(monkeypatch):
     monkeypatch.setattr(reducer, "attention_bias", lambda state, block: torch.full((1, 1, 1, 1), 0.5 * (block == 0)))
     with torch.no_grad():
         assert not torch.equal(model(images[:10]), model_without_reducer(model)(images[:10]))
-    out = predict(model, images, batch_size=10, show_progress=False, start=base.block_inputs)
-    assert out.shared.startswith("full forwards")
-    assert torch.equal(out.top5, predict(model, images, batch_size=10, show_progress=False).top5)
+    _assert_full_forwards(model, images, base.block_inputs)
 
 
 def test_other_images_or_a_kept_set_over_budget_are_not_used(monkeypatch):
