@@ -51,15 +51,14 @@ def predict(
     (checked on the first batch, see :mod:`bench.measure.shared_prefix`)."""
     model.eval().to(device)
     out = []
-    forward = SharedPrefix(model, start, images) if start is not None else model
+    forward = SharedPrefix(model, start, images)
     with torch.no_grad(), prepacked_linears(model, device), keeping_block_inputs(model, keep_block, images) as kept:
         for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress, leave=False):
             batch = images[i : i + batch_size].to(device, non_blocking=True)
-            logits = forward(batch, i) if isinstance(forward, SharedPrefix) else forward(batch)
+            logits = forward(batch, i)
             check_finite_output(logits, f"{desc}, images {i}..{i + len(logits) - 1}")
             out.append(logits.topk(5, dim=-1).indices.cpu())
-    shared = forward.outcome if isinstance(forward, SharedPrefix) else "not shared"
-    return Predictions(torch.cat(out), kept[0] if kept else None, shared)
+    return Predictions(torch.cat(out), kept[0] if kept else None, forward.outcome)
 
 
 def accuracy_metrics(preds: Predictions, labels: Tensor, reference: Predictions | None = None) -> dict[str, float]:

@@ -75,31 +75,26 @@ def keeping_block_inputs(model: nn.Module, block: int | None, images: Tensor) ->
 
 
 class SharedPrefix:
-    """Runs one reduced model's accuracy batches from :class:`BlockInputs` where that is exact."""
+    """Runs one model's accuracy batches, from :class:`BlockInputs` where that is exact (none
+    given: plain forwards)."""
 
     def __init__(self, model: nn.Module, start: BlockInputs | None, images: Tensor) -> None:
-        usable = (
-            start is not None
-            and start.images is images
-            and start_block(model) == start.block
-            and start.tokens.shape[0] == len(images)
-        )
         self.model = model
-        self.start = start if usable else None
+        self.start = None
         self.checked = False
-        if self.start is not None:
-            self.outcome = f"blocks 0-{self.start.block - 1} from the unreduced pass"
-        elif start is None:
-            self.outcome = "not shared"
-        elif start_block(model) is None:
+        self.outcome = "not shared"
+        if start is None:
+            return
+        first = start_block(model)
+        if first is None:
             self.outcome = "not shared (the reducer acts from block 0)"
-        else:
-            first = start_block(model)
+        elif first != start.block:
             self.outcome = f"not shared (tokens kept at block {start.block}, this reducer first acts at {first})"
-
-    @property
-    def block(self) -> int:
-        return self.start.block if self.start is not None else 0
+        elif start.images is images and start.tokens.shape[0] == len(images):
+            self.start = start
+            self.outcome = f"blocks 0-{first - 1} from the unreduced pass"
+        else:
+            self.outcome = "not shared (the tokens were kept for other images)"
 
     def __call__(self, batch: Tensor, first: int) -> Tensor:
         """Logits of images ``first..first+len(batch)-1``."""

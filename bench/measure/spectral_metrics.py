@@ -148,11 +148,13 @@ def _eigvalsh(gram: Tensor) -> Tensor:
     0.076 s with 1), so splitting the batch over the 2 cores takes 0.040 s. Every matrix is
     solved single-threaded, so the values do not depend on how the batch was split (bit-equal to
     a one-thread solve; within 4e-15 of the largest of a two-thread one)."""
-    threads = torch.get_num_threads()
-    if threads <= 1 or gram.device.type != "cpu" or gram.shape[0] < 2:
+    if gram.device.type != "cpu":
         return torch.linalg.eigvalsh(gram)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if threads <= 1 or gram.shape[0] < 2:
+            return torch.linalg.eigvalsh(gram)
         with ThreadPoolExecutor(threads) as pool:
             return torch.cat(list(pool.map(torch.linalg.eigvalsh, gram.chunk(threads))))
     finally:
