@@ -84,7 +84,6 @@ def bipartite_groups(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, i
     return (group if remap is None else remap[group]), num_out
 
 
-@functools.lru_cache(maxsize=64)
 def _prefix_first(num_prefix: int, n_unm: int, num_out: int, device: torch.device) -> Tensor | None:
     """The slot permutation that moves the prefix slots to the front (None: already there).
 
@@ -93,7 +92,20 @@ def _prefix_first(num_prefix: int, n_unm: int, num_out: int, device: torch.devic
     ``0..ceil(p/2)-1``; the odd ones (set B) keep their B slots ``n_unm + j``. Computing it from
     shapes, not from ``group``, keeps the step free of host-device syncs (on a GPU a data-
     dependent ``nonzero`` per block stalled the launch queue 24 times per forward).
+
+    The counts are made plain ints first. They come from tensor shapes, and under
+    ``torch.jit.trace`` (fvcore's FLOPs pass) a shape is a traced 0-dim tensor: the slot set
+    below then compared tensors by identity, missed the set-B prefix slots, and built a
+    permutation too long for every model with 2 or more prefix tokens (distilled DeiT,
+    register tokens). In eager mode they already are ints, so ``int`` costs nothing and syncs
+    nothing; it also keys the cache by value rather than by tensor identity.
     """
+    return _prefix_first_slots(int(num_prefix), int(n_unm), int(num_out), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_first_slots(num_prefix: int, n_unm: int, num_out: int, device: torch.device) -> Tensor | None:
+    """:func:`_prefix_first` on plain ints, cached per layout and device."""
     if num_prefix < 2:
         return None
     prefix = [t // 2 if t % 2 == 0 else n_unm + t // 2 for t in range(num_prefix)]  # in token order
