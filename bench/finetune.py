@@ -5,12 +5,16 @@ Each method is fine-tuned at the budget ``bench.run`` evaluates it at, with the 
 all, then evaluated as a ``bench.run`` job and recorded with its provenance. Several processes:
 ``torchrun --nproc_per_node N -m bench.finetune ...`` (gloo on CPU, NCCL on GPUs); the global
 batch stays the recipe's, gradient accumulation fills what the processes do not.
-Like ``bench.run``, bad input ends a job with one line and the sweep exits with status 2.
+Like ``bench.run``, bad input ends a job with one line and the sweep exits with status 2;
+Ctrl-C saves the training state and ends with one line giving the exact command that
+continues (this one with ``resume=true``), status 130.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,10 +85,60 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         return run_finetune(cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        record_failure(str(e))
-        return None
+        return _fail(str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""  # the metrics log, a plot, the results
+        return _fail(f"disk full{where} ({e.strerror}); free space and continue with resume=true")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    record_failure(message)
+    return None
+
+
+def resume_command(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """The command that continues this one: its overrides with ``resume=true`` (in place of
+    any ``resume=`` given), under ``torchrun`` when it ran under one."""
+    env = os.environ if env is None else env
+    args = [a for a in argv if a.split("=", 1)[0].lstrip("+~") != "resume"]
+    launcher = "python"
+    world, local = env.get("WORLD_SIZE", "1"), env.get("LOCAL_WORLD_SIZE", "")
+    if world != "1":
+        launcher = f"torchrun --nproc_per_node {local}" if local == world else "torchrun <your launch options>"
+    return f"{launcher} {shlex.join(['-m', 'bench.finetune', *args, 'resume=true'])}"
+
+
+def report_interrupt(exc: KeyboardInterrupt, argv: list[str] | None = None) -> int:
+    """After Ctrl-C: one line (main process only) saying what training saved and the exact
+    command that continues; returns 130, as shells report SIGINT. No leaderboard rebuild: a
+    job records only after its evaluation, and rerunning the command finishes that."""
+    from bench import callbacks
+    from bench.train.trainer import TrainingInterrupted
+
+    sweep = callbacks._ACTIVE
+    if sweep is not None and sweep.bar is not None:
+        sweep.bar.close()
+    if not _main_process():
+        return 130
+    where = "interrupted"
+    if isinstance(exc, TrainingInterrupted):
+        saved = f"step {exc.saved_step} saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint yet"
+        where = f"interrupted at step {exc.step} of {exc.steps} ({saved})"
+    command = resume_command(sys.argv[1:] if argv is None else argv)
+    print(f"{where}; continue with: {command}", file=sys.stderr)
+    return 130
+
+
+def cli() -> None:
+    """``python -m bench.finetune``: Hydra's main, with Ctrl-C turned into one line and status 130."""
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        sys.exit(report_interrupt(e))
 
 
 if __name__ == "__main__":
-    main()
+    cli()

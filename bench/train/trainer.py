@@ -10,12 +10,18 @@ which is also the data position), so a resumed run continues exactly where it st
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -147,6 +153,19 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     return Dist(rank, world), device
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the checkpoint was saved: carries what was saved, so the
+    entry point can say in one line where the run stands and how to continue it."""
+
+    def __init__(self, checkpoint: Path | None, saved_step: int, step: int, steps: int) -> None:
+        super().__init__(f"interrupted at step {step} of {steps}")
+        self.checkpoint = checkpoint
+        """``last.pt`` (None: nothing saved yet, or not by this process)."""
+        self.saved_step = saved_step
+        """The step ``checkpoint`` holds (resuming starts after it)."""
+        self.step, self.steps = step, steps
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -219,15 +238,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_atomic(obj: Any, path: Path) -> Path:
-    """Write a file that is either complete or absent, whatever interrupts the write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a file that is either complete or absent, whatever interrupts the write: a good
+    checkpoint is replaced only by a complete one, so a full disk, a crash or Ctrl-C mid-save
+    never leaves a truncated ``last.pt`` where the last good one was."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise BenchError(write_error(e, path)) from None
+        raise
     return path
+
+
+def write_error(e: OSError, path: Path) -> str:
+    """One line for a failed write: what failed, that nothing good was lost, what to do."""
+    kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"disk full: cannot save {path} ({e.strerror}){kept}; free space there and continue with "
+            "resume=true (or start over on another disk with checkpoint_dir=PATH)"
+        )
+    return f"cannot save {path}: {e.strerror or e}{kept}"
+
+
+@contextmanager
+def finish_before_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then raise it: an update interrupted halfway (the
+    optimizer stepped, the EMA not) can be neither saved nor resumed, so Ctrl-C there would
+    lose the step and leave no checkpoint. Only where Python's own handler is in place (the
+    main thread); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -240,20 +299,33 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def start_over(path: Path) -> str:
+    """What to do about a checkpoint that cannot be resumed (the end of each such error)."""
+    return (
+        f"delete it (or its folder {path.parent}) to start this configuration over, or point "
+        "checkpoint_dir (finetune.out_dir) elsewhere"
+    )
+
+
 def load_train_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint to resume from, refused when another configuration wrote it."""
+    """A checkpoint to resume from, refused in one line when it is truncated, not ours, or
+    another configuration wrote it (torch's own errors say neither which nor what to do)."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing here
-        raise BenchError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
+        with warnings.catch_warnings():  # a foreign pickle warns before it fails
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file means the same thing here
+        raise BenchError(
+            f"checkpoint {path} is truncated or corrupt (torch cannot read it): {start_over(path)}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise BenchError(f"{path} is not a bench.finetune checkpoint")
-    if state["identity_hash"] != config_hash(identity):
-        diff = differences(state["identity"], identity)
+        raise BenchError(f"{path} is not a bench.finetune checkpoint (another program's file?): {start_over(path)}")
+    if state.get("identity_hash") != config_hash(identity):
+        diff = differences(state.get("identity"), identity)
         shown = ", ".join(diff[:5]) + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else "")
         raise BenchError(
-            f"checkpoint {path} was written by another configuration (differs in: {shown}); "
-            "resume with that configuration, or point finetune.out_dir elsewhere"
+            f"checkpoint {path} was written by another configuration (differs in: {shown}): "
+            f"resume with that configuration, or {start_over(path)}"
         )
     return state
 
@@ -308,8 +380,12 @@ class _Training:
             self.forward = DistributedDataParallel(student, device_ids=ids, find_unused_parameters=True)
         self.step = 0
         self.seconds = 0.0
+        self.saved_step: int | None = None
+        """The step ``last.pt`` holds (None: this run has none yet)."""
         self.updating = False
         """True while the weights, optimizer, scheduler and EMA are being updated (not a checkpoint)."""
+        self.rng_next = rng_state()
+        """The random state the next step starts from (a checkpoint's, with the last update's weights)."""
 
     def state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -326,16 +402,25 @@ class _Training:
             "rng": rngs,
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        rngs = state["rng"]
-        set_rng_state(rngs[self.dist.rank % len(rngs)])
-        self.step, self.seconds = state["step"], state["seconds"]
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from ``state`` (read from ``path``); one line when it does not fit these objects
+        (same configuration, other code: a reducer whose parameters changed, say)."""
+        try:
+            self.student.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            rngs = state["rng"]
+            set_rng_state(rngs[self.dist.rank % len(rngs)])
+            self.step, self.seconds = state["step"], state["seconds"]
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise BenchError(
+                f"checkpoint {path} does not fit this model and recipe ({first}): {start_over(path)}"
+            ) from None
+        self.saved_step = self.step
 
     def save(self, out_dir: Path, rng: dict[str, Any]) -> None:
         rngs = [rng]
@@ -346,6 +431,7 @@ class _Training:
             save_atomic(self.state(rngs), out_dir / LAST)
         if self.dist.world > 1:
             dist.barrier()
+        self.saved_step = self.step
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -377,14 +463,16 @@ class _Training:
         if r.clip_grad:
             torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], r.clip_grad)
         lr = self.lr()
-        self.updating = True
-        self.optimizer.step()
-        self.step += 1
-        if self.scheduler is not None:
-            self.scheduler.step_update(num_updates=self.step)
-        if self.ema is not None:
-            self.ema.update(self.student, step=self.step)
-        self.updating = False
+        with finish_before_interrupt():  # Ctrl-C lands before or after an update, never inside it
+            self.updating = True
+            self.optimizer.step()
+            self.step += 1
+            if self.scheduler is not None:
+                self.scheduler.step_update(num_updates=self.step)
+            if self.ema is not None:
+                self.ema.update(self.student, step=self.step)
+            self.updating = False
+            self.rng_next = rng_state()
         if self.dist.world > 1:
             dist.all_reduce(logged)
             logged /= self.dist.world
@@ -415,7 +503,9 @@ def train(
     ``dataset[(epoch, index)]`` gives ``(image, label)``. ``out_dir`` receives ``last.pt`` (every
     ``recipe.checkpoint_every`` steps, at the end, and on Ctrl-C in a single process) and
     ``metrics.jsonl`` (one line per step). ``identity`` names the configuration: ``resume``
-    refuses a checkpoint written by another one.
+    refuses a checkpoint written by another one. Ctrl-C raises ``TrainingInterrupted`` (a
+    ``KeyboardInterrupt``) once the checkpoint is saved; a save that fails (disk full) raises
+    ``BenchError`` and leaves the previous ``last.pt`` as it was.
     """
     device = device or torch.device("cpu")
     dist_ = dist_ or Dist()
@@ -430,7 +520,7 @@ def train(
     student.train()
     run = _Training(student, teacher, recipe, dist_, device, identity, seed)
     if saved is not None:
-        run.restore(saved)
+        run.restore(saved, checkpoint)
     steps = recipe.steps
     if dist_.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -451,12 +541,11 @@ def train(
     batches = iter(loader)
     bar = tqdm(total=steps, initial=run.step, desc="fine-tuning", unit="step", disable=not (progress and dist_.main))
     log = open(metrics_path, "a") if dist_.main else None  # noqa: SIM115 - closed in finally
-    rng_next = rng_state()  # the random state the next step starts from
+    run.rng_next = rng_state()  # the random state the first step starts from
     try:
         while run.step < steps:
             t0 = time.perf_counter()
             numbers = run.one_step(batches, sampler.accum)
-            rng_next = rng_state()
             dt = time.perf_counter() - t0
             run.seconds += dt
             row = {
@@ -473,14 +562,17 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.1f}")
             if run.step % recipe.checkpoint_every == 0 or run.step == steps:
-                run.save(out_dir, rng_next)
+                run.save(out_dir, run.rng_next)
     except KeyboardInterrupt:
         # Between updates the weights, optimizer and EMA are those of the last completed step and
         # rng_next is the random state the interrupted step started from: together, a checkpoint.
-        if dist_.world == 1 and not run.updating and run.step > 0:
-            run.save(out_dir, rng_next)
-            print(f"\ninterrupted: step {run.step} saved to {checkpoint}; continue with resume=true")
-        raise
+        if dist_.world == 1 and not run.updating and run.step > (run.saved_step or 0):
+            try:
+                run.save(out_dir, run.rng_next)
+            except BenchError as e:  # disk full: say so, and still stop as Ctrl-C asked
+                print(f"error: {e}", file=sys.stderr)
+        saved = run.saved_step if dist_.main else None
+        raise TrainingInterrupted(checkpoint if saved is not None else None, saved or 0, run.step, steps) from None
     finally:
         bar.close()
         if log is not None:
