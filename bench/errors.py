@@ -38,6 +38,12 @@ def job_output_dir() -> Path | None:
         return None
 
 
+_UNWRITTEN: dict[tuple[Path, str], str] = {}
+"""Notes that could not be written (a full disk under the sweep folder), by (job folder, file
+name): the sweep summary in the same process still finds them, so a failed job is still listed
+and the sweep still exits non-zero."""
+
+
 def _leave_note(filename: str, message: str) -> None:
     out = job_output_dir()
     if out is None:
@@ -45,4 +51,14 @@ def _leave_note(filename: str, message: str) -> None:
     try:
         (out / filename).write_text(message + "\n")
     except OSError:
-        pass
+        _UNWRITTEN[(out.absolute(), filename)] = message
+
+
+def unwritten_notes(sweep_dir: Path, filename: str) -> list[tuple[str, str]]:
+    """(job folder name, message) of the notes named ``filename`` under ``sweep_dir`` that this
+    process could not write."""
+    return [
+        (job.name, message)
+        for (job, name), message in _UNWRITTEN.items()
+        if name == filename and job.parent == sweep_dir.absolute()
+    ]

@@ -1,14 +1,18 @@
 """The run store: one JSON line per finished job in ``results/runs.jsonl``.
 
-Appends are a single ``write`` of one complete line under an exclusive lock, then fsync, so a
-job killed at any moment leaves either its whole record or nothing, and parallel jobs
-(joblib, SLURM array tasks on a shared filesystem) never interleave. Readers skip a damaged
-line with a warning rather than failing the whole leaderboard.
+Appends write one complete line under an exclusive lock, then fsync, so a job killed at any
+moment leaves either its whole record or nothing, and parallel jobs (joblib, SLURM array tasks
+on a shared filesystem) never interleave. A write that fails part-way (a full disk) is cut
+back to the size the file had, and the job fails with one line: a finished result is never
+silently half-written. Readers skip a damaged line with a warning rather than failing the
+whole leaderboard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.results_io import write_failure
 
 RUNS_FILE = "runs.jsonl"
 
@@ -72,24 +78,64 @@ def now_iso() -> str:
 
 
 def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Append ``record`` as one JSON line to the run store; returns the store's path.
+
+    Raises :class:`~bench.errors.BenchError` (one line, ``disk full: ...`` when space or
+    quota ran out) when the line cannot be written whole; the file is then cut back to its
+    size before this call, so earlier records stay intact and no half line remains."""
     path = Path(results_dir) / RUNS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise write_failure("could not append the record to", path, e, "; earlier records are unchanged") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        # A previous writer killed mid-line must not glue its fragment onto our record.
-        if os.fstat(fd).st_size:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-        os.write(fd, line)
-        os.fsync(fd)
+        _append_locked(fd, path, line)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
     return path
+
+
+def _append_locked(fd: int, path: Path, line: bytes) -> None:
+    """Write ``line`` at the end of ``fd`` (lock held), or leave the file as it was and raise."""
+    size = os.fstat(fd).st_size
+    # A previous writer killed mid-line must not glue its fragment onto our record.
+    if size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+    try:
+        _write_all(fd, line)
+        os.fsync(fd)
+    except OSError as e:
+        raise write_failure("could not append the record to", path, e, _cut_back(fd, size)) from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written: a regular file returns a short count when
+    the disk fills part-way, and the next call then raises the reason (``ENOSPC``)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # no progress and no error: call it what it almost always is
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
+
+
+def _cut_back(fd: int, size: int) -> str:
+    """Truncate to ``size`` (what the file held before the failed append); returns the words
+    that tell the user what is left: intact earlier records, or a fragment readers skip."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        return "; a partial line may remain (readers skip it, the next record starts on a new line)"
+    with contextlib.suppress(OSError):  # truncated either way; this only hurries it to disk
+        os.fsync(fd)
+    return "; earlier records are unchanged"
 
 
 def read_records(results_dir: str | Path) -> list[dict[str, Any]]:

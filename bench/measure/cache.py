@@ -16,13 +16,17 @@ that can change their numbers:
 An entry is written whole under a unique temporary name and renamed into place, so
 concurrent writers (joblib or SLURM jobs sharing a results folder) never leave a half file:
 the last rename wins, and every candidate is a complete measurement of the same thing. A
-damaged entry is a miss (measured again, with one warning). ``cache=false`` turns the disk
+damaged entry is a miss (measured again, with one warning). Writing is best effort: an entry
+that cannot be written (a full disk) costs one warning and a measurement next time, never
+the job, and leaves no partial file behind. ``cache=false`` turns the disk
 cache off; ``rm -r <results_dir>/cache`` empties it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from bench.data import ImageSet
+from bench.results_io import write_failure
 from bench.store import device_name
 
 CACHE_DIR = "cache"
@@ -141,21 +146,27 @@ class MeasurementCache:
             return None
 
     def store(self, kind: str, settings: dict[str, Any], value: Any) -> Path | None:
-        """Write atomically (unique temporary file, fsync, rename); None when disabled."""
+        """Write atomically (unique temporary file, fsync, rename); None when disabled or when
+        the entry could not be written (then one warning: the job has its value either way)."""
         if not self.enabled:
             return None
         path = self.path(kind, settings)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()  # serialised first: torch.save on a full disk says only "unexpected pos"
+        torch.save({"key": json.dumps(self.key(kind, settings), sort_keys=True), "value": value}, buffer)
         tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                torch.save({"key": json.dumps(self.key(kind, settings), sort_keys=True), "value": value}, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            print(f"warning: {write_failure('could not write cache entry', path, e, '; not cached')}", file=sys.stderr)
+            return None
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return path
 
     def get_or_compute(

@@ -5,11 +5,13 @@ got right (a paired test), so every accuracy job also writes one small ``.npz`` 
 ``<results_dir>/preds/`` and names it, relative to ``results_dir``, in its metrics
 (``outcomes_file``). Any two runs on the same images can then be compared after the fact
 (``python -m bench.compare``). The file is written whole under a temporary name and renamed,
-so an interrupted job leaves no half file.
+so an interrupted job leaves no half file; a write that fails (a full disk) removes the
+temporary file and fails the job with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import numpy as np
 from bench.data import ImageSet
 from bench.errors import BenchError
 from bench.measure.accuracy import Predictions
+from bench.results_io import write_failure
 
 OUTCOMES_DIR = "preds"
 FIELDS = ("image_ids", "pred", "label", "correct", "agree", "top5_hit")
@@ -67,16 +70,24 @@ def outcomes_of(preds: Predictions | None, data: ImageSet, reference: Prediction
 
 
 def save_outcomes(results_dir: str | Path, stem: str, outcomes: Outcomes) -> str:
-    """Write ``preds/<stem>-<unique>.npz`` atomically; returns its path relative to ``results_dir``."""
+    """Write ``preds/<stem>-<unique>.npz`` atomically; returns its path relative to ``results_dir``.
+
+    Raises one-line :class:`BenchError` (``disk full: ...`` when space ran out) if it cannot
+    be written whole; nothing is left behind then, not even the temporary file."""
     folder = Path(results_dir) / OUTCOMES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"{stem}-{uuid.uuid4().hex[:8]}.npz"
     tmp = folder / f".{name}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **{k: getattr(outcomes, k) for k in FIELDS})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: getattr(outcomes, k) for k in FIELDS})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_failure("could not write per-image outcomes", folder / name, e) from None
     return f"{OUTCOMES_DIR}/{name}"
 
 
