@@ -20,22 +20,42 @@ from tqdm.auto import tqdm
 import bench.sweep_id  # noqa: F401  registers ${fatr_run_id:}, also in launcher processes
 
 
-def count_jobs(config: DictConfig) -> int | None:
-    """Number of jobs the basic sweeper will launch, from the command-line and config sweeps."""
-    try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
+def sweep_sizes(config: DictConfig) -> dict[str, int]:
+    """Number of values of each swept key, from the command-line and config sweeps."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        overrides = list(config.hydra.overrides.task)
-        params = config.hydra.sweeper.get("params") or {}
-        overrides += [f"{k}={v}" for k, v in params.items()]
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        sizes: dict[str, int] = {}
-        for o in parsed:
-            if o.is_sweep_override():
-                sizes[o.get_key_element()] = len(list(o.sweep_string_iterator()))
-        return math.prod(sizes.values()) if sizes else 1
+    overrides = list(config.hydra.overrides.task)
+    params = config.hydra.sweeper.get("params") or {}
+    overrides += [f"{k}={v}" for k, v in params.items()]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    sizes: dict[str, int] = {}
+    for o in parsed:
+        if o.is_sweep_override():
+            sizes[o.get_key_element()] = len(list(o.sweep_string_iterator()))
+    return sizes
+
+
+def count_jobs(config: DictConfig) -> int | None:
+    """Number of jobs the basic sweeper will launch."""
+    try:
+        return math.prod(sweep_sizes(config).values())
     except Exception:  # noqa: BLE001 - a progress total is nice to have, never worth failing for
         return None
+
+
+def check_sources(config: DictConfig) -> None:
+    """Find the sweep's weights and images once before its first job (downloading Imagenette
+    there if it is the source), so an offline machine with nothing local gets one error line,
+    not one per job. A sweep over models or data folders leaves it to each job."""
+    from bench.sources import resolve_sources
+
+    try:
+        swept = sweep_sizes(config)
+    except Exception:  # noqa: BLE001 - the jobs check their own sources
+        return
+    if any(k.lstrip("+~").split("/")[0].split(".")[0] in ("model", "data") for k in swept):
+        return
+    resolve_sources(config, announce=False)
 
 
 class SweepSummary(Callback):
@@ -61,6 +81,7 @@ class SweepSummary(Callback):
         self.stats = dict(config.get("stats") or {})
         try:
             check_writable(self.results_dir)
+            check_sources(config)
         except BenchError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -117,21 +138,31 @@ class SweepSummary(Callback):
 
     def marked(self, filename: str) -> list[tuple[str, str]]:
         """(job folder, message) of this sweep's jobs that left ``filename``."""
+        from bench.errors import unwritten_notes
+
         if self.sweep_dir is None:
             return []
-        return [(f.parent.name, f.read_text().strip()) for f in sorted(Path(self.sweep_dir).glob(f"*/{filename}"))]
+        sweep = Path(self.sweep_dir)
+        found = {f.parent.name: f.read_text().strip() for f in sweep.glob(f"*/{filename}")}
+        found.update(unwritten_notes(sweep, filename))  # a full disk under the sweep folder
+        return sorted(found.items())
 
     def regenerate(self) -> bool:
         """Rewrite the leaderboard from every record; False (and one line) when that failed. A
         results folder without records (every job failed) gets no empty leaderboard."""
+        from bench.errors import BenchError
         from bench.leaderboard import write_leaderboard
         from bench.store import RUNS_FILE
 
-        if not (Path(self.results_dir) / RUNS_FILE).exists():
+        runs = Path(self.results_dir) / RUNS_FILE
+        if not runs.exists() or runs.stat().st_size == 0:  # empty: the first append failed
             print(f"\nno records in {self.results_dir}; leaderboard not written")
             return True
         try:
             paths = write_leaderboard(self.results_dir, **self.stats)
+        except BenchError as e:  # already one line that says what happened to the files
+            print(f"\nerror: leaderboard not regenerated: {e}", file=sys.stderr)
+            return False
         except Exception as e:  # noqa: BLE001 - reported in one line; the exit status says it failed
             print(
                 f"\nerror: leaderboard not regenerated ({type(e).__name__}: {e}); previous files unchanged",

@@ -21,6 +21,7 @@ from bench.budget import solve_budget
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config, resolve_device, run_job
 from bench.models import load_model, set_resolution
+from bench.sources import resolve_sources
 from bench.store import config_hash, device_name
 from bench.train.data import SeededImages, check_disjoint, list_train_images, train_transform
 from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
@@ -118,6 +119,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, save, evaluate; returns the fine-tuned model's record (rank 0), else None."""
     keep_freed_memory()  # training steps on the CPU stop paying page faults too (bench/allocator.py)
     dist_, device = init_distributed(resolve_device(cfg.device))
+    cfg = resolve_sources(cfg, announce=dist_.rank == 0)  # the teacher's weights and the eval images, said once
     method = cfg.method.name
 
     # -- every check before any training -----------------------------------------------------

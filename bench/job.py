@@ -36,6 +36,7 @@ from bench.models import load_model, model_without_reducer, set_resolution
 from bench.report.labels import variant_label
 from bench.report.significance import check_options
 from bench.results_io import check_writable
+from bench.sources import resolve_sources
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
 from bench.terminal import say
 from bench.train.finetuned import Finetuned, resolve_finetuned, swap_in
@@ -238,7 +239,12 @@ def _record(
     }
     if finetuned is not None:
         record["finetune"] = finetuned.provenance
-    append_record(cfg.results_dir, record)
+    try:
+        append_record(cfg.results_dir, record)
+    except BenchError:  # not recorded (a full disk): an outcomes file that no record names must not stay
+        if outcomes is not None:
+            (Path(cfg.results_dir) / metrics["outcomes_file"]).unlink(missing_ok=True)
+        raise
     return record
 
 
@@ -248,13 +254,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     Every setting is validated and the results folder checked writable before anything is
     measured; records (the unreduced one included) are appended only once the job finished."""
     keep_freed_memory()  # before the first large tensor: CPU forwards stop paying page faults (bench/allocator.py)
-    cfg, finetuned = resolve_finetuned(cfg)  # a bench.finetune checkpoint: its base model + trained state
     validate_settings(cfg)
     check_writable(cfg.results_dir)
-    torch.manual_seed(cfg.seed)
     stats = cfg.get("stats") or {}
     check_options(stats.get("resample", "images"), stats.get("n_boot", 2000), stats.get("seed", 0))  # before any work
     device = resolve_device(cfg.device)
+    cfg = resolve_sources(cfg)  # which weights and images (a fresh clone has no local ones), said up front
+    cfg, finetuned = resolve_finetuned(cfg)  # a bench.finetune checkpoint: its base model + trained state
+    torch.manual_seed(cfg.seed)
     digest = config_hash(job_identity(cfg, finetuned))
     if cfg.resume and digest in recorded_hashes(cfg.results_dir):
         say(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true", err=False)

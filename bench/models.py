@@ -1,4 +1,5 @@
-"""Loading timm ViTs with real weights: a local checkpoint, or the hub when it is reachable.
+"""Loading timm ViTs with real weights: a local checkpoint, or the hub (see bench/sources.py for
+which one a job uses).
 
 Weights are loaded once per process and every job gets its own copy, because patching a model
 for a reducer mutates it.
@@ -19,6 +20,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.finite import check_finite_weights
+from bench.sources import cached_hub_file
 from methods import apply_reducer, remove_reducer
 from methods.identity import NoReduction
 
@@ -126,6 +128,9 @@ def load_model(
             load_checkpoint(model, checkpoint, name)
         elif pretrained:
             create_model(name)  # unknown-name check before any download attempt
+            cached = cached_hub_file(name)  # a local copy loads without touching the network
+            if cached:
+                kw["pretrained_cfg_overlay"] = {"file": cached}
             try:
                 model = timm.create_model(name, pretrained=True, **({"img_size": img_size} if img_size else {}), **kw)
             except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user

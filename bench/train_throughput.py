@@ -25,6 +25,7 @@ import torch
 from bench.errors import BenchError
 from bench.finetune_job import _models, evaluation_config, make_recipe
 from bench.job import build_reducer_from_config, resolve_device
+from bench.sources import resolve_sources
 from bench.store import device_name, now_iso
 from bench.train.data import SeededImages, list_train_images, train_transform
 from bench.train.losses import needs_labels
@@ -63,6 +64,7 @@ def measure(method: str, overrides: list[str], steps: int, warmup: int) -> dict[
     """Updates per second of ``method`` under the composed recipe, images already on the device."""
     cfg = _config(method, overrides)
     device = resolve_device(cfg.device)
+    cfg = resolve_sources(cfg, images=False)  # the teacher's weights, in bench.run's order
     images = list_train_images(cfg.data.get("train_root"), needs_labels(cfg.loss), cfg.data.get("train_limit"))
     recipe = make_recipe(cfg, len(images))
     reducer = build_reducer_from_config(cfg.method)

@@ -123,6 +123,7 @@ BENCH_BASICS = {
     "bench.finite",
     "bench.data",
     "bench.models",
+    "bench.sources",
     "bench.store",
     "bench.results_io",
     "bench.sweep_id",
