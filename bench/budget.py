@@ -96,6 +96,36 @@ def match_budget(
     return BudgetSolution(r, knob, float(value), int(c), int(target), base)
 
 
+def command_line_overrides() -> list[str]:
+    """This job's overrides as typed (``method.reducer.keep_rate=0.5``); empty outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ValueError, ImportError, AttributeError):
+        return []
+
+
+def refuse_overridden_knob(
+    reducer: TokenReducer, macs_ratio: float | None, method: str = "", overrides: list[str] | None = None
+) -> None:
+    """Refuse a knob set on the command line that the budget would replace: ``keep_rate=0.5`` at
+    the default budget silently ran at the solved 0.6938, so the user measured another setting
+    than the one asked for. ``overrides`` default to Hydra's for this job."""
+    knob = reducer.budget_knob
+    if macs_ratio is None or not knob:
+        return
+    key = f"method.reducer.{knob}"
+    for entry in command_line_overrides() if overrides is None else overrides:
+        name, _, value = entry.partition("=")
+        if not entry.startswith("~") and name.lstrip("+") == key:
+            raise BenchError(
+                f"{key}={value} was set explicitly, but budget.macs_ratio={macs_ratio} would replace it with the "
+                f"{knob} that meets that budget; add budget.macs_ratio=null to run {method or type(reducer).__name__} "
+                f"at {knob}={value}, or drop {key} to solve it for the budget"
+            )
+
+
 def solve_budget(
     reducer: TokenReducer, macs_ratio: float | None, tolerance: float, model, method: str = ""
 ) -> tuple[TokenReducer, dict]:
@@ -107,6 +137,7 @@ def solve_budget(
     budget: dict = {"macs_ratio_target": macs_ratio}
     if isinstance(reducer, NoReduction):
         return reducer, budget
+    refuse_overridden_knob(reducer, macs_ratio, method)
     if macs_ratio is None:
         if reducer.budget_knob:  # the method's own knob: shown so that its rows can be told apart
             budget.update(knob=reducer.budget_knob, knob_value=reducer.hparams.get(reducer.budget_knob))

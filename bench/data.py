@@ -106,6 +106,21 @@ def to_rgb(im: Image.Image, path: str | Path = "") -> Image.Image:
     return im.convert("RGB")
 
 
+_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
+def oversized_image(path: str | Path, error: Exception) -> BenchError:
+    """One line for an image Pillow refuses to open as a possible decompression bomb (over
+    ``PIL.Image.MAX_IMAGE_PIXELS``, or twice that as an error): which file, how large, the
+    limit and what to do, instead of an unexpected DecompressionBombError reported as a bug."""
+    found = _BOMB.search(str(error))
+    size = f"{int(found[1]):,} pixels, over Pillow's limit of {int(found[2]):,}" if found else str(error)
+    return BenchError(
+        f"image {path} is too large to decode ({size}; PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}): "
+        "resize it or remove it from the folder"
+    )
+
+
 def eval_transform(model: nn.Module, img_size: int | None = None):
     """The model's own timm eval transform (resize, centre crop, normalise)."""
     import timm.data
@@ -143,6 +158,8 @@ def load_imagenet_folder(
                 return transform(to_rgb(im, path))
         except OSError as e:
             raise BenchError(f"cannot read image {path}: {e}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise oversized_image(path, e) from None
 
     # PIL decodes and resizes without the GIL, so threads use every core; in worker threads the
     # small per-image torch ops (to tensor, normalise) also stay off the intra-op thread pool,

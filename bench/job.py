@@ -40,7 +40,7 @@ from bench.sources import resolve_sources
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
 from bench.terminal import say
 from bench.train.finetuned import Finetuned, resolve_finetuned, swap_in
-from bench.validate import validate_for_model, validate_settings
+from bench.validate import check_memory, validate_for_model, validate_settings
 from methods import ReducerConfigError, TokenReducer, apply_reducer
 from methods.identity import NoReduction
 
@@ -292,6 +292,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         data = load_imagenet_folder(
             cfg.data.root, model, limit=cfg.data.limit, img_size=img_size, show_progress=cfg.progress
         )
+    check_memory(cfg, model, len(data), device)  # a batch that cannot fit: refused before the first forward
     base = baseline(cfg, model, data, device)
     if finetuned is not None:
         swap_in(finetuned, cfg, model, data, device)

@@ -214,7 +214,17 @@ def summary(records: list[dict[str, Any]]) -> str:
         return "no jobs recorded"
     cols = [c for c in ("label", "budget", "knob", "top1", "delta_top1", "agreement", "gmacs", "speedup") if c in df]
     df = df[cols].assign(**({"knob": df["knob"].map(lambda v: v or MISSING)} if "knob" in cols else {}))
+    df = df.apply(_missing_as_dash)
     return df.rename(columns=COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=MISSING)
+
+
+def _missing_as_dash(column: pd.Series) -> pd.Series:
+    """A column pandas could not make numeric (every value None: a sweep at the methods' own
+    knobs has no MACs target) prints its Nones as ``None``, not as ``na_rep``: make them the
+    README's dash. Numeric columns keep their NaN, which ``na_rep`` prints."""
+    if column.dtype != object:
+        return column
+    return column.map(lambda v: MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else v)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,17 +3,24 @@
 A value out of range (a batch of 0, a negative warm-up, ``budget.macs_ratio=abc``) would
 otherwise crash half-way through a job, after the unreduced model was measured with it, or
 worse, produce a number. One line names the setting, what it must be and what it got.
+A batch that cannot fit in memory is refused the same way (:func:`check_memory`), once the
+model and images are known but before the first forward.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from bench.errors import BenchError
+from bench.measure.flops import VitShape
 
 _MISSING = object()
 
@@ -106,3 +113,138 @@ def validate_for_model(cfg: DictConfig, model: nn.Module) -> None:
         raise BenchError(
             f"bench.scaling.resolutions {bad} are not divisible by the patch size {patch} of {cfg.model.name}"
         )
+
+
+# -- memory: a batch that cannot fit is refused before the first forward ------------------------
+
+GIB = 2**30
+_FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one forward of a setting's batch needs on top of what is resident (weights, images)."""
+
+    setting: str
+    """The setting as the user writes it, with what it implies (``bench.latency.batch_size=32``)."""
+    input_bytes: int
+    activation_bytes: int
+    size: int
+    """Image side in pixels."""
+
+    @property
+    def total(self) -> int:
+        return self.input_bytes + self.activation_bytes
+
+
+def forward_bytes(shape: VitShape, batch: int, size: int) -> tuple[int, int]:
+    """Input and peak activation bytes of one no-grad fp32 forward of ``batch`` images at ``size`` px.
+
+    The peak is tokens × (4 × width + 2 × MLP width) floats per image: the residual stream, the
+    normed copy and the attention output, then the MLP's hidden layer before and after GELU. The
+    torch profiler's peak on DeiT-Tiny is exactly this (batch 8 and 32). Fused attention keeps the
+    tokens × tokens scores out of it; reducers that read attention maps need more, so this is a
+    lower bound, and a setting refused on it cannot fit."""
+    grid = size // math.isqrt(shape.patch)
+    tokens = grid * grid + shape.num_prefix
+    inputs = batch * shape.in_chans * size * size * _FLOAT32
+    activations = batch * tokens * (4 * shape.dim + 2 * shape.mlp_hidden) * _FLOAT32
+    return inputs, activations
+
+
+def memory_needs(cfg: DictConfig, shape: VitShape, size: int, n_images: int) -> list[MemoryNeed]:
+    """The largest forward each enabled measurement will run: the accuracy pass's batch (at most
+    the images there are), the latency batch (repeated images, whatever their number), and the
+    scaling points that will certainly be timed (every resolution without a time budget, else
+    the first)."""
+    needs = []
+    if cfg.bench.get("accuracy"):
+        batch = min(int(cfg.data.batch_size), n_images)
+        needs.append(MemoryNeed(f"data.batch_size={cfg.data.batch_size}", *forward_bytes(shape, batch, size), size))
+    lat = cfg.bench.get("latency")
+    if isinstance(lat, DictConfig) and lat.get("enabled"):
+        batch = int(lat.batch_size)
+        needs.append(MemoryNeed(f"bench.latency.batch_size={batch}", *forward_bytes(shape, batch, size), size))
+    sc = cfg.bench.get("scaling")
+    if isinstance(sc, DictConfig) and sc.get("enabled"):
+        sizes = list(sc.resolutions) if sc.get("max_seconds_per_point") is None else list(sc.resolutions)[:1]
+        needs += [need for s in sizes for need in _scaling_needs(shape, int(s), int(sc.batch_tokens))]
+    return needs
+
+
+def _scaling_needs(shape: VitShape, size: int, batch_tokens: int) -> list[MemoryNeed]:
+    """One scaling point: batch 1, and the batch that holds ``batch_tokens`` tokens."""
+    grid = size // math.isqrt(shape.patch)
+    batch = max(1, batch_tokens // (grid * grid + shape.num_prefix))
+    return [
+        MemoryNeed(f"bench.scaling.resolutions ({size} px, batch 1)", *forward_bytes(shape, 1, size), size),
+        MemoryNeed(
+            f"bench.scaling.batch_tokens={batch_tokens} ({batch} images at {size} px)",
+            *forward_bytes(shape, batch, size),
+            size,
+        ),
+    ]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can get on ``device``; None where it cannot be told.
+
+    CUDA: the driver's free memory plus what torch's caching allocator holds unused. CPU: the
+    kernel's MemAvailable, capped by the cgroup limit a container or SLURM job runs under."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    known = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # not Linux: free physical pages
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_available() -> int | None:
+    """cgroup v2 limit minus the memory charged to it that is not page cache (page cache is
+    given back under pressure, so counting it would refuse batches that fit)."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        current = int((root / "memory.current").read_text())
+        stat = dict(line.split() for line in (root / "memory.stat").read_text().splitlines())
+        return int(limit) - (current - int(stat.get("file", 0)))
+    except (OSError, ValueError):
+        return None
+
+
+def check_memory(cfg: DictConfig, model: nn.Module, n_images: int, device: torch.device) -> None:
+    """Refuse, before the first forward, a batch whose forward cannot fit in the memory available
+    now (weights and decoded images are already resident). Without this a latency batch of
+    100000 ran the whole accuracy pass first and then died allocating 60 GB, reported as a bug."""
+    available = available_memory(device)
+    if available is None:
+        return
+    size = int(model.patch_embed.img_size[0])
+    name = cfg.model.get("name", "the model")
+    for need in memory_needs(cfg, VitShape.of(model), size, n_images):
+        if need.total > available:
+            raise BenchError(
+                f"{need.setting} needs about {_gib(need.total)} on {device} (input {_gib(need.input_bytes)} + "
+                f"activations {_gib(need.activation_bytes)} for {name} at {need.size} px), but "
+                f"{_gib(available)} is available; lower it"
+            )
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.0f} MiB"

@@ -192,6 +192,19 @@ def relative_spread(values: list[float]) -> float:
 BUSY_SPREAD = 0.10
 """Unreduced timings whose IQR exceeds this share of their median mean something else runs."""
 
+JITTER_MS = 2.0
+"""IQRs up to this many milliseconds are scheduler jitter (one tick of a loaded kernel), never a
+busy machine: otherwise 20-30 ms forwards (batch 1 at 224 px) are flagged busy for one tick."""
+
+
+def timing_spread(ms: list[float]) -> float:
+    """Relative IQR of timings (see :func:`relative_spread`), 0 where their IQR is within
+    :data:`JITTER_MS`: the spread the busy flag reads."""
+    if len(ms) < 2:
+        return 0.0
+    q1, q3 = speedup_quartiles(ms)
+    return 0.0 if q3 - q1 <= JITTER_MS else relative_spread(ms)
+
 
 def cpu_count() -> int:
     try:
@@ -211,7 +224,7 @@ def busy_reason(
     counts this job's own threads) above the CPUs this process may use, i.e. other work
     competed for them; on any device, a wide spread of the unreduced model's timings."""
     load = load_average() if load is None and device.type == "cpu" else load
-    return describe_busy(device, load, relative_spread(reference_ms), what)
+    return describe_busy(device, load, timing_spread(reference_ms), what)
 
 
 def describe_busy(device: torch.device, load: float | None, spread: float, what: str = "timings") -> str | None:
@@ -341,8 +354,9 @@ def time_forward(
     memory: bool = True,
 ) -> dict[str, Any]:
     """One model alone: median ms per call, the timings, peak memory (optional), the load
-    average after the loop and the timings' relative spread (see :func:`describe_busy`), for
-    measurements whose reference was timed at another moment (scaling)."""
+    average after the loop and the timings' spread (:func:`timing_spread`, which
+    :func:`describe_busy` reads), for measurements whose reference was timed at another moment
+    (scaling)."""
     device = x.device
     with _cpu_threads(device, threads):
         timer = _Timer(device)
@@ -353,7 +367,7 @@ def time_forward(
         if memory and mem is None:
             mem = peak_memory_mb(model, x, amp)
     load = load_average() if device.type == "cpu" else None
-    spread = relative_spread(ms)
+    spread = timing_spread(ms)
     return {"ms": statistics.median(ms), "timings": ms, "peak_mem_mb": mem, "load": load, "spread": spread}
 
 

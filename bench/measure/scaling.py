@@ -80,6 +80,12 @@ class ScalingPoint(_ScalingPointRequired, total=False):
     latency_ms_batch_unreduced: float
     speedup_batch: float
     peak_mem_mb_batch: float
+    busy: bool
+    """Measured points only: the method's timings here spread beyond ``BUSY_SPREAD`` and
+    ``JITTER_MS``, or the load exceeded the CPUs (:func:`bench.measure.latency.describe_busy`);
+    absent in records from before per-point flags."""
+    busy_unreduced: bool
+    """The same for the unreduced model's timings at this point."""
 
 
 class _ScalingMetricsRequired(TypedDict):
@@ -232,6 +238,7 @@ def measure_points(
             many = time_forward(m, xb, warmup, iters, amp, threads)
             row.update(batch=batch, latency_ms_batch=many["ms"], peak_mem_mb_batch=many["peak_mem_mb"])
             row.update(load=_max(row["load"], many["load"]), spread=max(row["spread"], many["spread"]))
+        row["busy"] = describe_busy(device, row["load"], row["spread"]) is not None
         rows[size] = row
         del m
         if bar is not None:
@@ -251,7 +258,8 @@ def unreduced_points(
     max_seconds_per_point: float | None,
     bar: tqdm | None = None,
 ) -> dict[str, Any]:
-    """The unreduced model's measured points, as stored in the measurement cache."""
+    """The unreduced model's measured points, as stored in the measurement cache (each with its
+    busy flag; entries from before the flags have none, and were quiet as a whole)."""
     rows = measure_points(
         model, NoReduction(), sizes, device, batch_tokens, warmup, iters, amp, threads, max_seconds_per_point, None, bar
     )
@@ -378,6 +386,8 @@ def _rows(
                 speedup_b1=u["latency_ms_b1"] / r["latency_ms_b1"],
                 peak_mem_mb_b1=r["peak_mem_mb_b1"],
                 peak_mem_mb_b1_unreduced=u["peak_mem_mb_b1"],
+                busy=bool(r.get("busy")),
+                busy_unreduced=bool(u.get("busy")),
             )
             if "latency_ms_batch" in r and "latency_ms_batch" in u:
                 row.update(

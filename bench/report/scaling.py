@@ -23,6 +23,37 @@ def _fmt_num(v: Any, spec: str) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def mark_busy(ax, measured: pd.DataFrame, x: str, y: str) -> None:
+    """Hollow markers over the measured points timed on a busy machine, and one legend entry: a
+    40x outlier (1206 ms where the same sweep measured 31-34 ms) must not read as a measurement
+    like the others. ``measured`` is the frame the lines were drawn from (same colours, markers)."""
+    from bench.report.style import label_styles
+
+    busy = measured[measured["busy"]]
+    if busy.empty:
+        return
+    colors, markers = label_styles(measured["method"])
+    for label, part in busy.groupby("method", sort=False):
+        ax.plot(part[x], part[y], ls="none", marker=markers[label], ms=7, mfc="white", mec=colors[label], zorder=5)
+    ax.plot([], [], ls="none", marker="o", ms=7, mfc="white", mec="grey", label="busy machine")
+
+
+def busy_lines(recs: list[dict[str, Any]]) -> list[str]:
+    """Under the table, the measured points timed on a busy machine, by method (the unreduced
+    model's from the first record, as plotted); records from before per-point flags have none."""
+    found = [(method_label(r), _scaling(r)["scaling"], "busy", "latency_ms_b1") for r in recs]
+    found.append(("unreduced", _scaling(recs[0])["scaling"], "busy_unreduced", "latency_ms_b1_unreduced"))
+    items = []
+    for label, points, flag, latency in found:
+        busy = [f"{p['resolution']} px ({_fmt_num(p.get(latency), '.1f')} ms)" for p in points if p.get(flag)]
+        if busy:
+            items.append(f"- {label}: {', '.join(busy)}")
+    if not items:
+        return []
+    title = "**Scaling points timed on a busy machine (hollow markers in scaling.png; latency less certain):**"
+    return ["", title, *items]
+
+
 def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     """Scaling table, plot and the high-resolution claim from merged ``records``; latencies
     the harness extrapolated (beyond the measured resolutions) are dashed and say so."""
@@ -33,7 +64,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
 
     rows = []
 
-    def add(label: str, s: ScalingPoint, latency: Any, gmacs: Any) -> None:
+    def add(label: str, s: ScalingPoint, latency: Any, gmacs: Any, busy: Any) -> None:
         rows.append(
             {
                 "method": label,
@@ -41,19 +72,21 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
                 "latency ms (batch 1)": latency,
                 "GMACs": gmacs,
                 "extrapolated": bool(s.get("extrapolated", False)),
+                "busy": bool(busy),
             }
         )
 
     for r in recs:
         for s in _scaling(r)["scaling"]:
-            add(method_label(r), s, s["latency_ms_b1"], s["gmacs"])
+            add(method_label(r), s, s["latency_ms_b1"], s["gmacs"], s.get("busy"))
     for s in _scaling(recs[0])["scaling"]:
-        add("unreduced", s, s["latency_ms_b1_unreduced"], s["gmacs_unreduced"])
+        add("unreduced", s, s["latency_ms_b1_unreduced"], s["gmacs_unreduced"], s.get("busy_unreduced"))
     d = pd.DataFrame(rows)
     lat = "latency ms (batch 1)"
     fig, axes = figure(2, 12, 4.8)
     measured = d[~d["extrapolated"]].dropna(subset=[lat])
     lines_by_method(axes[0], measured, "tokens", lat)
+    mark_busy(axes[0], measured, "tokens", lat)
     colors, _ = label_styles(d["method"])
     for label, part in d.dropna(subset=[lat]).groupby("method", sort=False):
         known = part[~part["extrapolated"]]
@@ -123,6 +156,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
             else "power law fitted on the three largest measured resolutions"  # records before the budget
         )
         claims.append((m["claim_latency_vs_base"], method_label(r), m["claim_resolution"], how))
+    lines += busy_lines(recs)
     cached = sorted(
         {
             _scaling(r).get("scaling_unreduced_measured_at")

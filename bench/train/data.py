@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from bench.data import IMAGE_SUFFIXES, WNID, list_images, spread, synsets
+from bench.data import IMAGE_SUFFIXES, WNID, list_images, oversized_image, spread, synsets
 from bench.errors import BenchError
 
 
@@ -150,6 +150,8 @@ class SeededImages(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise oversized_image(path, e) from None
         except OSError as e:
             raise BenchError(f"cannot read image {path}: {e}") from None
         s = sample_seed(self.seed, epoch, index)
