@@ -46,14 +46,18 @@ def count_jobs(config: DictConfig) -> int | None:
 def check_sources(config: DictConfig) -> None:
     """Find the sweep's weights and images once before its first job (downloading Imagenette
     there if it is the source), so an offline machine with nothing local gets one error line,
-    not one per job. A sweep over models or data folders leaves it to each job."""
-    from bench.sources import resolve_sources
+    not one per job; random weights asked for accuracy or spectral numbers are refused here
+    too. A sweep over models, data folders or bench settings leaves that to each job."""
+    from bench.sources import check_random_weights, resolve_sources
 
     try:
         swept = sweep_sizes(config)
     except Exception:  # noqa: BLE001 - the jobs check their own sources
         return
-    if any(k.lstrip("+~").split("/")[0].split(".")[0] in ("model", "data") for k in swept):
+    groups = {k.lstrip("+~").split("/")[0].split(".")[0] for k in swept}
+    if not groups & {"model", "bench"}:
+        check_random_weights(config)
+    if groups & {"model", "data"}:
         return
     resolve_sources(config, announce=False)
 

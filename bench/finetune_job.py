@@ -21,7 +21,7 @@ from bench.budget import solve_budget
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config, resolve_device, run_job
 from bench.models import load_model, set_resolution
-from bench.sources import resolve_sources
+from bench.sources import check_trainable_weights, resolve_sources
 from bench.store import config_hash, device_name
 from bench.train.data import SeededImages, check_disjoint, list_train_images, train_transform
 from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
@@ -118,6 +118,7 @@ def loss_curve(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
 def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, save, evaluate; returns the fine-tuned model's record (rank 0), else None."""
     keep_freed_memory()  # training steps on the CPU stop paying page faults too (bench/allocator.py)
+    check_trainable_weights(cfg)  # random weights: refused before anything is loaded
     dist_, device = init_distributed(resolve_device(cfg.device))
     cfg = resolve_sources(cfg, announce=dist_.rank == 0)  # the teacher's weights and the eval images, said once
     method = cfg.method.name
@@ -203,7 +204,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
 def _models(cfg: DictConfig, reducer, eval_cfg: DictConfig, device: torch.device):
     """The frozen unreduced teacher, and the student: a copy with the reducer at its budget."""
     m = cfg.model
-    torch.manual_seed(cfg.seed)  # random_init (smoke tests): the same weights in every process
+    torch.manual_seed(cfg.seed)  # anything the model or reducer draws: the same in every process
     teacher = load_model(m.name, m.checkpoint, m.pretrained, random_init=m.get("random_init", False))
     if m.get("img_size"):
         set_resolution(teacher, int(m.img_size))

@@ -12,8 +12,20 @@ from typing import Any
 
 import pandas as pd
 
-from bench.report.labels import display_name, knob_text
-from bench.report.row_notes import GROUPS, measured_settings, note_lines, settings_lines
+from bench.report.labels import RANDOM_WEIGHTS, display_name, knob_text, model_label
+from bench.report.latency import (
+    EAGER,
+    base_column,
+    batch_columns,
+    batch_metrics,
+    column_title,
+    compile_lines,
+    is_latency_metric,
+    latency_mode,
+    section_columns,
+    summary_columns,
+)
+from bench.report.row_notes import GROUPS, measured_settings, note_lines, row_name, settings_lines
 from bench.report.significance import GROUP_KEYS, MISSING, add_statistics, group_title, primary_group, statistics_lines
 from bench.store import config_hash, read_run_records
 
@@ -36,30 +48,48 @@ COLUMNS = {
     "speedup_efficiency": "speedup eff.",
     "peak_mem_mb": "forward peak MiB",
 }
-RAW_METRICS = ("outcomes_file", "speedup_q1", "speedup_q3", "latency_busy_reason")
-"""Metrics the statistics need that the tables do not show."""
+RAW_METRICS = (
+    "outcomes_file",
+    "speedup_q1",
+    "speedup_q3",
+    "latency_busy_reason",
+    "compile_seconds",
+    "latency_compile_agreement",
+    "latency_compile_note",
+)
+"""Metrics the statistics need that the tables do not show (the compile columns: compiled rows' tables only)."""
 
 
 def result_key(record: dict[str, Any]) -> str:
     """What a leaderboard row stands for: method, settings, budget, model, data and the machine
     it ran on (another machine's record never replaces this one's) — but not which
     measurements a run switched on, so that a run measuring accuracy only and a run measuring
-    everything for the same configuration fill one row."""
+    everything for the same configuration fill one row. Latency timed compiled is another row
+    than latency timed eagerly (``bench.latency.compile``): their speedups never mix."""
     config = record.get("config")
     if not isinstance(config, dict):
         return str(record.get("config_hash"))
-    return config_hash({**{k: v for k, v in config.items() if k != "bench"}, "device_name": record.get("device")})
+    mode = latency_mode(record)
+    compiled = {"latency_compile": mode} if mode != EAGER else {}  # eager rows keep their old keys
+    return config_hash(
+        {**{k: v for k, v in config.items() if k != "bench"}, "device_name": record.get("device"), **compiled}
+    )
 
 
 def latest_per_config(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per configuration: each metric from the newest record that measured it."""
+    """One record per configuration: each metric from the newest record that measured it (the
+    latency metrics all from the newest record that timed latency, so batch sizes of two runs
+    never share a row)."""
     merged: dict[str, dict[str, Any]] = {}
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         key = result_key(r)
         if key not in merged:
             merged[key] = {**r, "metrics": dict(r.get("metrics", {})), "_settings": measured_settings(r)}
         else:
-            metrics = {**merged[key]["metrics"], **r.get("metrics", {})}
+            older = merged[key]["metrics"]
+            if "latency_ms" in r.get("metrics", {}):
+                older = {k: v for k, v in older.items() if not is_latency_metric(k)}
+            metrics = {**older, **r.get("metrics", {})}
             settings = {**merged[key]["_settings"], **measured_settings(r)}
             merged[key] = {**r, "metrics": metrics, "_settings": settings}
     return list(merged.values())
@@ -74,10 +104,11 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
         knob = knob_text(r)
         row = {
             "label": display_name(r),
-            "model": r.get("model"),
+            "model": model_label(r),  # "(random weights)": a timing-only row, its own group
             "dataset": Path(r.get("data_root", "")).name,
             "images": r.get("num_images"),
             "device": r.get("device"),
+            "latency_mode": latency_mode(r),
             "method": r.get("method"),
             "budget": b.get("macs_ratio_target"),
             "knob": knob,
@@ -89,12 +120,14 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
         }
         identity = list(row)
         row.update({k: m[k] for k in (*COLUMNS, *RAW_METRICS) if k in m})
+        row.update(batch_metrics(m))  # one column group per latency batch size
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     # A fixed column order (identity, then metrics as in COLUMNS), whichever record comes first.
-    df = df[identity + [c for c in (*COLUMNS, *RAW_METRICS) if c in df.columns and c not in identity]]
+    metric_cols = [c for c in (*COLUMNS, *RAW_METRICS) if c in df.columns and c not in identity]
+    df = df[identity + metric_cols + batch_columns(df.columns)]
     df["_budget"] = df["budget"].fillna(2.0)  # unreduced first within a setting
     sort = ["model", "dataset", "images", "_budget"] + (["top1"] if "top1" in df else [])
     asc = [True, True, True, False] + ([False] if "top1" in df else [])
@@ -102,6 +135,7 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _fmt(v: Any, col: str) -> str:
+    col = base_column(col)  # speedup_b32 is formatted as speedup
     if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
         return MISSING
     if col == "budget":
@@ -129,22 +163,22 @@ def markdown(df: pd.DataFrame) -> str:
     ]
     if df.empty:
         return "\n".join(lines + ["No runs recorded yet.", ""])
-    cols = [c for c in COLUMNS if c in df.columns]
     for key, part in df.groupby(GROUP_KEYS, sort=False, dropna=False):
+        cols = section_columns(part, [c for c in COLUMNS if c in df.columns])  # a column group per batch size
         commits = ", ".join(sorted(set(part["commit"].dropna())))
         lines += [
             f"## {group_title(key)}",
             "",
             f"Commits: {commits}.",
             "",
-            "| " + " | ".join(COLUMNS[c] for c in cols) + " |",
+            "| " + " | ".join(column_title(c, COLUMNS) for c in cols) + " |",
             "|" + "|".join("---" for _ in cols) + "|",
         ]
         for _, row in part.iterrows():
             cells = [_fmt(row.get(c), c) + (" †" if c == "knob" and row.get("notes") else "") for c in cols]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        extra = note_lines(part) + settings_lines(part)
+        extra = note_lines(part) + settings_lines(part) + compile_lines(part, row_name)
         for line in extra:  # one paragraph each; list items stay under their heading line
             lines += [line] if line.startswith("- ") or lines[-1] == "" else ["", line]
         lines += [""] if extra else []
@@ -152,10 +186,11 @@ def markdown(df: pd.DataFrame) -> str:
     lines += [
         "Columns: Δ top-1 is against the unreduced model measured in the same run; agree % is how often "
         "the top-1 prediction equals the unreduced model's; GMACs per image from fvcore (with attention "
-        "counted) and from the analytic formula; speedup is the median of per-iteration latency ratios "
-        "against the unreduced model timed in alternation; speedup eff. = speedup × MACs ratio "
-        "(1.0 = latency fell exactly as much as MACs); forward peak MiB is the tensor memory one forward of a "
-        "latency batch allocates on top of the resident weights and inputs.",
+        "counted) and from the analytic formula; ms/batch, img/s and speedup come once per latency batch size "
+        "(b=1: one image at a time, the largest: throughput), each timed on its own; speedup is the median of "
+        "per-iteration latency ratios against the unreduced model timed in alternation; speedup eff. = speedup × "
+        "MACs ratio (1.0 = latency fell exactly as much as MACs); forward peak MiB is the tensor memory one "
+        "forward of the largest latency batch allocates on top of the resident weights and inputs.",
         "",
     ]
     return "\n".join(lines)
@@ -212,10 +247,13 @@ def summary(records: list[dict[str, Any]]) -> str:
     df = table(records)
     if df.empty:
         return "no jobs recorded"
-    cols = [c for c in ("label", "budget", "knob", "top1", "delta_top1", "agreement", "gmacs", "speedup") if c in df]
+    random = df["model"].astype(str).str.endswith(f"({RANDOM_WEIGHTS})").any()  # then every row says so
+    shown = (*(["model"] if random else []), "label", "budget", "knob", "top1", "delta_top1", "agreement", "gmacs")
+    cols = [c for c in (*shown, *summary_columns(df)) if c in df]  # speedup per latency batch size
     df = df[cols].assign(**({"knob": df["knob"].map(lambda v: v or MISSING)} if "knob" in cols else {}))
     df = df.apply(_missing_as_dash)
-    return df.rename(columns=COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=MISSING)
+    df = df.rename(columns=lambda c: column_title(c, COLUMNS))
+    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=MISSING)
 
 
 def _missing_as_dash(column: pd.Series) -> pd.Series:

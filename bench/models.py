@@ -1,5 +1,5 @@
 """Loading timm ViTs with real weights: a local checkpoint, or the hub (see bench/sources.py for
-which one a job uses).
+which one a job uses); random weights only where asked for.
 
 Weights are loaded once per process and every job gets its own copy, because patching a model
 for a reducer mutates it.
@@ -117,8 +117,9 @@ def load_model(
 ) -> nn.Module:
     """A fresh eval-mode copy of the model with real weights.
 
-    ``checkpoint`` wins over ``pretrained`` (timm hub). ``random_init`` is only for smoke
-    tests: the numbers it gives mean nothing, so it has to be asked for explicitly.
+    ``checkpoint`` wins over ``pretrained`` (timm hub). ``random_init`` times an architecture
+    whose weights are not at hand (FLOPs, latency, scaling); its accuracy means nothing, so it
+    has to be asked for explicitly, and ``bench.sources`` refuses it for anything else.
     """
     key = (name, checkpoint, pretrained, img_size, random_init)
     if key not in _CACHE:

@@ -3,9 +3,10 @@
 A fresh clone has no ``../shared`` folder, so the defaults cannot be paths. Weights come from,
 in order: an explicit ``model.checkpoint``; the timm hub when ``model.pretrained=true``; random
 weights when ``model.random_init=true``; ``FATR_CHECKPOINT``; ``<shared>/weights/<name>.safetensors``
-when that file exists; else the timm hub. Images: an explicit ``data.root``; ``FATR_DATA_ROOT``;
-``<shared>/data/imagenet-val-1300`` when present; else Imagenette's validation split (10 ImageNet
-classes), downloaded once into a cache folder.
+when that file exists; else the timm hub. Random weights time an architecture whose weights are
+not here (FLOPs, latency, scaling); what depends on learned weights is refused on them. Images: an
+explicit ``data.root``; ``FATR_DATA_ROOT``; ``<shared>/data/imagenet-val-1300`` when present; else
+Imagenette's validation split (10 ImageNet classes), downloaded once into a cache folder.
 
 The resolved choice is written back into the job's config before its identity is hashed, so a
 record says which weights and images it measured, and a run from the same files keeps the same
@@ -55,7 +56,7 @@ class Weights:
             return f"weights: {self.checkpoint} ({self.origin})"
         if self.pretrained:
             return f"weights: the timm hub's pretrained {name} ({self.origin})"
-        return f"weights: random ({self.origin}); accuracy numbers mean nothing"
+        return f"weights: random ({self.origin}); FLOPs, latency and scaling only"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,51 @@ def resolve_weights(model: DictConfig) -> Weights:
     if shared is not None and (shared / "weights" / f"{name}.safetensors").is_file():
         return Weights(str(shared / "weights" / f"{name}.safetensors"), False, False, "the shared weights folder")
     return Weights(None, True, False, "no local weights given: the timm hub")
+
+
+REAL_WEIGHTS = f"give real weights ({WAYS_WEIGHTS} or model.pretrained=true)"
+RANDOM_WEIGHTS = "model.random_init=true gives random weights"
+
+
+def _random_weights(cfg: DictConfig) -> bool:
+    """Whether the job would run on random weights (``model.checkpoint`` wins over random_init)."""
+    model = cfg.get("model")
+    return isinstance(model, DictConfig) and resolve_weights(model).random_init
+
+
+def check_random_weights(cfg: DictConfig) -> None:
+    """Refuse random weights for the measurements whose numbers come from what a model learned.
+
+    Random weights time an architecture (FLOPs, latency, scaling: how many tokens, not which),
+    but their accuracy, agreement and spectral numbers are noise that a table would show beside
+    real ones; so a job asking for those is refused before anything is loaded."""
+    if not _random_weights(cfg):
+        return
+    bench = cfg.get("bench") or {}
+    spectral = bench.get("spectral")
+    spectral_on = isinstance(spectral, DictConfig) and bool(spectral.get("enabled"))
+    asked = [
+        (["accuracy", "agreement"], "bench.accuracy=false", bool(bench.get("accuracy"))),
+        (["spectral"], "bench.spectral.enabled=false", spectral_on),
+    ]
+    what = [name for names, _, on in asked if on for name in names]
+    if what:
+        switches = " ".join(switch for _, switch, on in asked if on)
+        raise BenchError(
+            f"{RANDOM_WEIGHTS}: {_and(what)} numbers would mean nothing (random weights are for FLOPs, latency "
+            f"and scaling only); set {switches}, or {REAL_WEIGHTS}"
+        )
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def check_trainable_weights(cfg: DictConfig) -> None:
+    """Refuse fine-tuning from random weights: the teacher would be noise, and so would the
+    accuracy the fine-tuned model is evaluated by."""
+    if _random_weights(cfg):
+        raise BenchError(f"{RANDOM_WEIGHTS}: fine-tuning toward a random teacher would mean nothing; {REAL_WEIGHTS}")
 
 
 def resolve_images(data: DictConfig) -> Images:

@@ -21,6 +21,8 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.measure.flops import VitShape
+from bench.measure.latency import check_latency_settings, configured_device_type, latency_batch_sizes
+from bench.sources import check_random_weights
 
 _MISSING = object()
 
@@ -79,7 +81,8 @@ def validate_settings(cfg: DictConfig) -> None:
         _flag(cfg, key)
     for group in ("latency", "spectral", "scaling"):
         _flag(cfg, f"bench.{group}.enabled")
-    _integer(cfg, "bench.latency.batch_size", 1)
+    check_random_weights(cfg)  # random weights: FLOPs, latency and scaling only
+    check_latency_settings(cfg)  # batch size(s) and compile mode (cudagraphs: CUDA only)
     _integer(cfg, "bench.latency.iters", 1)
     _integer(cfg, "bench.latency.warmup", 0)
     _integer(cfg, "bench.latency.threads", 1, nullable=True)
@@ -152,24 +155,34 @@ def forward_bytes(shape: VitShape, batch: int, size: int) -> tuple[int, int]:
     return inputs, activations
 
 
-def memory_needs(cfg: DictConfig, shape: VitShape, size: int, n_images: int) -> list[MemoryNeed]:
+def memory_needs(
+    cfg: DictConfig, shape: VitShape, size: int, n_images: int, device: torch.device | None = None
+) -> list[MemoryNeed]:
     """The largest forward each enabled measurement will run: the accuracy pass's batch (at most
-    the images there are), the latency batch (repeated images, whatever their number), and the
-    scaling points that will certainly be timed (every resolution without a time budget, else
-    the first)."""
+    the images there are), the largest latency batch (repeated images, whatever their number;
+    ``device`` decides ``auto``'s, None: the configured device), and the scaling points that
+    will certainly be timed (every resolution without a time budget, else the first)."""
     needs = []
     if cfg.bench.get("accuracy"):
         batch = min(int(cfg.data.batch_size), n_images)
         needs.append(MemoryNeed(f"data.batch_size={cfg.data.batch_size}", *forward_bytes(shape, batch, size), size))
     lat = cfg.bench.get("latency")
     if isinstance(lat, DictConfig) and lat.get("enabled"):
-        batch = int(lat.batch_size)
-        needs.append(MemoryNeed(f"bench.latency.batch_size={batch}", *forward_bytes(shape, batch, size), size))
+        device_type = device.type if device is not None else configured_device_type(cfg.get("device", "auto"))
+        needs.append(_latency_need(lat.get("batch_size"), shape, size, device_type))
     sc = cfg.bench.get("scaling")
     if isinstance(sc, DictConfig) and sc.get("enabled"):
         sizes = list(sc.resolutions) if sc.get("max_seconds_per_point") is None else list(sc.resolutions)[:1]
         needs += [need for s in sizes for need in _scaling_needs(shape, int(s), int(sc.batch_tokens))]
     return needs
+
+
+def _latency_need(value: Any, shape: VitShape, size: int, device_type: str) -> MemoryNeed:
+    """The largest batch of ``bench.latency.batch_size`` (a list, one integer or auto)."""
+    batch = max(latency_batch_sizes(value, device_type))
+    written = value if isinstance(value, int) else "auto" if value is None else f"{value}".replace(" ", "")
+    setting = f"bench.latency.batch_size={written}" + ("" if isinstance(value, int) else f" (batch {batch})")
+    return MemoryNeed(setting, *forward_bytes(shape, batch, size), size)
 
 
 def _scaling_needs(shape: VitShape, size: int, batch_tokens: int) -> list[MemoryNeed]:
@@ -237,7 +250,7 @@ def check_memory(cfg: DictConfig, model: nn.Module, n_images: int, device: torch
         return
     size = int(model.patch_embed.img_size[0])
     name = cfg.model.get("name", "the model")
-    for need in memory_needs(cfg, VitShape.of(model), size, n_images):
+    for need in memory_needs(cfg, VitShape.of(model), size, n_images, device):
         if need.total > available:
             raise BenchError(
                 f"{need.setting} needs about {_gib(need.total)} on {device} (input {_gib(need.input_bytes)} + "

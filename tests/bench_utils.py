@@ -1,10 +1,12 @@
-"""Helpers for harness tests: a tiny labelled image folder and fast hydra configs."""
+"""Helpers for harness tests: a tiny labelled image folder, a file of random weights and fast
+hydra configs."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -12,10 +14,46 @@ from PIL import Image
 from bench.data import synsets
 
 REPO = Path(__file__).resolve().parents[1]
+RANDOM_MODEL = "deit_tiny_patch16_224"
+
+
+def random_weights_file(name: str = RANDOM_MODEL, seed: int = 0) -> Path:
+    """A safetensors file of ``name`` with random weights (``torch.manual_seed(seed)``), made once
+    per machine in the temp folder.
+
+    Harness tests measure accuracy, which ``bench.run`` refuses on ``model.random_init=true``:
+    a real file of random weights runs the whole pipeline quickly and the same in every process
+    (pytest workers, CLI subprocesses). It is written under a temporary name and moved into
+    place, so a concurrent reader sees either no file or the whole one."""
+    import timm
+
+    folder = Path(tempfile.gettempdir()) / "fatr-bench-tests"
+    path = folder / f"{name}-timm{timm.__version__}-random-seed{seed}.safetensors"  # another timm: other keys
+    if path.is_file():
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would lock other users of the machine out
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+RANDOM_WEIGHTS = random_weights_file()
 
 FAST = [
-    "model.random_init=true",
-    "model.checkpoint=null",
+    f"model.checkpoint={RANDOM_WEIGHTS}",
     "data.batch_size=4",
     "bench.latency.batch_size=2",
     "bench.latency.warmup=0",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_utils import FAST, REPO, image_folder
+from bench_utils import FAST, RANDOM_WEIGHTS, REPO, image_folder
 from conftest import build_reducer, method_names, tiny_vit
 from PIL import Image
 
@@ -317,8 +317,7 @@ def test_training_folder_checks(tmp_path):
 # -- the command, its checkpoints and its records ----------------------------------------------------
 
 CLI_FAST = [
-    "model.random_init=true",
-    "model.checkpoint=null",
+    f"model.checkpoint={RANDOM_WEIGHTS}",  # a real file (of random weights): fine-tuning refuses random_init
     "model.img_size=64",
     "budget.macs_ratio=null",
     "finetune=quick",
@@ -443,10 +442,10 @@ def test_finetune_command_end_to_end(val, folder, tmp_path):
     bench.measure.spectral._REFERENCE.clear()
     spectral = ["bench.spectral.enabled=true", "bench.spectral.images=2"]
     record = run_job(compose_run(["method=evit", *evaluate, *spectral]))
-    assert record["finetune"]["images_seen"] == 8 and record["config"]["model"]["checkpoint"] is None
+    assert record["finetune"]["images_seen"] == 8 and record["config"]["model"]["checkpoint"] == str(RANDOM_WEIGHTS)
     assert record["metrics"]["top1"] == tuned["metrics"]["top1"]
     bench.measure.spectral._REFERENCE.clear()
-    base_model = ["model.random_init=true", "model.checkpoint=null"]
+    base_model = [f"model.checkpoint={RANDOM_WEIGHTS}"]
     shelf = run_job(compose_run(["method=evit", *evaluate[1:], *base_model, *spectral]))  # off the shelf
     ref = [b["hf_energy_unreduced"] for b in shelf["metrics"]["spectral_blocks"]]
     assert [b["hf_energy_unreduced"] for b in record["metrics"]["spectral_blocks"]] == ref  # the base model's

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bench_utils import FAST, compose, image_folder, run_cli
+from bench_utils import FAST, RANDOM_WEIGHTS, compose, image_folder, run_cli
 
 import bench.sources as sources
 from bench.errors import BenchError
@@ -147,4 +147,4 @@ def test_record_names_the_resolved_sources(bare, monkeypatch):
     monkeypatch.setenv("FATR_DATA_ROOT", str(root))
     record = run_job(compose(["method=tome", f"results_dir={bare / 'r'}", *FAST]))
     assert record["config"]["data"]["root"] == str(root.resolve())
-    assert record["config"]["model"]["random_init"] is True
+    assert record["config"]["model"]["checkpoint"] == str(RANDOM_WEIGHTS)

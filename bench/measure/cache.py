@@ -11,7 +11,9 @@ that can change their numbers:
   decoded tensors, so a changed folder, ``data.limit`` or transform is a miss;
 - the device: its name, the torch thread count, and the torch and timm versions;
 - the code that measures (``methods/``, ``fatr/`` and the measuring modules of ``bench/``);
-- the settings of the measurement itself (batch size, images, resolutions, iterations, ...).
+- the settings of the measurement itself (batch size, images, resolutions, iterations, ...);
+  for a timing, the latency settings it ran under (:func:`latency_key`: autocast, threads, and
+  the job's ``bench.latency.compile`` mode).
 
 An entry is written whole under a unique temporary name and renamed into place, so
 concurrent writers (joblib or SLURM jobs sharing a results folder) never leave a half file:
@@ -104,6 +106,19 @@ def code_fingerprint() -> str:
                 h.update(f"{f.relative_to(root)}\n".encode() + f.read_bytes())
         _CODE_HASH = h.hexdigest()
     return _CODE_HASH
+
+
+def latency_key(amp: bool, threads: int | None, compile_mode: str | None = "eager") -> dict[str, Any]:
+    """The latency settings a cached timing was measured under, for its entry's key.
+
+    The compile mode is part of it although cached timings (the scaling points) are of eager
+    forwards: a job that compiled ran them in a process with inductor's thread pools and, on
+    CUDA, CUDA-graph memory pools set up, so an entry is never shared between modes. Eager adds
+    nothing, so that entries from before compile modes keep their keys."""
+    key: dict[str, Any] = {"amp": bool(amp), "threads": threads}
+    if compile_mode not in (None, "eager"):
+        key["compile"] = compile_mode
+    return key
 
 
 @dataclass

@@ -9,6 +9,13 @@ that spread widely), since a loaded machine can turn a real speedup into an appa
 warm-up (optionally bf16 autocast); the CPU uses wall clock with a fixed thread count. Peak
 memory is what one forward allocates on top of the resident weights and inputs (see
 :func:`peak_memory_mb`).
+
+Each batch size of ``bench.latency.batch_size`` (a list: batch 1 is what an interactive user
+waits for, a large batch what a server's throughput is) is timed on its own, with its own stop
+rule, and recorded under its own keys (``latency_ms_b1``, ``speedup_b32``, ...). With
+``bench.latency.compile`` both models are compiled the same way before anything is timed; the
+compile time is recorded apart (``compile_seconds``, ``compile_seconds_unreduced``), and the
+compiled models' top-1 is checked against eager on the largest batch's images.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +34,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bench.errors import BenchError
 from bench.finite import check_finite_output
 from bench.models import model_without_reducer
 from bench.terminal import say
@@ -251,12 +259,17 @@ def measure_latency(
     max_iters: int = 200,
     timer: Callable[[Callable[[], Any]], float] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    desc: str = "latency",
+    compiles: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
     """Median ms per batch for ``model`` and ``reference``, and the median per-pair speedup.
 
     The two run in alternation; with ``tolerance`` the loop goes on past ``iters`` until the
     speedups' relative IQR is within it, ``max_seconds`` have passed or ``max_iters`` ran
-    (:class:`StopRule`). ``timer`` (ms of one call) and ``clock`` (seconds) are for tests."""
+    (:class:`StopRule`). ``timer`` (ms of one call) and ``clock`` (seconds) are for tests;
+    ``desc`` names the progress bar. ``compiles`` (compiled models: graphs compiled so far)
+    is read around the timed loop, so a recompile inside it is recorded
+    (``latency_recompiles``) instead of hiding in the timings."""
     device = x.device
     rule = StopRule(iters, tolerance, max_seconds, max(iters, max_iters))
     with _cpu_threads(device, threads):
@@ -268,7 +281,8 @@ def measure_latency(
             mem, mem_ref = _warm_up(
                 [(model, "latency warm-up"), (reference, "latency warm-up (unreduced)")], x, warmup, amp, memory=True
             )
-            bar = tqdm(desc="latency", total=iters, disable=not show_progress, leave=False)
+            bar = tqdm(desc=desc, total=iters, disable=not show_progress, leave=False)
+            graphs = compiles() if compiles else 0
             start = clock()
             stop = None
             i = 0
@@ -285,6 +299,7 @@ def measure_latency(
                 bar.update(1)
                 stop = rule.reason(ratios, clock() - start)
             seconds = clock() - start
+            recompiles = compiles() - graphs if compiles else None
             bar.close()
         if mem is None or mem_ref is None:
             mem, mem_ref = peak_memory_mb(model, x, amp), peak_memory_mb(reference, x, amp)
@@ -294,7 +309,7 @@ def measure_latency(
     q1, q3 = speedup_quartiles(ratios)
     load = load_average()
     busy = busy_reason(device, ms_ref, load)
-    return {
+    out = {
         "latency_ms": med,
         "latency_ms_baseline": med_ref,
         "img_per_s": 1e3 * batch / med,
@@ -316,6 +331,9 @@ def measure_latency(
         "peak_mem_mb_baseline": mem_ref,
         "threads": used_threads,
     }
+    if recompiles is not None:
+        out["latency_recompiles"] = recompiles
+    return out
 
 
 UNREDUCED_FROM_PAIR = {
@@ -330,8 +348,25 @@ UNREDUCED_FROM_PAIR = {
     "load_avg": "load_avg",
     "amp_bf16": "amp_bf16",
     "threads": "threads",
+    "latency_batches": "latency_batches",
+    "latency_compile": "latency_compile",
+    "compile_seconds_unreduced": "compile_seconds",
+    "latency_compile_agreement_unreduced": "latency_compile_agreement",
+    "latency_compile_images": "latency_compile_images",
+    "latency_compile_note_unreduced": "latency_compile_note",
 }
 """The unreduced model's own latency numbers, as measured in alternation with a reduced one."""
+
+UNREDUCED_PER_BATCH = {
+    "latency_ms_baseline": "latency_ms",
+    "img_per_s_baseline": "img_per_s",
+    "peak_mem_mb_baseline": "peak_mem_mb",
+    "latency_iters": "latency_iters",
+    "latency_seconds": "latency_seconds",
+    "latency_busy": "latency_busy",
+    "latency_busy_reason": "latency_busy_reason",
+}
+"""The same, per batch size (``_b<n>`` on both sides)."""
 
 
 def unreduced_latency(pair: dict[str, Any], method: str) -> dict[str, Any]:
@@ -339,7 +374,10 @@ def unreduced_latency(pair: dict[str, Any], method: str) -> dict[str, Any]:
     (``pair``), so the unreduced model is not timed against itself a second time."""
     if "latency_ms_baseline" not in pair:
         return {}
-    out = {new: pair[old] for old, new in UNREDUCED_FROM_PAIR.items() if old in pair}
+    names = dict(UNREDUCED_FROM_PAIR)
+    for n in pair.get("latency_batches") or []:
+        names.update({f"{old}_b{n}": f"{new}_b{n}" for old, new in UNREDUCED_PER_BATCH.items()})
+    out = {new: pair[old] for old, new in names.items() if old in pair}
     out["latency_measured_with"] = method
     return out
 
@@ -380,30 +418,367 @@ def speedup_quartiles(ratios: list[float]) -> tuple[float, float]:
     return q1, q3
 
 
-def latency_job(section: DictConfig, subject: Subject, out: Measured) -> None:
-    """A reduced model's latency against the unreduced one, timed in alternation on one batch
-    (``bench.latency``), and how much of its MACs reduction became speedup."""
-    s, lat = subject, section
-    x = s.data.images[: lat.batch_size]
-    if len(x) < lat.batch_size:
-        x = x.repeat((lat.batch_size + len(x) - 1) // len(x), 1, 1, 1)[: lat.batch_size]
-    m = out.metrics
-    m.update(
-        measure_latency(
-            s.model,
-            model_without_reducer(s.model),
-            x.to(s.device),
-            lat.warmup,
-            lat.iters,
-            lat.amp,
-            lat.threads,
-            s.progress,
+# -- settings: batch sizes and compile mode ------------------------------------------------------
+
+COMPILE_MODES: dict[str, dict[str, Any] | None] = {
+    "eager": None,
+    "compile": {"backend": "inductor"},
+    "max-autotune": {"backend": "inductor", "mode": "max-autotune"},
+    "cudagraphs": {"backend": "inductor", "mode": "reduce-overhead"},
+}
+"""``bench.latency.compile``: the ``torch.compile`` arguments both timed models get (None: eager)."""
+
+COMPILE_TEXT = {
+    "eager": "eager",
+    "compile": "torch.compile (inductor)",
+    "max-autotune": "torch.compile (inductor, max-autotune)",
+    "cudagraphs": "torch.compile (inductor, reduce-overhead: CUDA graphs)",
+}
+GPU_ONLY_MODES = ("cudagraphs",)
+
+DEFAULT_BATCH_SIZES = {"cpu": (1, 32), "cuda": (1, 256)}
+"""``bench.latency.batch_size=auto`` (or null), by device type: batch 1 (what one user waits for)
+and a throughput batch that fits the device. Other devices take the CPU's."""
+
+AGREEMENT_MIN = 99.5
+"""Compiled top-1 must equal eager top-1 on at least this share (%) of the images checked."""
+
+_BATCH_HELP = "auto, an integer >= 1 or a non-empty list of them"
+
+
+def latency_batch_sizes(value: Any, device_type: str) -> list[int]:
+    """The batch sizes ``bench.latency.batch_size`` asks for, ascending and distinct.
+
+    One integer (old configs and records) is a list of one; ``auto``/null depends on the
+    device, since a GPU's throughput batch would not fit a laptop's CPU. Raises
+    :class:`BenchError` with one line for anything else."""
+    key = "bench.latency.batch_size"
+    if value is None or value == "auto":
+        return list(DEFAULT_BATCH_SIZES.get(device_type, DEFAULT_BATCH_SIZES["cpu"]))
+    if _is_int(value):
+        if value < 1:
+            raise BenchError(f"{key} must be an integer >= 1, got {value!r}")
+        return [int(value)]
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        sizes = list(value)
+        if not sizes or not all(_is_int(v) and v >= 1 for v in sizes):
+            raise BenchError(f"{key} must be {_BATCH_HELP}, got {sizes!r}")
+        return sorted(set(int(v) for v in sizes))
+    raise BenchError(f"{key} must be {_BATCH_HELP}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def compile_mode(value: Any, device_type: str) -> str:
+    """``bench.latency.compile`` checked: a known mode (missing in old configs: eager), and CUDA
+    graphs only on a CUDA device. Raises :class:`BenchError` with one line otherwise."""
+    mode = "eager" if value is None else value
+    if not isinstance(mode, str) or mode not in COMPILE_MODES:
+        raise BenchError(f"bench.latency.compile must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    if mode in GPU_ONLY_MODES and device_type != "cuda":
+        raise BenchError(
+            f"bench.latency.compile={mode} needs a CUDA device (CUDA graphs), but this job runs on "
+            f"{device_type}; use bench.latency.compile=compile or max-autotune there"
+        )
+    return mode
+
+
+def configured_device_type(name: Any) -> str:
+    """The device type ``device=<name>`` will resolve to (``auto``: cuda where available), for
+    checks made before the job resolves it; a malformed name reads as cpu (the job names it)."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(str(name)).type
+    except RuntimeError:
+        return "cpu"
+
+
+def check_latency_settings(cfg: DictConfig) -> None:
+    """``bench.latency.batch_size`` and ``bench.latency.compile`` checked before any measurement
+    (called by :func:`bench.validate.validate_settings`)."""
+    lat = cfg.get("bench", {}).get("latency")
+    if not isinstance(lat, DictConfig):
+        return
+    device_type = configured_device_type(cfg.get("device", "auto"))
+    latency_batch_sizes(lat.get("batch_size"), device_type)
+    compile_mode(lat.get("compile"), device_type)
+
+
+def latency_images(images: Tensor, size: int) -> Tensor:
+    """The first ``size`` evaluation images, repeated when there are fewer: every method is
+    timed on the same inputs, and batch ``n`` is the first ``n`` of them."""
+    x = images[:size]
+    if len(x) < size:
+        x = x.repeat((size + len(x) - 1) // len(x), 1, 1, 1)[:size]
+    return x
+
+
+# -- compiling: once per model, before anything is timed ------------------------------------------
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (0 before its first use: reading the
+    counter must not import dynamo into an eager job)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+
+
+class _StepMarked(nn.Module):
+    """A CUDA-graphs model that starts a new graph step before every call
+    (``torch.compiler.cudagraph_mark_step_begin``): the timed loop keeps no output of an earlier
+    call, and the two models run in alternation, so each call is a step of its own."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(x)
+
+
+@dataclass
+class TimedPair:
+    """The reduced and the unreduced model as they are timed (compiled or not), and what
+    compiling them found (``compile_seconds``, agreement with eager, notes)."""
+
+    model: nn.Module
+    reference: nn.Module
+    metrics: dict[str, Any] = field(default_factory=dict)
+    compiled: bool = False
+
+
+def _top1(model: nn.Module, x: Tensor, amp: bool, what: str) -> Tensor:
+    with torch.no_grad(), _autocast(x.device, amp):
+        out = model(x)
+    check_finite_output(out, what)
+    return out.argmax(-1).cpu()
+
+
+def _compile_one(
+    model: nn.Module, x: Tensor, sizes: list[int], mode: str, amp: bool, what: str
+) -> tuple[nn.Module, float, Tensor]:
+    """``model`` compiled, the seconds until every batch size ran compiled (CUDA graphs: three
+    times, since they record on the later calls), and its top-1 on the largest batch."""
+    options = COMPILE_MODES[mode] or {}
+    calls = 3 if mode in GPU_ONLY_MODES else 1
+    t0 = time.perf_counter()
+    try:
+        compiled = torch.compile(model, dynamic=False, **options)
+        runner = _StepMarked(compiled) if mode in GPU_ONLY_MODES else compiled
+        top1 = torch.empty(0, dtype=torch.long)
+        with torch.no_grad(), _autocast(x.device, amp):
+            for n in sizes:
+                for _ in range(calls):
+                    out = runner(x[:n])
+                    check_finite_output(out, what)
+                top1 = out.argmax(-1).cpu()
+    except BenchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a backend failure is one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise BenchError(
+            f"bench.latency.compile={mode}: compiling {what} failed ({type(e).__name__}: {first}); "
+            "use bench.latency.compile=eager"
+        ) from None
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return runner, time.perf_counter() - t0, top1
+
+
+def _agreement(compiled: Tensor, eager: Tensor, n: int) -> float:
+    return 100.0 * float((compiled[:n] == eager[:n]).float().mean())
+
+
+def _agreement_note(name: str, agreement: float, n: int, mode: str) -> str | None:
+    """Why the compiled timings may not be of the same model, or None when its top-1 agrees."""
+    if agreement >= AGREEMENT_MIN:
+        return None
+    return (
+        f"{name}: compiled ({mode}) top-1 agrees with eager on {agreement:.1f}% of {n} images, below "
+        f"{AGREEMENT_MIN:g}%: the compiled model computes something else (numerics, or a "
+        "graph that captured a different path); its latency is not the eager model's"
+    )
+
+
+def compile_pair(
+    model: nn.Module,
+    reference: nn.Module,
+    x: Tensor,
+    sizes: list[int],
+    mode: str,
+    amp: bool = False,
+    distinct: int | None = None,
+) -> TimedPair:
+    """Both models compiled the same way (``mode``, see :data:`COMPILE_MODES`), each run once at
+    every batch size so the timed loop starts compiled; eager returns them as they are.
+
+    Compile time is measured here, once per model, and never in a timed loop. Each compiled
+    model's top-1 on ``x`` (the largest batch; its first ``distinct`` images are distinct) is
+    checked against its eager top-1, so a compiler that changes the result cannot pass its
+    timings off as the eager model's."""
+    if COMPILE_MODES[mode] is None:
+        return TimedPair(model, reference)
+    import torch._dynamo
+
+    n = min(distinct or len(x), len(x))
+    model.eval()
+    reference.eval()
+    eager = {"": _top1(model, x, amp, "latency (eager check)")}
+    eager["_unreduced"] = _top1(reference, x, amp, "latency (eager check, unreduced)")
+    torch._dynamo.reset()  # no graphs of an earlier job: its guards and recompile count are not this one's
+    metrics: dict[str, Any] = {"latency_compile_images": n}
+    runners = {}
+    for suffix, m, what in (("", model, "the reduced model"), ("_unreduced", reference, "the unreduced model")):
+        runner, seconds, top1 = _compile_one(m, x, sizes, mode, amp, what)
+        runners[suffix] = runner
+        agreement = _agreement(top1, eager[suffix], n)
+        metrics[f"compile_seconds{suffix}"] = seconds
+        metrics[f"latency_compile_agreement{suffix}"] = agreement
+        note = _agreement_note(what, agreement, n, mode)
+        if note:
+            metrics[f"latency_compile_note{suffix}"] = note
+    return TimedPair(runners[""], runners["_unreduced"], metrics, compiled=True)
+
+
+@contextmanager
+def timed_pair(
+    model: nn.Module,
+    reference: nn.Module,
+    x: Tensor,
+    sizes: list[int],
+    mode: str,
+    amp: bool = False,
+    threads: int | None = None,
+    distinct: int | None = None,
+) -> Iterator[TimedPair]:
+    """:func:`compile_pair` on the timing threads; the compiled graphs are dropped afterwards
+    (their memory, and guards that would make the next job's compile a recompile)."""
+    try:
+        with _cpu_threads(x.device, threads):
+            pair = compile_pair(model, reference, x, sizes, mode, amp, distinct)
+        yield pair
+    finally:
+        if COMPILE_MODES.get(mode) is not None and "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()
+
+
+# -- one measurement per batch size -----------------------------------------------------------------
+
+PER_BATCH_KEYS = (
+    "latency_ms",
+    "latency_ms_baseline",
+    "img_per_s",
+    "img_per_s_baseline",
+    "speedup",
+    "speedup_q1",
+    "speedup_q3",
+    "speedup_ratios",
+    "speedup_spread",
+    "latency_iters",
+    "latency_stop",
+    "latency_seconds",
+    "latency_busy",
+    "latency_busy_reason",
+    "peak_mem_mb",
+    "peak_mem_mb_baseline",
+    "latency_recompiles",
+)
+"""What :func:`measure_latency` finds that differs by batch size: recorded as ``<key>_b<n>``."""
+
+
+def merge_batches(per_batch: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One record's latency metrics from one :func:`measure_latency` result per batch size.
+
+    Every batch's numbers get the suffix ``_b<n>``; the plain keys stay those of the largest
+    batch, as in records from before batch-size lists, except ``latency_busy(_reason)`` and
+    ``latency_seconds`` (and ``latency_recompiles``), which cover every batch."""
+    sizes = sorted(per_batch)
+    out = dict(per_batch[sizes[-1]])
+    for n in sizes:
+        out.update({f"{k}_b{n}": per_batch[n][k] for k in PER_BATCH_KEYS if k in per_batch[n]})
+    out["latency_batches"] = sizes
+    busy = [(n, per_batch[n]["latency_busy_reason"]) for n in sizes if per_batch[n]["latency_busy"]]
+    out["latency_busy"] = bool(busy)
+    out["latency_busy_reason"] = (
+        "; ".join(why if len(sizes) == 1 else f"batch {n}: {why}" for n, why in busy) if busy else None
+    )
+    out["latency_seconds"] = sum(per_batch[n]["latency_seconds"] for n in sizes)
+    if all("latency_recompiles" in per_batch[n] for n in sizes):
+        out["latency_recompiles"] = sum(per_batch[n]["latency_recompiles"] for n in sizes)
+    return out
+
+
+def measure_batches(
+    pair: TimedPair,
+    x: Tensor,
+    sizes: list[int],
+    section: DictConfig | dict[str, Any],
+    show_progress: bool = True,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Every batch size timed in alternation (reduced, unreduced) on the first ``n`` images of
+    ``x``, smallest first, each with its own stop rule (``section``: ``bench.latency``; its
+    ``max_seconds`` caps each batch size's loop). ``timer`` and ``clock`` are for tests."""
+    lat = section
+    per_batch = {}
+    for n in sizes:
+        per_batch[n] = measure_latency(
+            pair.model,
+            pair.reference,
+            x[:n],
+            lat.get("warmup", 1),
+            lat.get("iters", 5),
+            bool(lat.get("amp", False)),
+            lat.get("threads"),
+            show_progress,
             tolerance=lat.get("tolerance"),
             max_seconds=lat.get("max_seconds"),
             max_iters=lat.get("max_iters") or 200,
+            timer=timer,
+            clock=clock,
+            desc=f"latency b={n}",
+            compiles=compiled_graphs if pair.compiled else None,
         )
-    )
+    return merge_batches(per_batch)
+
+
+def latency_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+    """A reduced model's latency against the unreduced one, timed in alternation at every batch
+    size of ``bench.latency`` (compiled the same way when asked), and how much of its MACs
+    reduction became speedup."""
+    s, lat = subject, section
+    sizes = latency_batch_sizes(lat.get("batch_size"), s.device.type)
+    mode = compile_mode(lat.get("compile"), s.device.type)
+    x = latency_images(s.data.images, sizes[-1]).to(s.device)
+    distinct = min(len(s.data.images), sizes[-1])
+    m = out.metrics
+    with timed_pair(s.model, model_without_reducer(s.model), x, sizes, mode, lat.amp, lat.threads, distinct) as pair:
+        m.update(measure_batches(pair, x, sizes, lat, s.progress))
+    m["latency_compile"] = mode
+    m.update(pair.metrics)
+    _compile_warnings(s.name, m)
     if m["latency_busy"]:
         say(f"warning: {s.name}: latency measured on a busy machine ({m['latency_busy_reason']})")
     if "macs_ratio" in m:  # 1.0 = latency fell exactly as much as MACs did
         m["speedup_efficiency"] = m["speedup"] * m["macs_ratio"]
+        for n in m["latency_batches"]:
+            m[f"speedup_efficiency_b{n}"] = m[f"speedup_b{n}"] * m["macs_ratio"]
+
+
+def _compile_warnings(name: str, m: dict[str, Any]) -> None:
+    """Say what makes compiled timings doubtful: a top-1 that differs from eager, or graphs
+    compiled inside a timed loop (recorded as a note too)."""
+    if m.get("latency_recompiles"):
+        note = (
+            f"{m['latency_recompiles']} graph(s) compiled inside the timed loops after the warm-up: "
+            "their compile time is in the timings"
+        )
+        m["latency_compile_note"] = "; ".join(filter(None, [m.get("latency_compile_note"), note]))
+    for key in ("latency_compile_note", "latency_compile_note_unreduced"):
+        if m.get(key):
+            say(f"warning: {name}: {m[key]}")

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from bench.measure.cache import latency_key
 from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
 from bench.measure.latency import describe_busy, time_forward
 from bench.models import set_resolution
@@ -297,6 +298,7 @@ def scaling_metrics(
     show_progress: bool = True,
     max_seconds_per_point: float | None = None,
     cache: MeasurementCache | None = None,
+    compile_mode: str = "eager",
 ) -> ScalingMetrics:
     """Every scaling number of one method (see the module docstring).
 
@@ -312,6 +314,8 @@ def scaling_metrics(
         show_progress: a bar over the measured points.
         max_seconds_per_point: the budget of one measured point; None measures every size.
         cache: a :class:`bench.measure.cache.MeasurementCache` for the unreduced model's points.
+        compile_mode: the job's ``bench.latency.compile``; scaling times eager forwards, but its
+            cache entries are kept apart by mode (:func:`bench.measure.cache.latency_key`).
     """
     sizes = list(resolutions)
     bar = tqdm(desc="scaling", disable=not show_progress, leave=False, unit="point")
@@ -320,8 +324,7 @@ def scaling_metrics(
         "batch_tokens": batch_tokens,
         "warmup": warmup,
         "iters": iters,
-        "amp": bool(amp),
-        "threads": threads,
+        **latency_key(amp, threads, compile_mode),
         "max_seconds_per_point": max_seconds_per_point,
     }
 
@@ -464,6 +467,7 @@ def scaling_job(section: DictConfig, subject: Subject, out: Measured) -> None:
         s.progress,
         sc.get("max_seconds_per_point"),
         s.cache,
+        s.latency_compile,
     )
     out.metrics.update(metrics)
     if metrics.get("scaling_busy"):

@@ -78,6 +78,9 @@ class Subject:
     """bf16 autocast for every timed forward (``bench.latency.amp``)."""
     threads: int | None
     """CPU threads for every timed forward (``bench.latency.threads``)."""
+    latency_compile: str
+    """How the latency measurement runs both models (``bench.latency.compile``); cache keys of
+    other timings carry it (:func:`bench.measure.cache.latency_key`)."""
     reference_key: ReferenceKey
     """Keys the unreduced reference kept in this process."""
     keep_block: int | None = None
@@ -114,6 +117,7 @@ def subject_of(
         progress=cfg.progress,
         amp=lat.amp,
         threads=lat.threads,
+        latency_compile=(lat.get("compile") or "eager") if lat.get("enabled") else "eager",  # what ran
         reference_key=ReferenceKey.of(cfg, device),
         keep_block=keep_block,
     )

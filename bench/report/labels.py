@@ -44,6 +44,23 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+RANDOM_WEIGHTS = "random weights"
+
+
+def has_random_weights(record: dict[str, Any]) -> bool:
+    """Whether the record was measured on random weights (``model.random_init=true`` resolved
+    to them: a checkpoint given beside it wins, and the record holds the resolved choice)."""
+    model = (record.get("config") or {}).get("model")
+    return isinstance(model, dict) and bool(model.get("random_init")) and not model.get("checkpoint")
+
+
+def model_label(record: dict[str, Any]) -> str:
+    """The model as tables and groups name it: ``deit_base_patch16_224 (random weights)`` for a
+    timing-only run, so that it is never read as, or ranked with, the trained model."""
+    name = str(record.get("model") or "")
+    return f"{name} ({RANDOM_WEIGHTS})" if has_random_weights(record) else name
+
+
 def display_name(record: dict[str, Any]) -> str:
     """Method name plus its non-default settings, short enough for a legend."""
     variant = re.sub(r"omega_path=[^,]+", "ω calibrated", record.get("variant") or "")

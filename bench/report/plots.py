@@ -200,4 +200,5 @@ def plot_latency(df: pd.DataFrame, path: Path) -> Path | None:
             ax2.axis("off")
         for a in (ax, ax2):
             a.grid(alpha=0.3)
-    return save(fig, path, "Latency (speedup = median of per-iteration ratios)", legend_ax=axes[1::2])
+    title = "Latency at each row's largest latency batch (speedup = median of per-iteration ratios)"
+    return save(fig, path, title, legend_ax=axes[1::2])

@@ -4,7 +4,8 @@
   r=200 are different rows and must read differently;
 - the bench settings its latency, spectral and scaling numbers were measured with, since a
   row merges the newest measurement of each kind from several runs of one configuration;
-- what the reducer did differently from its configuration (its ``notes``, e.g. a capped r).
+- what the reducer did differently from its configuration (its ``notes``, e.g. a capped r);
+- that its model ran on random weights (timing only), when it did.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.report.labels import value_text
+from bench.report.labels import RANDOM_WEIGHTS, value_text
+from bench.report.latency import settings_text as latency_settings_text
 
 # Measurement groups whose numbers depend on bench settings, and the metric that marks them measured.
 GROUPS = {"latency": "latency_ms", "spectral": "spectral_blocks", "scaling": "scaling"}
@@ -31,16 +33,8 @@ def measured_settings(record: dict[str, Any]) -> dict[str, str]:
         s = bench.get(group)
         if marker not in metrics or not isinstance(s, dict):
             continue
-        if group == "latency":
-            text = f"batch {s.get('batch_size')}, {s.get('iters')} iters after {s.get('warmup')} warm-up"
-            if s.get("tolerance") is not None:
-                text = (
-                    f"batch {s.get('batch_size')}, at least {s.get('iters')} iters after {s.get('warmup')} warm-up, "
-                    f"until the speedup IQR is within {s['tolerance']:.0%} of the median (at most "
-                    f"{s.get('max_seconds')} s, {s.get('max_iters')} iters)"
-                )
-            text += ", bf16" if s.get("amp") else ""
-            text += f", {s['threads']} threads" if s.get("threads") else ""
+        if group == "latency":  # batch sizes as measured, and the compile mode
+            text = latency_settings_text(s, metrics)
         elif group == "spectral":  # the images measured: fewer than bench.spectral.images on a smaller set
             text = f"{metrics.get('spectral_images', s.get('images'))} images, {s.get('bands')} bands"
         else:
@@ -88,9 +82,22 @@ def row_name(row: pd.Series) -> str:
 
 
 def note_lines(part: pd.DataFrame) -> list[str]:
-    """The reducers' notes, under the table, pointed to by † in the knob column."""
+    """What the table's rows were measured on when that is random weights (its heading says so
+    too), then the reducers' notes, pointed to by † in the knob column."""
+    lines = weights_lines(part)
     if "notes" not in part:
+        return lines
+    return lines + [
+        f"† {row_name(r)}: {r['notes']}" for _, r in part.iterrows() if isinstance(r.get("notes"), str) and r["notes"]
+    ]
+
+
+def weights_lines(part: pd.DataFrame) -> list[str]:
+    """One line under a table of random-weights rows: what their numbers are, and are not."""
+    models = part["model"].astype(str) if "model" in part else pd.Series(dtype=str)
+    if not models.str.endswith(f"({RANDOM_WEIGHTS})").any():
         return []
     return [
-        f"† {row_name(r)}: {r['notes']}" for _, r in part.iterrows() if isinstance(r.get("notes"), str) and r["notes"]
+        f"**All rows: {RANDOM_WEIGHTS}** (model.random_init=true): the FLOPs, latency and scaling of the "
+        "architecture, not of a trained model; no accuracy or spectral numbers."
     ]

@@ -20,10 +20,13 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.measure.outcomes import Outcomes, load_outcomes
+from bench.report.labels import model_label
+from bench.report.latency import latency_mode, mode_heading
 from bench.report.stats import RESAMPLE_UNITS, Bootstrap, bootstrap_for, detectable_delta, discordance, wilson_interval
 
-GROUP_KEYS = ["model", "dataset", "images", "device"]
-"""Rows that may share a table, a ranking or a plot line: never across these."""
+GROUP_KEYS = ["model", "dataset", "images", "device", "latency_mode"]
+"""Rows that may share a table, a ranking or a plot line: never across these (latency_mode:
+eager or compiled, ``bench.latency.compile``; speedups of the two never compare)."""
 MISSING = "–"
 NO_OUTCOMES = "no per-image outcomes"
 OTHER_IMAGES = "other images than the unreduced row"
@@ -40,12 +43,14 @@ def check_options(resample: str = "images", n_boot: int = 2000, seed: int = 0) -
 
 
 def record_group(record: dict[str, Any]) -> tuple:
-    """The group of a run-store record (the same keys as a table row's :data:`GROUP_KEYS`)."""
+    """The group of a run-store record (the same keys as a table row's :data:`GROUP_KEYS`; random
+    weights are another model than the trained one)."""
     return (
-        record.get("model"),
+        model_label(record),
         Path(record.get("data_root") or "").name,
         record.get("num_images"),
         record.get("device"),
+        latency_mode(record),
     )
 
 
@@ -62,9 +67,9 @@ def primary_group(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def group_title(key: tuple) -> str:
-    model, dataset, images, device = key
+    model, dataset, images, device, *mode = key
     n = MISSING if images is None or (isinstance(images, float) and math.isnan(images)) else int(images)
-    return f"{model} on {dataset} ({n} images), {device or 'unknown device'}"
+    return f"{model} on {dataset} ({n} images), {device or 'unknown device'}" + mode_heading(mode[0] if mode else None)
 
 
 # -- computing --------------------------------------------------------------------------------
