@@ -216,6 +216,7 @@ def _generate(
 ) -> list[Path]:
     """Every output file into ``out``; per-image outcomes are read from ``source``."""
     from bench.report.plots import plot_differences, plot_latency, plot_pareto
+    from bench.report.speed import plot_speed_by_size
     from bench.report.scaling import scaling_section
     from bench.report.spectral import spectral_section
     from bench.report.variants import variants_section
@@ -232,6 +233,7 @@ def _generate(
         paths.append(plot_differences(df, out / "differences.png"))
     if not df.empty and "speedup" in df:
         paths.append(plot_latency(df, out / "latency.png"))
+        paths.append(plot_speed_by_size(df, out / "speed_by_size.png"))
     paths = [p for p in paths if p is not None]
     main_group = primary_group(records)  # one figure each: the group with the most images
     paths += spectral_section(main_group, out)

@@ -58,11 +58,24 @@ REFERENCE_SWEEPS: list[tuple[str, list[str]]] = [
 """The published configurations, on the default model and data (DeiT-Tiny, the 1300
 ImageNet validation images)."""
 
+SPEED_ONLY = ["model.random_init=true", "bench.accuracy=false", "bench.spectral.enabled=false", *QUICK[:1]]
+SPEED_SWEEPS: list[tuple[str, list[str]]] = [
+    (
+        f"speed of every method at MACs 0.65 on {model}, eager and compiled",
+        [f"method={ALL_METHODS}", f"model={model}", *SPEED_ONLY, "bench.latency.compile=eager,compile"],
+    )
+    for model in ("deit_tiny", "deit_small", "deit_base")
+]
+"""The published speed table (``results/speed/``): latency only, so random weights stand in for
+the sizes that have no real ones here (speed does not depend on the weights' values)."""
 
-def commands(results_dir: str, extra: list[str]) -> list[tuple[str, list[str]]]:
+
+def commands(
+    results_dir: str, extra: list[str], sweeps: list[tuple[str, list[str]]] = REFERENCE_SWEEPS
+) -> list[tuple[str, list[str]]]:
     return [
         (what, [sys.executable, "-m", "bench.run", *overrides, f"results_dir={results_dir}", *extra])
-        for what, overrides in REFERENCE_SWEEPS
+        for what, overrides in sweeps
     ]
 
 
@@ -90,12 +103,14 @@ def move_aside(results_dir: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.publish", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results-dir", default="results", help="where the published results live")
+    parser.add_argument("--results-dir", default=None, help="where the published results live (results, results/speed)")
+    parser.add_argument("--speed", action="store_true", help="the speed table: DeiT-T/S/B, latency only")
     parser.add_argument("--fresh", action="store_true", help="start a new store (the old one is moved aside)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every sweep, e.g. device=cuda")
     args = parser.parse_args(argv)
-    todo = commands(args.results_dir, args.overrides)
+    args.results_dir = args.results_dir or ("results/speed" if args.speed else "results")
+    todo = commands(args.results_dir, args.overrides, SPEED_SWEEPS if args.speed else REFERENCE_SWEEPS)
     if args.dry_run:
         for what, cmd in todo:
             print(f"# {what}\npython {shlex.join(cmd[1:])}")

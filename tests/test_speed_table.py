@@ -1,0 +1,53 @@
+"""The speed-vs-model-size figure and the published speed sweeps (bench.publish --speed)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from bench.publish import SPEED_SWEEPS, commands
+from bench.report.speed import batch_sizes, model_order, plot_speed_by_size
+
+
+def rows(models: dict[str, float]) -> pd.DataFrame:
+    out = []
+    for model, gmacs in models.items():
+        out.append({"model": model, "method": "none", "label": "none", "gmacs": gmacs, "latency_mode": "eager"})
+        for mode, gain in (("eager", 1.0), ("compile", 1.2)):
+            out.append(
+                {
+                    "model": model,
+                    "method": "tome",
+                    "label": "tome",
+                    "gmacs": 0.65 * gmacs,
+                    "latency_mode": mode,
+                    "budget": 0.65,
+                    "device": "CPU test (2 threads)",
+                    "speedup_b1": 0.9 * gain,
+                    "speedup_b32": 1.3 * gain,
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def test_models_are_ordered_by_their_unreduced_size():
+    df = rows({"deit_base_patch16_224 (random weights)": 17.6, "deit_tiny_patch16_224": 1.26, "deit_small": 4.6})
+    assert model_order(df) == ["deit_tiny_patch16_224", "deit_small", "deit_base_patch16_224 (random weights)"]
+    assert batch_sizes(df) == [1, 32]
+
+
+def test_the_figure_needs_two_models(tmp_path):
+    assert plot_speed_by_size(rows({"deit_tiny_patch16_224": 1.26}), tmp_path / "a.png") is None
+    path = plot_speed_by_size(rows({"deit_tiny_patch16_224": 1.26, "deit_small_patch16_224": 4.6}), tmp_path / "b.png")
+    assert path is not None and path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("model", ["deit_tiny", "deit_small", "deit_base"])
+def test_speed_sweeps_time_every_size_on_random_weights_without_accuracy(model):
+    todo = commands("results/speed", [], SPEED_SWEEPS)
+    sweep = [cmd for _, cmd in todo if f"model={model}" in cmd]
+    assert len(sweep) == 1
+    cmd = sweep[0]
+    for setting in ("model.random_init=true", "bench.accuracy=false", "bench.spectral.enabled=false"):
+        assert setting in cmd
+    assert "results_dir=results/speed" in cmd and any(a.startswith("bench.latency.compile=") for a in cmd)
