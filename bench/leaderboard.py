@@ -216,9 +216,9 @@ def _generate(
 ) -> list[Path]:
     """Every output file into ``out``; per-image outcomes are read from ``source``."""
     from bench.report.plots import plot_differences, plot_latency, plot_pareto
-    from bench.report.speed import plot_speed_by_size
     from bench.report.scaling import scaling_section
     from bench.report.spectral import spectral_section
+    from bench.report.speed import plot_speed_by_size
     from bench.report.variants import variants_section
 
     records = [r for r in everything if "finetune" not in r]  # fine-tuned models get their own section
