@@ -37,6 +37,11 @@ def method_names() -> list[str]:
     return sorted(p.stem for p in METHOD_CONF.glob("*.yaml"))
 
 
+def method_arguments(name: str) -> set[str]:
+    """The reducer arguments ``bench/conf/method/<name>.yaml`` sets (``blocks``, ``keep_rate``, ...)."""
+    return set(OmegaConf.load(METHOD_CONF / f"{name}.yaml").reducer) - {"_target_"}
+
+
 def build_reducer(name: str, **overrides) -> TokenReducer:
     """``method=<name>`` built the way ``bench.run`` builds it: ``bench/conf/method/<name>.yaml``
     with ``overrides`` set in its ``reducer`` section, through

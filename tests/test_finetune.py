@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from bench_utils import FAST, RANDOM_WEIGHTS, REPO, image_folder
-from conftest import build_reducer, method_names, tiny_vit
+from conftest import build_reducer, method_arguments, method_names, tiny_vit
 from PIL import Image
 
 import bench.train.trainer as trainer_module
@@ -50,11 +50,21 @@ TINY_RECIPE = dict(
     checkpoint_every=2,
     num_workers=0,
 )
-KNOBS = {"none": {}, "tome": {"r": 8}, "fatr": {"blocks": [1, 3], "keep_rate": 0.5, "dc_grid": [2, 1]}}
+KNOBS = {
+    "none": {},
+    "tome": {"r": 8},
+    "tofu": {"r": 8},
+    "pitome": {"ratio": 0.8},
+    "fatr": {"blocks": [1, 3], "keep_rate": 0.5, "dc_grid": [2, 1]},
+}
 
 
 def reducer_for(method: str):
-    return build_reducer(method, **KNOBS.get(method, {"blocks": [1, 3], "keep_rate": 0.5}))
+    """The method on the 6-block tiny ViT: reduction blocks inside it, a strong keep rate."""
+    if method in KNOBS:
+        return build_reducer(method, **KNOBS[method])
+    args = method_arguments(method)
+    return build_reducer(method, **{k: v for k, v in (("blocks", [1, 3]), ("keep_rate", 0.5)) if k in args})
 
 
 def tiny_run(folder, method: str = "fatr", drop_path: float = 0.0):

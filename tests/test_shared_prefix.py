@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_reducer, method_names, tiny_vit
+from conftest import build_reducer, method_arguments, method_names, tiny_vit
 
 import bench.measure.shared_prefix as shared_prefix
 from bench.measure.accuracy import predict
@@ -14,10 +14,12 @@ from bench.models import model_without_reducer
 from methods import apply_reducer, first_reduction_block, forward_from_block
 
 FIRST = 2  # every method below first reduces at block 2 of the 6-block tiny ViT
+AT_BLOCKS = [m for m in method_names() if "blocks" in method_arguments(m)]
+"""Methods that reduce at chosen blocks; the others (ToMe and its kin) act from block 0."""
 
 
 def _reduced(name: str) -> torch.nn.Module:
-    kw = {} if name == "tome" else {"blocks": [FIRST, 4]}
+    kw = {"blocks": [FIRST, 4]} if name in AT_BLOCKS else {}
     if name == "fatr":
         kw["dc_grid"] = [2, 1]
     model = tiny_vit(num_classes=100)
@@ -34,7 +36,7 @@ def _unreduced_pass(model: torch.nn.Module, images: torch.Tensor):
     return predict(plain, images, batch_size=10, show_progress=False, keep_block=start_block(model))
 
 
-@pytest.mark.parametrize("name", [m for m in method_names() if m not in ("none", "tome")])
+@pytest.mark.parametrize("name", AT_BLOCKS)
 def test_a_pass_started_at_the_first_reduction_gives_the_full_passs_predictions(name):
     model, images = _reduced(name), _images()
     assert first_reduction_block(model) == FIRST

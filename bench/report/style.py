@@ -22,6 +22,14 @@ METHOD_COLORS = {
     "pool": "#8c564b",
     "kmedoids": "#9467bd",
     "dpcknn": "#17becf",
+    "pitome": "#e377c2",
+    "tofu": "#bcbd22",
+    "dct": "#393b79",
+    "diffrate": "#637939",
+    "ats": "#8c6d31",
+    "ppt": "#843c39",
+    "mctf": "#7b4173",
+    "zerotprune": "#3182bd",
 }
 """Neighbours in the tables (fatr/random, evit/topk, dpcknn/kmedoids) get unlike hues."""
 OTHER_COLORS = ["#e377c2", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
