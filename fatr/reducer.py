@@ -20,7 +20,7 @@ Where the paper (arXiv 2511.21477) leaves a choice open, this module picks as fo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ from methods.tokens import batch_gather, merge_groups, prefix_index
 DC_SLOTS = "fatr_dc_slots"
 DC_GRID = "fatr_dc_grid"
 DC_EMPTY = "fatr_dc_empty"
-"""Whether any DC slot of the batch is empty (decides whether blocks need a mask)."""
+"""Whether a DC slot may be empty, decided from shapes alone (:func:`dc_may_be_empty`): later
+blocks then mask size-0 slots out of attention (a zero bias where none is empty)."""
 
 OMEGA2_FORMS = ("post_softmax", "logit")
 DC_WEIGHTS = ("mean", "attn")
@@ -45,6 +46,31 @@ def attention_received(attn: Tensor, valid: Tensor) -> Tensor:
     """Mean attention each token receives from the valid queries, heads averaged ``(B, N)``."""
     q_w = valid.float()[:, None, :]  # (B, 1, N)
     return (q_w @ attn.float().mean(dim=1))[:, 0] / q_w.sum(-1)
+
+
+def dc_may_be_empty(dc_grid: int, num_lf: int, prev_may_be_empty: bool | None) -> bool:
+    """Whether a DC slot built by a reduction can be empty, known from shapes alone.
+
+    Deciding it per batch from the sizes would read a tensor on the host (a device sync, and a
+    graph break under ``torch.compile``), so the mask is applied whenever a slot *can* be
+    empty; where none is, the mask is a zero bias and every number stays the same. A slot is
+    certainly filled when its window receives a low-frequency token (the one global window
+    does whenever ``num_lf > 0``) or holds an earlier DC slot that was certainly filled (every
+    window of a coarser grid contains at least one window of the finer one).
+
+    Args:
+        dc_grid: ``w`` of this reduction's ``w x w`` DC windows.
+        num_lf: low-frequency tokens folded into DC slots at this reduction (per image).
+        prev_may_be_empty: the same answer for the previous DC slots; None if there are none.
+    """
+    if prev_may_be_empty is False:
+        return False
+    return not (dc_grid == 1 and num_lf > 0)
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: loaded ω decide the forward's path (:meth:`FATR.refresh_learned`)."""
+    module.refresh_learned()
 
 
 def fatr_reduce(
@@ -183,7 +209,10 @@ class FATR(KeepRateReducer):
         self.omega1 = nn.Parameter(torch.zeros(0, 0))
         self.omega2 = nn.Parameter(torch.zeros(0, 0))
         self.dc_pos = nn.ParameterDict()
-        self._active_cache: tuple[tuple[int, ...], bool] | None = None
+        self._learned = False
+        self._learned_key: tuple[int, ...] = ()
+        self.refresh_learned()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def bind(self, info: ModelInfo) -> None:
         super().bind(info)
@@ -197,6 +226,7 @@ class FATR(KeepRateReducer):
             self.dc_pos = nn.ParameterDict({k: nn.Parameter(torch.zeros(*s, device=dev)) for k, s in shapes.items()})
         if self.omega_path:
             self.load_omega(self.omega_path)
+        self.refresh_learned()
 
     # -- ω and the DC positional term ----------------------------------------------------------
     def load_omega(self, path: str | Path) -> dict:
@@ -233,6 +263,7 @@ class FATR(KeepRateReducer):
                         f"{tuple(value.shape)}, which this FATR's dc_grid does not have"
                     )
                 self.dc_pos[key].copy_(value)
+        self.refresh_learned()
         meta = dict(saved.get("meta", {}))
         mine = {
             "blocks": self.blocks,
@@ -249,23 +280,57 @@ class FATR(KeepRateReducer):
             )
         return meta
 
+    def _learned_params(self) -> list[nn.Parameter]:
+        return [self.omega1, self.omega2, *self.dc_pos.values()]
+
+    def _learned_version(self) -> tuple[int, ...]:
+        params = self._learned_params()
+        return tuple(p._version for p in params) + tuple(id(p) for p in params)
+
+    def refresh_learned(self) -> bool:
+        """Decide on the host whether ω or a DC positional term is non-zero; returns it.
+
+        Reading parameters on the host is a device sync, so it is done here, where they change
+        outside an optimiser step: :meth:`bind`, :meth:`load_omega`, ``load_state_dict``,
+        ``.to()`` and ``train()``/``eval()``. The forward reads the stored bool, so it has no
+        sync and ``torch.compile`` captures it as one graph (guarded on that bool). After
+        editing ω in place under ``torch.compile``, call this (or ``eval()``); eager forwards
+        notice such edits themselves (:meth:`_learned_nonzero`).
+        """
+        params = self._learned_params()
+        self._learned = any(bool(p.detach().any()) for p in params if p.numel())
+        self._learned_key = self._learned_version()
+        return self._learned
+
     def _learned_nonzero(self) -> bool:
-        """Whether ω or a DC positional term is non-zero. Cached on the parameters' versions so
-        inference with zeros skips the re-weighting without a device sync per block."""
-        params = [self.omega1, self.omega2, *self.dc_pos.values()]
-        key = tuple(p._version for p in params) + tuple(id(p) for p in params)
-        if self._active_cache is None or self._active_cache[0] != key:
-            active = any(bool(p.detach().any()) for p in params)
-            self._active_cache = (key, active)
-        return self._active_cache[1]
+        """Whether ω or a DC positional term is non-zero (:meth:`refresh_learned`'s answer).
+
+        Eager forwards also compare the parameters' versions (host integers, no sync) and
+        refresh after an in-place edit that bypassed the refresh points (one sync, the first
+        forward after the edit); compiled forwards read the bool alone.
+        """
+        if not torch.compiler.is_compiling() and self._learned_key != self._learned_version():
+            self.refresh_learned()
+        return self._learned
 
     def _learned_active(self) -> bool:
         """Whether the forward must apply ω and the DC positional term: non-zero, or being
         trained (gradients must reach them even while they are still zero)."""
-        params = [self.omega1, self.omega2, *self.dc_pos.values()]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._learned_params()):
             return True
         return self._learned_nonzero()
+
+    def train(self, mode: bool = True) -> FATR:
+        """Switch mode and refresh :meth:`refresh_learned` (an optimiser may have changed ω)."""
+        super().train(mode)
+        self.refresh_learned()
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FATR:
+        """``.to()``, ``.cuda()``, ``.half()``: a conversion may replace the parameters."""
+        out = super()._apply(fn, recurse)
+        self.refresh_learned()
+        return out
 
     def attention_reweight(self, state: TokenState, block: int) -> AttentionReweight | None:
         if DC_SLOTS not in state.extra or not self._learned_active():
@@ -280,7 +345,7 @@ class FATR(KeepRateReducer):
         if not d:
             return None
         bias = None
-        if not self.proportional_attention and state.extra.get(DC_EMPTY, False):
+        if not self.proportional_attention and state.extra.get(DC_EMPTY, True):
             bias = torch.zeros_like(state.size).masked_fill(state.size == 0, float("-inf"))[:, None, None, :]
         if self.omega2_form == "logit" and self._learned_active():
             p = state.num_prefix
@@ -295,10 +360,12 @@ class FATR(KeepRateReducer):
         return frozenset({ATTN})
 
     def reduce(self, state: TokenState, block: int) -> TokenState:
-        patch = state.num_tokens - state.num_prefix - state.extra.get(DC_SLOTS, 0)
+        d_prev = state.extra.get(DC_SLOTS, 0)
+        patch = state.num_tokens - state.num_prefix - d_prev
+        keep = self.num_kept(block, patch)
         new = fatr_reduce(
             state,
-            self.num_kept(block, patch),
+            keep,
             self.score,
             self.dc_grids[block],
             self.dc_weight,
@@ -310,7 +377,8 @@ class FATR(KeepRateReducer):
             pos = self.dc_pos[str(block)].to(new.x.dtype)
             x = torch.cat([new.x[:, :p], new.x[:, p : p + d] + pos, new.x[:, p + d :]], dim=1)
             new = new.replace(x=x)
-        empty = not self.proportional_attention and bool((new.size[:, p : p + d] == 0).any())
+        prev = state.extra.get(DC_EMPTY, True) if d_prev else None
+        empty = dc_may_be_empty(self.dc_grids[block], patch - keep, prev)
         return new.replace(extra={**new.extra, DC_EMPTY: empty})
 
     def count_step(self, block: int, special: int, patch: int) -> tuple[int, int]:

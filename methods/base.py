@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -117,6 +118,12 @@ class TokenReducer(nn.Module):
     def bind(self, info: ModelInfo) -> None:
         """Check the configuration against the model; raise :class:`ReducerConfigError`."""
         self.info = info
+
+    def prepare(self, device: torch.device) -> None:
+        """Build, on ``device``, what the forward reads but nothing learns (random pruning's
+        kept-index tables). :func:`methods.apply_reducer` calls it after :meth:`bind`, once the
+        reducer will run; :meth:`bind` alone (budget matching, analytic counts) stays cheap. Host
+        work done here is work a forward does not do: no device sync, one compiled graph."""
 
     def notes(self) -> list[str]:
         """One line for each way the bound reducer departs from its configuration on this model

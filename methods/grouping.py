@@ -79,15 +79,17 @@ def assign_to_centres(dist: Tensor, centres: Tensor) -> Tensor:
 def cluster_members(group: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The members of every token's own cluster, padded: ``(members, valid)``, both (B, N, M).
 
-    ``group`` (B, N) in ``[0, k)``; ``M`` is the largest cluster's size (one host sync).
+    ``group`` (B, N) in ``[0, k)`` with every cluster non-empty, so no cluster has more than
+    ``M = N - k + 1`` members: a bound from the shapes, where the largest cluster's actual
+    size would need a device sync (and a data-dependent shape under ``torch.compile``).
     ``members[b, i]`` lists, in token order, the tokens with the same group as token ``i``;
     ``valid`` marks the real entries (padding repeats a valid index).
     """
     b, n = group.shape
+    m = n - k + 1
     order = group.argsort(dim=-1, stable=True)
     count = torch.zeros(b, k, dtype=torch.long, device=group.device).scatter_add_(1, group, torch.ones_like(group))
     start = count.cumsum(-1) - count
-    m = int(count.max())
     slot = torch.arange(m, device=group.device)
     own_count = count.gather(1, group)[:, :, None]
     valid = slot < own_count

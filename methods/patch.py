@@ -226,7 +226,9 @@ def apply_reducer(model: nn.Module, reducer: TokenReducer, trace_source: bool = 
     """Patch a timm ViT in place so ``reducer`` runs in its blocks; returns the model.
 
     Re-applying replaces the previous reducer. The reducer becomes a submodule
-    (``model.token_reducer``) so its parameters (e.g. FATR's ω) follow ``.to()``.
+    (``model.token_reducer``) so its parameters (e.g. FATR's ω) and buffers follow ``.to()``;
+    it is moved to the model's device here too, and :meth:`~methods.base.TokenReducer.prepare`d
+    there, so that a forward never copies anything to the device.
     """
     if is_patched(model):
         remove_reducer(model)
@@ -244,6 +246,10 @@ def apply_reducer(model: nn.Module, reducer: TokenReducer, trace_source: bool = 
         model.register_forward_pre_hook(_model_pre_hook),
         model.blocks.register_forward_pre_hook(_blocks_pre_hook),
     ]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    reducer.to(device)
+    reducer.prepare(device)
     model.token_reducer = reducer
     return model
 
