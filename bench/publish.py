@@ -125,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench.leaderboard import write_leaderboard
 
     write_leaderboard(args.results_dir)
+    if not args.speed:
+        from bench.errors import BenchError
+        from bench.visualize import write_token_maps
+
+        try:
+            print(f"token maps: {write_token_maps(args.results_dir, ALL_METHODS, args.overrides)}")
+        except BenchError as e:
+            failed.append(f"token maps ({e})")
     if failed:
         print(f"\n{len(failed)} sweep(s) failed: {'; '.join(failed)}", file=sys.stderr)
         return 2
