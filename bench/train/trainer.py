@@ -387,6 +387,13 @@ class _Training:
         self.rng_next = rng_state()
         """The random state the next step starts from (a checkpoint's, with the last update's weights)."""
 
+    def _reducer_loss(self) -> torch.Tensor | float:
+        """A term the reducer adds to the training loss (DiffRate's schedule search: its MACs
+        penalty ``λ·(GMACs − target)²``), or 0 for reducers without one."""
+        student = getattr(self.student, "module", self.student)  # under DDP, the wrapped model
+        extra = getattr(getattr(student, "token_reducer", None), "extra_loss", None)
+        return extra() if extra is not None else 0.0
+
     def state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
@@ -457,6 +464,7 @@ class _Training:
                     loss, parts = finetune_loss(
                         r.loss, logits, labels, teacher, r.kd_weight, r.temperature, r.label_smoothing
                     )
+                    loss = loss + self._reducer_loss()
                 (loss / accum).backward()
             zero = loss.new_zeros(())
             logged += torch.stack([loss.detach(), parts.get("ce", zero), parts.get("kd", zero)]) / accum
