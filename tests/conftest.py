@@ -57,6 +57,18 @@ def build_reducer(name: str, **overrides) -> TokenReducer:
     return build_reducer_from_config(cfg)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): a 48-wide ViT gains nothing from a second
+    thread, and on a shared, loaded 2-core machine two spinning threads made each forward
+    50-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def vit():
     return tiny_vit()

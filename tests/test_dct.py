@@ -33,12 +33,7 @@ NUM_PATCHES = 64  # tiny_vit: 8x8 grid
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cosine(k: int, n: int) -> torch.Tensor:

@@ -25,14 +25,7 @@ from bench.errors import BenchError
 from bench.finetune import resume_command
 from bench.train.trainer import LAST, METRICS, Recipe, finish_before_interrupt, read_metrics, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread only waits for the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- 1. user runs never write into the published results/ ------------------------------------------

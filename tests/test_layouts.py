@@ -73,14 +73,7 @@ def refused(method: str, model: torch.nn.Module) -> bool:
     return method in NEEDS_CLASS_TOKEN and model.num_prefix_tokens == 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread while this file runs: a 48-wide ViT gains nothing from more, and on a
-    shared, loaded machine two spinning threads made each forward ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from methods.pitome import PiToMe, energy_scores, margin_schedule, pitome_groups
 NUM_PATCHES = 64  # tiny_vit: 8x8 grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(x: torch.Tensor, metric: torch.Tensor, num_prefix: int, size: torch.Tensor | None = None) -> TokenState:

@@ -21,12 +21,7 @@ from methods.tome import bipartite_groups, tome_merge
 NUM_PATCHES = 64  # tiny_vit: 8x8 grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(x: torch.Tensor, metric: torch.Tensor | None = None, num_prefix: int = 1) -> TokenState:

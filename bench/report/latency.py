@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.measure.latency import PER_BATCH_KEYS
+
 EAGER = "eager"
 COMPILE_TEXT = {
     EAGER: "eager",
@@ -42,18 +44,7 @@ LATENCY_METRICS = frozenset(
     {
         *PER_BATCH,
         *PER_BATCH_RAW,
-        "latency_ms_baseline",
-        "img_per_s_baseline",
-        "speedup_ratios",
-        "speedup_spread",
-        "latency_iters",
-        "latency_stop",
-        "latency_seconds",
-        "latency_busy",
-        "latency_busy_reason",
-        "peak_mem_mb",
-        "peak_mem_mb_baseline",
-        "latency_recompiles",
+        *PER_BATCH_KEYS,
         "latency_batch",
         "latency_batches",
         "latency_compile",
