@@ -106,7 +106,7 @@ import torch
 from torch import Tensor
 
 from methods.base import ModelInfo, ReducerConfigError, TokenReducer, TokenState, check_block_indices, check_keep_rate
-from methods.pool import pooled_grid
+from methods.pool import known_grid, pooled_grid
 from methods.tome import tome_schedule
 
 MODES = ("1d", "2d")
@@ -427,11 +427,9 @@ class DCT(TokenReducer):
         return dct_reduce_1d(state, out[0], self.rescale)
 
     def _start_grid(self, num_patches: int) -> tuple[int, int]:
-        if self.info is not None and self.info.num_patches == num_patches:
-            return self.info.patch_grid
-        s = math.isqrt(num_patches)
-        if s * s == num_patches:
-            return s, s
+        grid = known_grid(self.info, num_patches)
+        if grid is not None:
+            return grid
         if self.mode == "1d":
             return num_patches, 1  # 1-D needs only the count
         raise ReducerConfigError(

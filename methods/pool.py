@@ -19,8 +19,17 @@ from collections.abc import Sequence
 
 import torch
 
-from methods.base import KeepRateReducer, ReducerConfigError, TokenState
+from methods.base import KeepRateReducer, ModelInfo, ReducerConfigError, TokenState
 from methods.grouping import merge_patch_groups
+
+
+def known_grid(info: ModelInfo | None, num_patches: int) -> tuple[int, int] | None:
+    """The patch grid ``num_patches`` patches lie on: the bound model's when the count is its
+    own, else a square one; None when neither tells (a reducer must be bound first)."""
+    if info is not None and info.num_patches == num_patches:
+        return info.patch_grid
+    s = math.isqrt(num_patches)
+    return (s, s) if s * s == num_patches else None
 
 
 def pooled_grid(h: int, w: int, target: int) -> tuple[int, int]:
@@ -92,11 +101,9 @@ class Pool(KeepRateReducer):
         return pool_reduce(state, self.target_grid(block, current_grid(state)))
 
     def _start_grid(self, num_patches: int) -> tuple[int, int]:
-        if self.info is not None and self.info.num_patches == num_patches:
-            return self.info.patch_grid
-        s = math.isqrt(num_patches)
-        if s * s == num_patches:
-            return s, s
+        grid = known_grid(self.info, num_patches)
+        if grid is not None:
+            return grid
         raise ReducerConfigError(
             f"pool cannot tell the grid layout of {num_patches} patches; bind the reducer to the model first"
         )
