@@ -30,7 +30,7 @@ from fatr.dc import check_dc_grids, coarsen_windows, window_of
 from fatr.scores import SCORES, hf_scores
 from methods.attention import AttentionReweight
 from methods.base import ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState
-from methods.tokens import batch_gather, merge_groups, prefix_index
+from methods.tokens import batch_gather, empty_slot_bias, merge_groups, prefix_index
 
 DC_SLOTS = "fatr_dc_slots"
 DC_GRID = "fatr_dc_grid"
@@ -346,7 +346,7 @@ class FATR(KeepRateReducer):
             return None
         bias = None
         if not self.proportional_attention and state.extra.get(DC_EMPTY, True):
-            bias = torch.zeros_like(state.size).masked_fill(state.size == 0, float("-inf"))[:, None, None, :]
+            bias = empty_slot_bias(state.size)
         if self.omega2_form == "logit" and self._learned_active():
             p = state.num_prefix
             scale = (1 + self.omega2[block]).clamp_min(1e-3).log()  # (H,)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import ATTN, CLS_ATTN, KEYS
+from methods.base import ATTN, CLS_ATTN, KEYS, VALUES
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,8 @@ def attention_forward(
     taps: dict[str, Tensor] = {}
     if KEYS in needs:
         taps[KEYS] = k
+    if VALUES in needs:
+        taps[VALUES] = v
     drop = attn.attn_drop.p if attn.training else 0.0
     if ATTN in needs:
         logits = (q * attn.scale) @ k.transpose(-2, -1)

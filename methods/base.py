@@ -27,7 +27,9 @@ CLS_ATTN = "cls_attn"
 """Need: only the first prefix token's attention row ``(B, H, N)``; the block stays fused."""
 KEYS = "keys"
 """Need: the block's keys ``(B, H, N, head_dim)``; the block stays fused."""
-NEEDS = frozenset({ATTN, CLS_ATTN, KEYS})
+VALUES = "values"
+"""Need: the block's values ``(B, H, N, head_dim)`` (ATS's and PPT's ``‖v‖``); the block stays fused."""
+NEEDS = frozenset({ATTN, CLS_ATTN, KEYS, VALUES})
 
 
 class ReducerConfigError(ValueError):
@@ -77,10 +79,17 @@ class TokenState:
     """This block's first-prefix-token attention row ``(B, H, N)``, only when asked for."""
     keys: Tensor | None = None
     """This block's keys ``(B, H, N, head_dim)``, only when asked for."""
+    values: Tensor | None = None
+    """This block's values ``(B, H, N, head_dim)``, only when asked for."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Reducer-private bookkeeping carried across blocks (e.g. FATR's DC slots)."""
     reduced: bool = False
     """True once any token was merged or dropped (turns proportional attention on)."""
+    may_have_empty: bool = False
+    """True once a reducer may have left empty (size-0) slots: a per-image token count kept in
+    static shapes (ATS). Decided from shapes, never from values (that would be a host sync).
+    Every later block then masks size-0 slots out of attention, with or without proportional
+    attention; pooling already ignores them."""
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +151,7 @@ class TokenReducer(nn.Module):
         return False
 
     def needs(self, block: int) -> frozenset[str]:
-        """Which of ``ATTN``, ``CLS_ATTN``, ``KEYS`` the reducer reads in this block."""
+        """Which of ``ATTN``, ``CLS_ATTN``, ``KEYS``, ``VALUES`` the reducer reads in this block."""
         return frozenset()
 
     def reduce(self, state: TokenState, block: int) -> TokenState:

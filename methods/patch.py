@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from methods.attention import attention_forward
-from methods.base import ATTN, CLS_ATTN, KEYS, NEEDS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import initial_state
+from methods.base import ATTN, CLS_ATTN, KEYS, NEEDS, VALUES, ModelInfo, ReducerConfigError, TokenReducer, TokenState
+from methods.tokens import empty_slot_bias, initial_state
 
 
 class UnsupportedModelError(TypeError):
@@ -70,7 +70,7 @@ class ReductionContext:
 
     def observe(self, callback: Observer | None = None, needs: Iterable[str] = ()) -> Observation:
         """Add an analysis tool: ``callback`` at every reduction, and ``needs`` (of ``ATTN``,
-        ``CLS_ATTN``, ``KEYS``) tapped at reduction blocks on top of the reducer's own. Tools add
+        ``CLS_ATTN``, ``KEYS``, ``VALUES``) tapped at reduction blocks on top of the reducer's own. Tools add
         to each other; ``.remove()`` on the returned handle takes one back."""
         wanted = frozenset(needs)
         if not wanted <= NEEDS:
@@ -100,7 +100,9 @@ class ReductionContext:
         assert state is not None
         bias = None
         if state.reduced and self.reducer.proportional_attention:
-            bias = state.size.log()[:, None, None, :]
+            bias = state.size.log()[:, None, None, :]  # log 0 = -inf masks empty slots too
+        elif state.may_have_empty:
+            bias = empty_slot_bias(state.size)
         extra = self.reducer.attention_bias(state, block)
         if extra is not None:
             bias = extra if bias is None else bias + extra
@@ -123,11 +125,13 @@ def _reduced_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_
     out, taps = attention_forward(self.attn, self.norm1(x), bias, reweight, valid, needs)
     x = x + self.drop_path1(self.ls1(out))
     if reducer.reduces_at(idx):
-        snapshot = state.replace(x=x, attn=taps.get(ATTN), cls_attn=taps.get(CLS_ATTN), keys=taps.get(KEYS))
+        snapshot = state.replace(
+            x=x, attn=taps.get(ATTN), cls_attn=taps.get(CLS_ATTN), keys=taps.get(KEYS), values=taps.get(VALUES)
+        )
         new = reducer.reduce(snapshot, idx)
         for observe in ctx.observers:
             observe(idx, snapshot, new)
-        state = new.replace(attn=None, cls_attn=None, keys=None)
+        state = new.replace(attn=None, cls_attn=None, keys=None, values=None)
         ctx.state = state
         x = state.x
     ctx.token_trace.append(x.shape[1])

@@ -81,6 +81,11 @@ def concat_states(state: TokenState, parts: list[tuple[Tensor, Tensor, Tensor, T
     return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True)
 
 
+def empty_slot_bias(size: Tensor) -> Tensor:
+    """Additive attention bias ``(B, 1, 1, N)``: 0 on filled slots, -inf on empty (size-0) ones."""
+    return torch.zeros_like(size).masked_fill(size == 0, float("-inf"))[:, None, None, :]
+
+
 def initial_state(x: Tensor, num_prefix: int, patch_grid: tuple[int, int], trace_source: bool) -> TokenState:
     """State before the first block: every patch token has size 1 and its own position."""
     b, n, _ = x.shape

@@ -304,3 +304,68 @@ def test_observers_add_needs_and_remove_only_their_own(images):
     assert ctx.extra_needs == frozenset() and ctx.observers == ()
     with pytest.raises(ValueError, match="unknown needs"):
         ctx.observe(needs={"logits"})
+
+
+def test_values_tap_is_the_blocks_values(images):
+    """The VALUES tap hands the reducer exactly the values the block's attention used."""
+    from methods import VALUES, reduction_context
+
+    model = apply_reducer(tiny_vit(), build_reducer("evit", blocks=[1]))
+    seen = []
+    reduction_context(model).observe(lambda block, before, after: seen.append(before.values), needs={VALUES})
+    captured = {}
+    blk = model.blocks[1]
+    hook = blk.attn.qkv.register_forward_hook(lambda m, a, out: captured.setdefault("qkv", out))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    b, n, _ = captured["qkv"].shape
+    h, d = blk.attn.num_heads, blk.attn.head_dim
+    v = captured["qkv"].reshape(b, n, 3, h, d)[:, :, 2].transpose(1, 2)
+    assert len(seen) == 1 and torch.equal(seen[0], v)
+
+
+class EmptyLastSlot(TokenReducer):
+    """Test reducer: empties the last patch slot (size 0, garbage values) at ``block``; with
+    ``flag`` it says so (``may_have_empty``), as a per-image-count reducer must."""
+
+    def __init__(self, block: int = 1, flag: bool = True, prop_attn: bool = False) -> None:
+        super().__init__(block=block, flag=flag, prop_attn=prop_attn)
+        self.block, self.flag = block, flag
+
+    def reduces_at(self, block: int) -> bool:
+        return block == self.block
+
+    def reduce(self, state, block):
+        size = state.size.clone()
+        size[:, -1] = 0
+        x = state.x.clone()
+        x[:, -1] = 1e4  # an empty slot's content must not matter
+        return state.replace(x=x, size=size, reduced=True, may_have_empty=self.flag)
+
+
+class DropLastSlot(TokenReducer):
+    def __init__(self, block: int = 1) -> None:
+        super().__init__(block=block, prop_attn=False)
+        self.block = block
+
+    def reduces_at(self, block: int) -> bool:
+        return block == self.block
+
+    def reduce(self, state, block):
+        from methods.tokens import keep_tokens
+
+        idx = torch.arange(state.num_tokens - 1, device=state.x.device).expand(state.x.shape[0], -1)
+        return keep_tokens(state, idx)
+
+
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_empty_slots_are_masked_out_of_attention(images, prop_attn):
+    """A flagged empty slot changes nothing later blocks compute for the class token: the same
+    logits as dropping the slot; unflagged (and without proportional attention) it would leak."""
+    with torch.no_grad():
+        dropped = apply_reducer(tiny_vit(), DropLastSlot())(images)
+        empty = apply_reducer(tiny_vit(), EmptyLastSlot(prop_attn=prop_attn))(images)
+        leaky = apply_reducer(tiny_vit(), EmptyLastSlot(flag=False))(images)
+    torch.testing.assert_close(empty, dropped, rtol=1e-4, atol=1e-4)
+    assert (leaky - dropped).abs().max() > 1e-3
