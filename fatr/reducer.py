@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from fatr.dc import check_dc_grids, coarsen_windows, window_of
 from fatr.scores import SCORES, hf_scores
-from methods.attention import AttentionReweight
-from methods.base import ATTN, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState
+from methods.base import ATTN, AttentionReweight, KeepRateReducer, ModelInfo, ReducerConfigError, TokenState
 from methods.tokens import batch_gather, empty_slot_bias, merge_groups, prefix_index
 
 DC_SLOTS = "fatr_dc_slots"

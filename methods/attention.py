@@ -23,32 +23,11 @@ value channels (with zero query/key channels, so the logits do not change).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import ATTN, CLS_ATTN, KEYS, VALUES
-
-
-@dataclass(frozen=True)
-class AttentionReweight:
-    """Post-softmax re-weighting of one block's attention (see the module docstring).
-
-    Args:
-        hp_gain: per-head gain ``(H,)`` on the high-pass part of the ordinary columns (ω1).
-        span: ``[start, stop)`` of the columns treated apart (e.g. DC tokens); empty = none.
-        span_gain: per-head gain ``(H,)`` on the span's attention (ω2); None = 0.
-    """
-
-    hp_gain: Tensor
-    span: tuple[int, int] = (0, 0)
-    span_gain: Tensor | None = None
-
-    @property
-    def span_size(self) -> int:
-        return max(0, self.span[1] - self.span[0])
+from methods.base import ATTN, CLS_ATTN, KEYS, VALUES, AttentionReweight
 
 
 def ordinary_mean_weights(valid: Tensor | None, n: int, span: tuple[int, int], device: torch.device) -> Tensor:

@@ -13,13 +13,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from methods.attention import AttentionReweight
 
 ATTN = "attn"
 """Need: the block's full attention probabilities ``(B, H, N, N)`` (forces the explicit path)."""
@@ -30,6 +27,26 @@ KEYS = "keys"
 VALUES = "values"
 """Need: the block's values ``(B, H, N, head_dim)`` (ATS's and PPT's ``‖v‖``); the block stays fused."""
 NEEDS = frozenset({ATTN, CLS_ATTN, KEYS, VALUES})
+
+
+@dataclass(frozen=True)
+class AttentionReweight:
+    """Post-softmax re-weighting of one block's attention, computed by :mod:`methods.attention`
+    (whose docstring gives the equations); part of the interface, so it lives here.
+
+    Args:
+        hp_gain: per-head gain ``(H,)`` on the high-pass part of the ordinary columns (ω1).
+        span: ``[start, stop)`` of the columns treated apart (e.g. DC tokens); empty = none.
+        span_gain: per-head gain ``(H,)`` on the span's attention (ω2); None = 0.
+    """
+
+    hp_gain: Tensor
+    span: tuple[int, int] = (0, 0)
+    span_gain: Tensor | None = None
+
+    @property
+    def span_size(self) -> int:
+        return max(0, self.span[1] - self.span[0])
 
 
 class ReducerConfigError(ValueError):

@@ -12,7 +12,8 @@ from fatr import hf_scores
 from fatr.dc import window_of
 from fatr.reducer import DC_GRID, DC_SLOTS
 from methods import ReducerConfigError, apply_reducer
-from methods.attention import AttentionReweight, attention_forward
+from methods.attention import attention_forward
+from methods.base import AttentionReweight
 
 CONFIGS = [
     {"blocks": [1, 3, 4]},

@@ -13,7 +13,8 @@ from fatr import FATR
 from fatr.reducer import DC_EMPTY, attention_received
 from fatr.scores import high_pass, svd_scores, top_left_subspace
 from methods import ReducerConfigError, apply_reducer
-from methods.attention import AttentionReweight, attention_forward, fused_reweighted, reweight_probs
+from methods.attention import attention_forward, fused_reweighted, reweight_probs
+from methods.base import AttentionReweight
 
 
 def _random_attention_inputs(seed=0, b=2, h=3, n=11, d=8, span=(1, 5)):
