@@ -29,6 +29,8 @@ from bench.report.row_notes import GROUPS, measured_settings, note_lines, row_na
 from bench.report.significance import GROUP_KEYS, MISSING, add_statistics, group_title, primary_group, statistics_lines
 from bench.store import config_hash, read_run_records
 
+SUMMARY_FILE = "SUMMARY.md"
+
 COLUMNS = {
     "label": "method",
     "budget": "MACs target",
@@ -219,6 +221,7 @@ def _generate(
     from bench.report.scaling import scaling_section
     from bench.report.spectral import spectral_section
     from bench.report.speed import plot_speed_by_size
+    from bench.report.summary import summary_markdown, summary_sections
     from bench.report.variants import variants_section
 
     records = [r for r in everything if "finetune" not in r]  # fine-tuned models get their own section
@@ -226,7 +229,9 @@ def _generate(
     md, csv = out / "leaderboard.md", out / "leaderboard.csv"
     md.write_text(markdown(df) + "\n".join(variants_section(records, source, resample, n_boot, seed)))
     df.to_csv(csv, index=False)
-    paths = [md, csv]
+    summary_file = out / SUMMARY_FILE
+    summary_file.write_text(summary_markdown(summary_sections(df)))
+    paths = [md, csv, summary_file]
     if not df.empty and "top1" in df and "gmacs" in df:
         paths.append(plot_pareto(df, out / "pareto.png"))
     if not df.empty and "top1" in df:
@@ -242,6 +247,16 @@ def _generate(
 
     paths += finetuned_section(everything, out, source, resample, n_boot, seed)
     return paths
+
+
+def sync_documents(summary_file: Path) -> list[Path]:
+    """Copy the sections of ``summary_file`` into the generated blocks of the README and the
+    docs (:mod:`bench.report.summary`); returns the files that changed."""
+    from bench.report.summary import documents, read_sections, sync_blocks
+
+    sections = read_sections(summary_file)
+    repo = Path(__file__).resolve().parents[1]
+    return [p for p in documents(repo) if p.is_file() and sync_blocks(p, sections)]
 
 
 def summary(records: list[dict[str, Any]]) -> str:
@@ -283,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resample", default="images", help="images | classes (cluster bootstrap)")
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="also rewrite the generated blocks of README.md and docs/*.md from this folder's SUMMARY.md",
+    )
     args = parser.parse_args(argv)
     runs = Path(args.results_dir) / RUNS_FILE
     if not runs.is_file():  # a mistyped folder must not get an empty leaderboard written into it
@@ -291,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for p in write_leaderboard(args.results_dir, args.resample, args.n_boot, args.seed):
             print(p)
+        if args.docs:
+            for p in sync_documents(Path(args.results_dir) / SUMMARY_FILE):
+                print(p)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

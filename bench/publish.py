@@ -3,7 +3,8 @@
 ``bench.run`` writes to a git-ignored folder (``results/local`` by default), so trying the
 harness never touches the published results. This command is the one way to rewrite them: it
 runs the reference sweeps below, each a ``bench.run`` command with ``results_dir=results``, then
-regenerates the leaderboard. ``--fresh`` first moves the old store aside (into
+regenerates the leaderboard and the numbers the README and docs quote (``SUMMARY.md``'s generated
+blocks, :mod:`bench.report.summary`). ``--fresh`` first moves the old store aside (into
 ``results/local/``), so the published files hold only the new runs and the fine-tuned records
 carried over (``bench.finetune`` made those; this command cannot rerun them); ``--dry-run``
 prints the commands.
@@ -122,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {what}: python {shlex.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(what)
-    from bench.leaderboard import write_leaderboard
+    from bench.leaderboard import SUMMARY_FILE, sync_documents, write_leaderboard
 
     write_leaderboard(args.results_dir)
     if not args.speed:
+        for path in sync_documents(Path(args.results_dir) / SUMMARY_FILE):
+            print(f"generated numbers updated in {path}")
         from bench.errors import BenchError
         from bench.visualize import write_token_maps
 

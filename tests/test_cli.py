@@ -44,7 +44,7 @@ def test_bad_data_root_is_one_line(tmp_path):
 
 def test_user_reducer_from_its_own_yaml(tmp_path, val):
     """A reducer class and a hydra yaml outside the project, found through hydra.searchpath (the
-    README's example, FLOPs measurement included: its token_counts passes the forward check)."""
+    docs/adding-a-reducer.md's example, FLOPs measurement included: its token_counts passes the forward check)."""
     (tmp_path / "my_reducers.py").write_text(
         textwrap.dedent("""
         import torch

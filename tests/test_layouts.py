@@ -1,6 +1,6 @@
-"""Every ViT layout the README lists works with every method, FLOPs pass included.
+"""Every ViT layout docs/adding-a-reducer.md lists works with every method, FLOPs pass included.
 
-The README says ``methods.apply_reducer`` patches any timm ``VisionTransformer``: DeiT,
+The docs say ``methods.apply_reducer`` patches any timm ``VisionTransformer``: DeiT,
 distilled DeiT (2 prefix tokens), register tokens, LayerScale, q/k-norm, average pooling.
 ToMe once ran there in eager mode and crashed only in the FLOPs pass (``shape mismatch
 [187] vs [188]`` on distilled DeiT): fvcore traces the model with ``torch.jit.trace``, where a

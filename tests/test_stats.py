@@ -126,10 +126,10 @@ def test_bad_input_is_refused():
         wilson_interval(0, 0)
 
 
-def test_readme_table_is_the_functions_output():
+def test_docs_table_is_the_functions_output():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "measurements.md").read_text().splitlines()
     start = readme.index("<!-- detectable-table: python -m bench.report.stats -->") + 1
     table = detectable_table([0.05, 0.10, 0.20], [500, 1300, 5000, 10000, 50000])
     assert readme[start : start + len(table)] == table

@@ -1,0 +1,103 @@
+"""Numbers the README and docs quote are generated from the run store, never copied by hand
+(bench/report/summary.py): the blocks are rewritten from SUMMARY.md, and the published ones
+must equal what the records give today."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.leaderboard import SUMMARY_FILE, latest_per_config, table
+from bench.report.significance import add_statistics
+from bench.report.summary import (
+    SECTIONS,
+    documents,
+    headline,
+    main_group,
+    paper_rows,
+    read_sections,
+    stale_blocks,
+    summary_markdown,
+    summary_sections,
+    sync_blocks,
+)
+from bench.store import read_run_records
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results"
+
+
+def _row(method, budget, top1, images=100, label=None, **kw):
+    base = dict(
+        label=label or method,
+        method=method,
+        model="m",
+        dataset="d",
+        images=images,
+        device="cpu",
+        latency_mode="eager",
+        budget=budget,
+        top1=top1,
+        gmacs=1.0,
+    )
+    return {**base, **kw}
+
+
+def test_headline_takes_the_main_group_the_headline_budget_and_plain_methods():
+    df = pd.DataFrame(
+        [
+            _row("none", None, 80.0),
+            _row("tome", 0.65, 79.0, d_unreduced=-1.0, top1_tied="best"),
+            _row("fatr", 0.65, 78.0, d_unreduced=-2.0, top1_tied="tied"),
+            _row("fatr", 0.65, 77.0, label="fatr (dc_grid=2)", d_unreduced=-3.0),  # a variant: not a headline row
+            _row("evit", 0.5, 76.0, d_unreduced=-4.0),  # another budget
+            _row("tome", 0.65, 10.0, images=5),  # a smaller group
+        ]
+    )
+    assert len(main_group(df)) == 5
+    table_rows = [line for line in headline(df) if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0] for r in table_rows] == ["| none (unreduced)", "| tome", "| fatr"]
+    assert "-2.00" in table_rows[2] and "tied" in table_rows[2]
+
+
+def test_sync_rewrites_blocks_and_stale_blocks_finds_them(tmp_path):
+    doc = tmp_path / "page.md"
+    doc.write_text("intro\n<!-- summary:headline -->\nold numbers\n<!-- /summary:headline -->\nend\n")
+    sections = {"headline": "new numbers\n"}
+    assert stale_blocks(doc, sections) == ["headline"]
+    assert sync_blocks(doc, sections)
+    assert doc.read_text() == "intro\n<!-- summary:headline -->\nnew numbers\n<!-- /summary:headline -->\nend\n"
+    assert stale_blocks(doc, sections) == [] and not sync_blocks(doc, sections)
+    assert stale_blocks(doc, {}) == ["headline"], "a block naming no section is stale"
+
+
+def test_paper_file_names_known_methods_and_a_source_for_each():
+    methods = {p.stem for p in (REPO / "bench/conf/method").glob("*.yaml")}
+    for row in paper_rows():
+        assert row["method"] in methods and row["source"]
+        if row["top1"]:
+            float(row["top1"])
+            assert row["model"], "a reported number says on which model"
+
+
+@pytest.fixture(scope="module")
+def published_sections() -> dict[str, str]:
+    if not (RESULTS / "runs.jsonl").is_file():
+        pytest.skip("no published run store in results/")
+    records = [r for r in latest_per_config(read_run_records(RESULTS)) if "finetune" not in r]
+    return summary_sections(add_statistics(table(records), RESULTS))
+
+
+def test_published_summary_is_what_the_records_give(published_sections):
+    """Regenerating SUMMARY.md from runs.jsonl changes nothing; else rerun
+    ``python -m bench.leaderboard results --docs``."""
+    assert (RESULTS / SUMMARY_FILE).read_text() == summary_markdown(published_sections)
+
+
+def test_numbers_quoted_in_readme_and_docs_match_the_store(published_sections):
+    stale = {p.name: stale_blocks(p, published_sections) for p in documents(REPO) if p.is_file()}
+    assert {k: v for k, v in stale.items() if v} == {}, "run python -m bench.leaderboard results --docs"
+    quoted = {name for p in documents(REPO) if p.is_file() for name in read_sections(p)}
+    assert "headline" in quoted and quoted <= set(SECTIONS)
