@@ -248,7 +248,7 @@ class KeepRateReducer(TokenReducer):
         if list(blocks) != sorted(set(blocks)):
             raise ReducerConfigError(f"blocks must be strictly increasing, got {list(blocks)}")
         super().__init__(blocks=list(blocks), keep_rate=keep_rate, **hparams)
-        if isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool):
+        if isinstance(keep_rate, (int, float)):  # a bool is refused by check_keep_rate
             keeps = [check_keep_rate(keep_rate)] * len(blocks)
         else:
             keeps = [check_keep_rate(k) for k in keep_rate]

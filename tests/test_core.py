@@ -205,7 +205,7 @@ def test_tome_schedules():
 
 
 def test_clear_errors():
-    for bad in (0, 1.5, -0.1):
+    for bad in (0, 1.5, -0.1, True):
         with pytest.raises(BenchError, match="cannot build method 'evit': keep_rate must be in"):
             build_reducer("evit", keep_rate=bad)
     with pytest.raises(BenchError, match="r must be >= 0"):
