@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.store import RUNS_FILE, append_record, read_records
 
-ALL_METHODS = "fatr,tome,evit,pool,kmedoids,dpcknn,topk,random,pitome,tofu,dct,diffrate"
+ALL_METHODS = "fatr,tome,evit,pool,kmedoids,dpcknn,topk,random,pitome,tofu,mctf,ppt,ats,zerotprune,dct,diffrate"
 QUICK = ["bench.scaling.enabled=false", "bench.spectral.enabled=false"]
 OMEGA = "results/omega/fatr_deit_tiny_signed_dc2_macs0.65.pt"
 

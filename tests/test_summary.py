@@ -80,6 +80,8 @@ def test_paper_file_names_known_methods_and_a_source_for_each():
         if row["top1"]:
             float(row["top1"])
             assert row["model"], "a reported number says on which model"
+        else:
+            assert not row["gflops"], "a cost without its accuracy says nothing"
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def papers(df: pd.DataFrame, path: Path = PAPER_FILE) -> list[str]:
         if not own.empty and "top1" in own:
             r = own.iloc[0]
             default = f"{_pct(r['top1'])} ({r['macs_ratio']:.2f})"
-        reported = f"{p['top1']} ({p['unreduced_top1'] or MISSING})" if p["top1"] else "not found"
+        reported = f"{p['top1']} ({p['unreduced_top1'] or MISSING})" if p["top1"] else MISSING
         cells = [p["method"], p["model"] or MISSING, reported, p["gflops"] or MISSING, p["source"], here, default]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "The papers' numbers are on their own models and hardware; they are quoted, not measured here."]
