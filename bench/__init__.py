@@ -10,8 +10,8 @@ A job's way through the package, top to bottom:
   the cache of the unreduced model's numbers;
 - ``report/``: the leaderboard's sections, statistics and figures;
 - ``train/``: the fine-tuning loop, its losses and data, the fine-tuned checkpoint;
-- shared basics at this level: ``data``, ``models``, ``store``, ``results_io``, ``errors``,
-  ``finite``, ``terminal``, ``sweep_id``.
+- shared basics at this level: ``config`` (the typed schema of a job's config), ``data``,
+  ``models``, ``store``, ``results_io``, ``errors``, ``finite``, ``terminal``, ``sweep_id``.
 
 Methods are not registered anywhere: ``method=<name>`` picks ``conf/method/<name>.yaml``, whose
 ``reducer._target_`` names the class (:func:`bench.job.build_reducer_from_config` builds it).

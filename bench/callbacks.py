@@ -47,7 +47,10 @@ def check_sources(config: DictConfig) -> None:
     """Find the sweep's weights and images once before its first job (downloading Imagenette
     there if it is the source), so an offline machine with nothing local gets one error line,
     not one per job; random weights asked for accuracy or spectral numbers are refused here
-    too. A sweep over models, data folders or bench settings leaves that to each job."""
+    too. A sweep over models, data folders or bench settings leaves that to each job.
+
+    ``config`` is the sweep's composed tree, of ``bench.run`` (typed sections) or of
+    ``bench.finetune`` (untyped); only its ``model``, ``data`` and ``bench`` sections are read."""
     from bench.sources import check_random_weights, resolve_sources
 
     try:
@@ -56,7 +59,7 @@ def check_sources(config: DictConfig) -> None:
         return
     groups = {k.lstrip("+~").split("/")[0].split(".")[0] for k in swept}
     if not groups & {"model", "bench"}:
-        check_random_weights(config)
+        check_random_weights(config.model, config.bench)
     if groups & {"model", "data"}:
         return
     resolve_sources(config, announce=False)

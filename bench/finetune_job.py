@@ -118,7 +118,7 @@ def loss_curve(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
 def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, save, evaluate; returns the fine-tuned model's record (rank 0), else None."""
     keep_freed_memory()  # training steps on the CPU stop paying page faults too (bench/allocator.py)
-    check_trainable_weights(cfg)  # random weights: refused before anything is loaded
+    check_trainable_weights(cfg.model)  # random weights: refused before anything is loaded
     dist_, device = init_distributed(resolve_device(cfg.device))
     cfg = resolve_sources(cfg, announce=dist_.rank == 0)  # the teacher's weights and the eval images, said once
     method = cfg.method.name

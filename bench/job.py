@@ -9,25 +9,27 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 from torch import nn
 
 from bench.allocator import keep_freed_memory
 from bench.budget import solve_budget
+from bench.config import BenchConfig, Config, MethodConfig
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError, record_skip
-from bench.measure.accuracy import Predictions, accuracy_job, accuracy_metrics, cached_predictions
+from bench.measure.accuracy import accuracy_job, accuracy_metrics, cached_predictions
 from bench.measure.cache import MeasurementCache, unreduced_cache
 from bench.measure.flops import flops_job
 from bench.measure.latency import latency_job, unreduced_latency
 from bench.measure.outcomes import Outcomes, outcomes_of, save_outcomes
 from bench.measure.packed_linear import packed_linear_kernels
 from bench.measure.phases import PhaseClock
+from bench.measure.predictions import Predictions
 from bench.measure.scaling import scaling_job
 from bench.measure.shared_prefix import start_block
 from bench.measure.spectral import spectral_job
@@ -40,7 +42,7 @@ from bench.sources import resolve_sources
 from bench.store import append_record, config_hash, device_name, git_commit, now_iso, read_records, recorded_hashes
 from bench.terminal import say
 from bench.train.finetuned import Finetuned, resolve_finetuned, swap_in
-from bench.validate import check_memory, validate_for_model, validate_settings
+from bench.validate import check_memory, read_config, validate_for_model, validate_settings
 from methods import ReducerConfigError, TokenReducer, apply_reducer
 from methods.identity import NoReduction
 
@@ -49,6 +51,7 @@ _BASELINES: dict[tuple[ReferenceKey, str], Baseline] = {}
 
 
 def resolve_device(name: str) -> torch.device:
+    """The ``device`` setting as a torch device (``auto``: CUDA where there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -60,32 +63,39 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_reducer_from_config(method_cfg: DictConfig) -> TokenReducer:
+def build_reducer_from_config(method_cfg: MethodConfig | DictConfig) -> TokenReducer:
+    """The method's reducer, built from its ``reducer._target_`` and arguments (the typed
+    section of a job, or a method YAML file as loaded)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    if "reducer" not in method_cfg or "_target_" not in method_cfg.reducer:
+    spec = getattr(method_cfg, "reducer", None)
+    if spec is None or not hasattr(spec, "keys") or "_target_" not in spec:
         raise BenchError("method config needs a 'reducer' with a '_target_' class")
     try:
-        reducer = instantiate(method_cfg.reducer, _convert_="all")
+        reducer = instantiate(spec, _convert_="all")
     except InstantiationException as e:
         cause = e.__cause__ or e
-        raise BenchError(f"cannot build method {method_cfg.get('name')!r}: {cause}") from None
+        raise BenchError(f"cannot build method {getattr(method_cfg, 'name', None)!r}: {cause}") from None
     if not isinstance(reducer, TokenReducer):
-        raise BenchError(f"{method_cfg.reducer._target_} is not a TokenReducer subclass")
+        raise BenchError(f"{spec['_target_']} is not a TokenReducer subclass")
     return reducer
 
 
-def job_identity(cfg: DictConfig, finetuned: Finetuned | None = None) -> dict[str, Any]:
-    """What determines a job's numbers: the key for resume and for 'latest per config'."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+def job_identity(cfg: Config, finetuned: Finetuned | None = None) -> dict[str, Any]:
+    """What determines a job's numbers: the key for resume and for 'latest per config'.
+
+    The sections as plain dicts, exactly as the YAML files and overrides gave them (the schema's
+    fields are the YAML keys, its numbers kept int or float as written), so every published
+    record's ``config_hash`` is still the hash of its config (``tests/test_config_schema.py``)."""
+    data = asdict(cfg.data)
     data["root"] = str(Path(data["root"]).expanduser().resolve())
     identity = {
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "method": asdict(cfg.method),
+        "model": asdict(cfg.model),
         "data": data,
-        "budget": OmegaConf.to_container(cfg.budget, resolve=True),
-        "bench": OmegaConf.to_container(cfg.bench, resolve=True),
+        "budget": asdict(cfg.budget),
+        "bench": asdict(cfg.bench),
         "device": str(resolve_device(cfg.device)),
     }
     if finetuned is not None:  # fine-tuned weights: another model than the base they started from
@@ -100,12 +110,17 @@ class Measurement:
 
     phase: str
     run: Callable[[Any, Subject, Measured], None]
+    """Takes its typed section: ``bench.accuracy`` and ``bench.flops`` are a bool, the others
+    a dataclass (:class:`~bench.config.LatencyConfig`, ...)."""
     reduced_only: bool = False
     """Relative to the unreduced model, which is its reference (latency: timed in alternation)."""
 
-    def switched_on(self, bench: DictConfig) -> bool:
-        section = bench.get(self.phase)
-        return bool(section.get("enabled", False)) if isinstance(section, DictConfig) else bool(section)
+    def section(self, bench: BenchConfig) -> Any:
+        return getattr(bench, self.phase)
+
+    def switched_on(self, bench: BenchConfig) -> bool:
+        section = self.section(bench)
+        return bool(section) if isinstance(section, bool) else bool(section.enabled)
 
 
 MEASUREMENTS = [
@@ -120,7 +135,7 @@ needs the MACs ratio)."""
 
 
 def measure(
-    cfg: DictConfig,
+    cfg: Config,
     model: nn.Module,
     reducer: TokenReducer,
     data: ImageSet,
@@ -141,28 +156,27 @@ def measure(
     for m in MEASUREMENTS:
         if m.switched_on(cfg.bench) and (subject.reduced or not m.reduced_only):
             with clock.phase(m.phase):
-                m.run(cfg.bench.get(m.phase), subject, out)
+                m.run(m.section(cfg.bench), subject, out)
     return out.metrics, out.preds
 
 
-def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.device) -> Baseline:
+def baseline(cfg: Config, model: nn.Module, data: ImageSet, device: torch.device) -> Baseline:
     """The unreduced model on the same images: measured once per process, and recorded by the
     first job that finishes with it (see :func:`run_job`), so a failing job records nothing.
     Its predictions come from the measurement cache when they were measured before (any
     sweep, same weights, images, device and settings). With ``resume=true`` a stored
     unreduced record is reused, not measured or appended again; its predictions come from the
     cache or are recomputed (agreement needs them, records do not hold them)."""
-    key = (ReferenceKey.of(cfg, device), canonical(cfg.bench))
+    key = (ReferenceKey.of(cfg.model, cfg.data, device), canonical(cfg.bench))
     if key not in _BASELINES:
-        base_cfg = cfg.copy()
-        with open_dict(base_cfg):
-            base_cfg.method = OmegaConf.create(
-                {"name": "none", "reducer": {"_target_": "methods.identity.NoReduction"}}
-            )
-            base_cfg.budget.macs_ratio = None
+        base_cfg = replace(
+            cfg,
+            method=MethodConfig("none", {"_target_": "methods.identity.NoReduction"}),
+            budget=replace(cfg.budget, macs_ratio=None),
+        )
         t0 = time.perf_counter()
         plain = model_without_reducer(model)
-        cache = unreduced_cache(cfg.results_dir, plain, cfg.model, data, device, enabled=cfg.get("cache", True))
+        cache = unreduced_cache(cfg.results_dir, plain, cfg.model, data, device, enabled=cfg.cache)
         stored = _stored_baseline(cfg, base_cfg)
         keep = start_block(model)  # this job's first reduction: its accuracy pass may start there
         preds = None
@@ -186,7 +200,7 @@ def baseline(cfg: DictConfig, model: nn.Module, data: ImageSet, device: torch.de
     return _BASELINES[key]
 
 
-def _stored_baseline(cfg: DictConfig, base_cfg: DictConfig) -> dict[str, Any] | None:
+def _stored_baseline(cfg: Config, base_cfg: Config) -> dict[str, Any] | None:
     """With ``resume=true``, the metrics of the newest stored unreduced record for these settings
     (if it holds what the reduced jobs compare against)."""
     if not cfg.resume:
@@ -201,7 +215,7 @@ def _stored_baseline(cfg: DictConfig, base_cfg: DictConfig) -> dict[str, Any] | 
 
 
 def _record(
-    cfg: DictConfig,
+    cfg: Config,
     reducer: TokenReducer,
     budget: dict[str, Any],
     data: ImageSet,
@@ -248,16 +262,18 @@ def _record(
     return record
 
 
-def run_job(cfg: DictConfig) -> dict[str, Any] | None:
+def run_job(cfg: Config | DictConfig) -> dict[str, Any] | None:
     """Run one job; returns its record, or None when ``resume`` skipped it.
 
-    Every setting is validated and the results folder checked writable before anything is
-    measured; records (the unreduced one included) are appended only once the job finished."""
+    The config is read once, here: typed (:func:`bench.validate.read_config`) and every setting
+    validated, and the results folder checked writable, before anything is measured; from then
+    on each part gets its own section. Records (the unreduced one included) are appended only
+    once the job finished."""
     keep_freed_memory()  # before the first large tensor: CPU forwards stop paying page faults (bench/allocator.py)
+    cfg = read_config(cfg)
     validate_settings(cfg)
     check_writable(cfg.results_dir)
-    stats = cfg.get("stats") or {}
-    check_options(stats.get("resample", "images"), stats.get("n_boot", 2000), stats.get("seed", 0))  # before any work
+    check_options(cfg.stats.resample, cfg.stats.n_boot, cfg.stats.seed)  # before any work
     device = resolve_device(cfg.device)
     cfg = resolve_sources(cfg)  # which weights and images (a fresh clone has no local ones), said up front
     cfg, finetuned = resolve_finetuned(cfg)  # a bench.finetune checkpoint: its base model + trained state
@@ -270,10 +286,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     method = cfg.method.name
     t_start = time.perf_counter()
     clock = PhaseClock()
-    model = load_model(
-        cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained, random_init=cfg.model.get("random_init", False)
-    )
-    img_size = cfg.model.get("img_size")
+    model = load_model(cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained, random_init=cfg.model.random_init)
+    img_size = cfg.model.img_size
     if img_size:
         set_resolution(model, int(img_size))
     validate_for_model(cfg, model)

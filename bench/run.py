@@ -4,7 +4,9 @@ The primary config sets ``hydra.mode: MULTIRUN``, so comma-separated values swee
 ``-m``. Bad input ends the job with one line on stderr, never a traceback; the other jobs of
 the sweep still run, and the sweep exits with status 2 after listing the failed jobs. An
 unexpected exception (a bug) is reported the same way, its traceback saved in the job's
-folder. Ctrl-C stops the sweep with one line and status 130.
+folder. Ctrl-C stops the sweep with one line and status 130. A value of the wrong type for the
+typed schema (``bench.latency.iters=abc``, see :mod:`bench.config`) stops the sweep before
+its first job, with one line and status 2.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+import bench.config  # noqa: F401  registers the schemas (base_config) the config's defaults list names
 import bench.sweep_id  # noqa: F401  registers the ${fatr_run_id:} resolver the config's sweep folder uses
 from bench.errors import BenchError, job_output_dir, record_done, record_failure
 from methods import ReducerConfigError, UnsupportedModelError
@@ -51,9 +57,47 @@ def main(cfg: DictConfig) -> dict | None:
     return record
 
 
+@contextmanager
+def config_errors_in_one_line() -> Iterator[None]:
+    """A setting whose value does not fit the schema's type fails Hydra's composition, before
+    any job, where Hydra would print its own several-line report (and exit 1). Inside this,
+    such a failure ends the command as bad input does: one ``error:`` line (the setting's own
+    check message, :func:`bench.validate.config_error`), status 2. Other composition errors
+    (an unknown method, a malformed override) keep Hydra's report, which lists the options.
+
+    Hydra has no hook for composition errors: its ``run_and_report`` (``hydra._internal.utils``)
+    is wrapped for the duration; ``tests/test_config_schema.py`` runs the command to check it."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import ConfigCompositionException
+
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def composed() -> Any:
+            try:
+                return func()
+            except ConfigCompositionException as e:
+                from bench.validate import config_error
+
+                error = config_error(e)
+                if error is None:
+                    raise
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(2)
+
+        return report(composed)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = report
+
+
 def cli() -> None:
     try:
-        main()
+        with config_errors_in_one_line():
+            main()
     except KeyboardInterrupt:
         from bench.callbacks import report_interrupt
 

@@ -22,12 +22,14 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, open_dict
 
+from bench.config import BenchConfig, Config, DataConfig, ModelConfig
 from bench.errors import BenchError
 from bench.terminal import say
 
@@ -118,13 +120,14 @@ def _offline() -> str:
     return " (FATR_OFFLINE=1)" if os.environ.get("FATR_OFFLINE") == "1" else ""
 
 
-def resolve_weights(model: DictConfig) -> Weights:
+def resolve_weights(model: ModelConfig | DictConfig) -> Weights:
+    """The weights of the ``model`` section (typed, or ``bench.finetune``'s DictConfig)."""
     name = model.name
-    if model.get("checkpoint"):
+    if model.checkpoint:
         return Weights(str(model.checkpoint), False, False, "model.checkpoint")
-    if model.get("pretrained"):
+    if model.pretrained:
         return Weights(None, True, False, "model.pretrained=true")
-    if model.get("random_init"):
+    if getattr(model, "random_init", False):
         return Weights(None, False, True, "model.random_init=true")
     env = os.environ.get("FATR_CHECKPOINT")
     if env:
@@ -139,26 +142,17 @@ REAL_WEIGHTS = f"give real weights ({WAYS_WEIGHTS} or model.pretrained=true)"
 RANDOM_WEIGHTS = "model.random_init=true gives random weights"
 
 
-def _random_weights(cfg: DictConfig) -> bool:
-    """Whether the job would run on random weights (``model.checkpoint`` wins over random_init)."""
-    model = cfg.get("model")
-    return isinstance(model, DictConfig) and resolve_weights(model).random_init
-
-
-def check_random_weights(cfg: DictConfig) -> None:
+def check_random_weights(model: ModelConfig | DictConfig, bench: BenchConfig | DictConfig) -> None:
     """Refuse random weights for the measurements whose numbers come from what a model learned.
 
     Random weights time an architecture (FLOPs, latency, scaling: how many tokens, not which),
     but their accuracy, agreement and spectral numbers are noise that a table would show beside
     real ones; so a job asking for those is refused before anything is loaded."""
-    if not _random_weights(cfg):
+    if not resolve_weights(model).random_init:
         return
-    bench = cfg.get("bench") or {}
-    spectral = bench.get("spectral")
-    spectral_on = isinstance(spectral, DictConfig) and bool(spectral.get("enabled"))
     asked = [
-        (["accuracy", "agreement"], "bench.accuracy=false", bool(bench.get("accuracy"))),
-        (["spectral"], "bench.spectral.enabled=false", spectral_on),
+        (["accuracy", "agreement"], "bench.accuracy=false", bool(bench.accuracy)),
+        (["spectral"], "bench.spectral.enabled=false", bool(bench.spectral.enabled)),
     ]
     what = [name for names, _, on in asked if on for name in names]
     if what:
@@ -173,15 +167,16 @@ def _and(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
-def check_trainable_weights(cfg: DictConfig) -> None:
+def check_trainable_weights(model: ModelConfig | DictConfig) -> None:
     """Refuse fine-tuning from random weights: the teacher would be noise, and so would the
     accuracy the fine-tuned model is evaluated by."""
-    if _random_weights(cfg):
+    if resolve_weights(model).random_init:
         raise BenchError(f"{RANDOM_WEIGHTS}: fine-tuning toward a random teacher would mean nothing; {REAL_WEIGHTS}")
 
 
-def resolve_images(data: DictConfig) -> Images:
-    if data.get("root"):
+def resolve_images(data: DataConfig | DictConfig) -> Images:
+    """The evaluation images of the ``data`` section (typed, or ``bench.finetune``'s DictConfig)."""
+    if data.root:
         return Images(str(data.root), "data.root")
     env = os.environ.get("FATR_DATA_ROOT")
     if env:
@@ -245,15 +240,20 @@ def hub_problem(name: str) -> str | None:
     return None
 
 
-def resolve_sources(cfg: DictConfig, announce: bool = True, images: bool = True) -> DictConfig:
+Cfg = TypeVar("Cfg", Config, DictConfig)
+
+
+def resolve_sources(cfg: Cfg, announce: bool = True, images: bool = True) -> Cfg:
     """``cfg`` with ``model.checkpoint``/``model.pretrained`` and ``data.root`` filled in from the
     first source that has them; the run's first lines say which (once per process).
 
-    Raises one :class:`BenchError` naming every way to give what is missing when the only
-    remaining source needs a network that does not answer. ``images=False``: only the weights
-    (a command that evaluates nothing)."""
+    ``cfg`` is a job's typed :class:`~bench.config.Config` or the DictConfig of a command that
+    keeps one (``bench.finetune``, ``bench.visualize``); the same kind comes back. Raises one
+    :class:`BenchError` naming every way to give what is missing when the only remaining source
+    needs a network that does not answer. ``images=False``: only the weights (a command that
+    evaluates nothing)."""
     weights = resolve_weights(cfg.model)
-    images = resolve_images(cfg.data) if images else Images(cfg.data.get("root"), "not needed")
+    images = resolve_images(cfg.data) if images else Images(cfg.data.root, "not needed")
     problems, ways = [], []
     hub = hub_problem(cfg.model.name) if weights.pretrained else None
     if hub:
@@ -267,18 +267,19 @@ def resolve_sources(cfg: DictConfig, announce: bool = True, images: bool = True)
         raise BenchError("; ".join(problems) + f"; give {' and '.join(ways)}, or run where the network is reachable")
     if images.needs_download:
         download_imagenette(cache_dir())
-    out = cfg.copy()
-    with open_dict(out):
-        out.model.checkpoint = weights.checkpoint
-        out.model.pretrained = weights.pretrained
-        out.model.random_init = weights.random_init
-        out.data.root = images.root
     if announce:
         lines = [weights.describe(cfg.model.name)] + ([images.describe()] if images.origin != "not needed" else [])
         for line in lines:
             if line not in _ANNOUNCED:
                 _ANNOUNCED.add(line)
                 say(line)
+    chosen = {"checkpoint": weights.checkpoint, "pretrained": weights.pretrained, "random_init": weights.random_init}
+    if isinstance(cfg, Config):
+        return replace(cfg, model=replace(cfg.model, **chosen), data=replace(cfg.data, root=images.root))
+    out = cfg.copy()
+    with open_dict(out):
+        out.model.update(chosen)
+        out.data.root = images.root
     return out
 
 

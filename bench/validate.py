@@ -5,20 +5,29 @@ otherwise crash half-way through a job, after the unreduced model was measured w
 worse, produce a number. One line names the setting, what it must be and what it got.
 A batch that cannot fit in memory is refused the same way (:func:`check_memory`), once the
 model and images are known but before the first forward.
+
+The types themselves are the schema's (:mod:`bench.config`): Hydra refuses ``abc`` for an
+integer when it composes the config, and :func:`config_error` gives that refusal the same
+line as the check below would (:data:`SETTINGS`), so a setting says the same whichever layer
+caught it. :func:`read_config` is where a job's config becomes typed, once.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 from torch import nn
 
+from bench.config import Config, typed
 from bench.errors import BenchError
 from bench.measure.flops import VitShape
 from bench.measure.latency import check_latency_settings, configured_device_type, latency_batch_sizes
@@ -26,13 +35,16 @@ from bench.sources import check_random_weights
 
 _MISSING = object()
 
+Check = Callable[[str, Any], "str | None"]
+"""What a setting must be: the one-line message for ``(key, value)``, or None when it is fine."""
 
-def _get(cfg: DictConfig, dotted: str) -> Any:
+
+def _get(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
+        if not hasattr(node, part):
             return _MISSING
-        node = node[part]
+        node = getattr(node, part)
     return node
 
 
@@ -44,71 +56,127 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _integer(cfg: DictConfig, key: str, minimum: int, nullable: bool = False) -> None:
-    v = _get(cfg, key)
-    if v is _MISSING or (v is None and nullable):
-        return
-    if not _is_int(v) or v < minimum:
+def integer(minimum: int, nullable: bool = False) -> Check:
+    """An integer of at least ``minimum`` (or null)."""
+
+    def check(key: str, v: Any) -> str | None:
+        if (v is None and nullable) or (_is_int(v) and v >= minimum):
+            return None
         also = " or null" if nullable else ""
-        raise BenchError(f"{key} must be an integer >= {minimum}{also}, got {v!r}")
+        return f"{key} must be an integer >= {minimum}{also}, got {v!r}"
+
+    return check
 
 
-def _number(cfg: DictConfig, key: str, lo: float, hi: float, lo_open: bool, nullable: bool = False) -> None:
-    v = _get(cfg, key)
-    if v is _MISSING or (v is None and nullable):
-        return
-    inside = _is_number(v) and (v > lo if lo_open else v >= lo) and v <= hi
-    if not inside:
+def number(lo: float, hi: float, lo_open: bool, nullable: bool = False) -> Check:
+    """A finite number in ``(lo, hi]`` (``[lo, hi]`` unless ``lo_open``), or null."""
+
+    def check(key: str, v: Any) -> str | None:
+        if (v is None and nullable) or (_is_number(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            return None
         bracket = "(" if lo_open else "["
         also = " or null" if nullable else ""
-        raise BenchError(f"{key} must be a number in {bracket}{lo:g}, {hi:g}]{also}, got {v!r}")
+        return f"{key} must be a number in {bracket}{lo:g}, {hi:g}]{also}, got {v!r}"
+
+    return check
 
 
-def _flag(cfg: DictConfig, key: str) -> None:
-    v = _get(cfg, key)
-    if v is not _MISSING and not isinstance(v, bool):
-        raise BenchError(f"{key} must be true or false, got {v!r}")
+def flag(key: str, v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"{key} must be true or false, got {v!r}"
 
 
-def validate_settings(cfg: DictConfig) -> None:
+def resolutions(key: str, v: Any) -> str | None:
+    if not isinstance(v, list) or not v or not all(_is_int(s) and s > 0 for s in v):
+        return f"{key} must be a non-empty list of positive integers, got {v!r}"
+    if v != sorted(set(v)):
+        return f"{key} must be strictly increasing, got {v}"
+    return None
+
+
+BEFORE_SOURCES: dict[str, Check] = {
+    "budget.macs_ratio": number(0.0, 1.0, lo_open=True, nullable=True),
+    "budget.tolerance": number(0.0, 0.5, lo_open=True),
+    "data.batch_size": integer(1),
+    "data.limit": integer(1, nullable=True),
+    "seed": integer(0),
+    **dict.fromkeys(("resume", "progress", "cache", "bench.accuracy", "bench.flops", "bench.latency.amp"), flag),
+    **dict.fromkeys(("bench.latency.enabled", "bench.spectral.enabled", "bench.scaling.enabled"), flag),
+}
+"""The settings checked first, in this order, before the weights and the latency modes."""
+
+MEASUREMENT_SETTINGS: dict[str, Check] = {
+    "bench.latency.iters": integer(1),
+    "bench.latency.warmup": integer(0),
+    "bench.latency.threads": integer(1, nullable=True),
+    "bench.latency.tolerance": number(0.0, 1.0, lo_open=True, nullable=True),
+    "bench.latency.max_seconds": number(0.0, math.inf, lo_open=True, nullable=True),
+    "bench.latency.max_iters": integer(1),
+    "bench.scaling.max_seconds_per_point": number(0.0, math.inf, lo_open=True, nullable=True),
+    "bench.spectral.images": integer(1),
+    "bench.spectral.bands": integer(1),
+    "bench.scaling.batch_tokens": integer(1),
+    "bench.scaling.iters": integer(1),
+    "bench.scaling.warmup": integer(0),
+    "bench.scaling.claim_resolution": integer(1),
+    "model.img_size": integer(1, nullable=True),
+    "bench.scaling.resolutions": resolutions,
+}
+"""Checked after them, in this order."""
+
+SETTINGS = {**BEFORE_SOURCES, **MEASUREMENT_SETTINGS}
+"""Every checked setting: also what a value of the wrong type is told (:func:`config_error`)."""
+
+
+def _check(cfg: Config, checks: dict[str, Check]) -> None:
+    for key, check in checks.items():
+        v = _get(cfg, key)
+        problem = None if v is _MISSING else check(key, v)
+        if problem:
+            raise BenchError(problem)
+
+
+def validate_settings(cfg: Config) -> None:
     """Raise :class:`BenchError` for the first setting that cannot give an honest measurement."""
-    _number(cfg, "budget.macs_ratio", 0.0, 1.0, lo_open=True, nullable=True)
-    _number(cfg, "budget.tolerance", 0.0, 0.5, lo_open=True)
-    _integer(cfg, "data.batch_size", 1)
-    _integer(cfg, "data.limit", 1, nullable=True)
-    _integer(cfg, "seed", 0)
-    for key in ("resume", "progress", "cache", "bench.accuracy", "bench.flops", "bench.latency.amp"):
-        _flag(cfg, key)
-    for group in ("latency", "spectral", "scaling"):
-        _flag(cfg, f"bench.{group}.enabled")
-    check_random_weights(cfg)  # random weights: FLOPs, latency and scaling only
-    check_latency_settings(cfg)  # batch size(s) and compile mode (cudagraphs: CUDA only)
-    _integer(cfg, "bench.latency.iters", 1)
-    _integer(cfg, "bench.latency.warmup", 0)
-    _integer(cfg, "bench.latency.threads", 1, nullable=True)
-    _number(cfg, "bench.latency.tolerance", 0.0, 1.0, lo_open=True, nullable=True)
-    _number(cfg, "bench.latency.max_seconds", 0.0, math.inf, lo_open=True, nullable=True)
-    _integer(cfg, "bench.latency.max_iters", 1)
-    _number(cfg, "bench.scaling.max_seconds_per_point", 0.0, math.inf, lo_open=True, nullable=True)
-    _integer(cfg, "bench.spectral.images", 1)
-    _integer(cfg, "bench.spectral.bands", 1)
-    _integer(cfg, "bench.scaling.batch_tokens", 1)
-    _integer(cfg, "bench.scaling.iters", 1)
-    _integer(cfg, "bench.scaling.warmup", 0)
-    _integer(cfg, "bench.scaling.claim_resolution", 1)
-    _integer(cfg, "model.img_size", 1, nullable=True)
-    res = _get(cfg, "bench.scaling.resolutions")
-    if res is not _MISSING:
-        if not isinstance(res, (ListConfig, list)) or not res or not all(_is_int(s) and s > 0 for s in res):
-            raise BenchError(f"bench.scaling.resolutions must be a non-empty list of positive integers, got {res!r}")
-        if list(res) != sorted(set(res)):
-            raise BenchError(f"bench.scaling.resolutions must be strictly increasing, got {list(res)}")
+    _check(cfg, BEFORE_SOURCES)
+    check_random_weights(cfg.model, cfg.bench)  # random weights: FLOPs, latency and scaling only
+    check_latency_settings(cfg.bench.latency, cfg.device)  # batch size(s) and compile mode (cudagraphs: CUDA only)
+    _check(cfg, MEASUREMENT_SETTINGS)
 
 
-def validate_for_model(cfg: DictConfig, model: nn.Module) -> None:
+def config_error(error: BaseException) -> BenchError | None:
+    """One line for a setting whose value does not fit its type in the schema (Hydra's
+    composition, or :func:`read_config`, failed on it): the setting's own check message
+    where it has one (``bench.latency.iters must be an integer >= 1, got 'abc'``), else the
+    key and OmegaConf's reason. None for any other error (an unknown group option, a bad
+    override's syntax), which Hydra reports itself."""
+    cause = error if isinstance(error, ValidationError) else error.__cause__
+    if not isinstance(cause, ValidationError) or not cause.full_key:
+        return None
+    key = re.sub(r"(\[\d+\])+$", "", str(cause.full_key))  # an element of a list: the list's setting
+    check = SETTINGS.get(key)
+    message = check(key, cause.value) if check is not None else None
+    return BenchError(message or f"{key}: {str(cause.msg).splitlines()[0]}")
+
+
+def read_config(cfg: Config | DictConfig | dict[str, Any]) -> Config:
+    """The job's typed config, read once at the door of :func:`bench.job.run_job`: a composed
+    tree or a plain one (``bench.finetune``'s evaluation config) as a :class:`Config`, a value
+    of the wrong type refused in one line."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        return typed(cfg)
+    except OmegaConfBaseException as e:
+        error = config_error(e)
+        if error is None:
+            raise BenchError(f"{e.full_key or 'config'}: {str(e.msg).splitlines()[0]}") from None
+        raise error from None
+
+
+def validate_for_model(cfg: Config, model: nn.Module) -> None:
     """Settings that depend on the model: every scaling resolution must be a whole number of patches."""
-    sc = _get(cfg, "bench.scaling")
-    if sc is _MISSING or not sc.get("enabled"):
+    sc = cfg.bench.scaling
+    if not sc.enabled:
         return
     patch = model.patch_embed.patch_size[0]
     bad = [s for s in sc.resolutions if s % patch]
@@ -156,23 +224,23 @@ def forward_bytes(shape: VitShape, batch: int, size: int) -> tuple[int, int]:
 
 
 def memory_needs(
-    cfg: DictConfig, shape: VitShape, size: int, n_images: int, device: torch.device | None = None
+    cfg: Config, shape: VitShape, size: int, n_images: int, device: torch.device | None = None
 ) -> list[MemoryNeed]:
     """The largest forward each enabled measurement will run: the accuracy pass's batch (at most
     the images there are), the largest latency batch (repeated images, whatever their number;
     ``device`` decides ``auto``'s, None: the configured device), and the scaling points that
     will certainly be timed (every resolution without a time budget, else the first)."""
     needs = []
-    if cfg.bench.get("accuracy"):
+    bench = cfg.bench
+    if bench.accuracy:
         batch = min(int(cfg.data.batch_size), n_images)
         needs.append(MemoryNeed(f"data.batch_size={cfg.data.batch_size}", *forward_bytes(shape, batch, size), size))
-    lat = cfg.bench.get("latency")
-    if isinstance(lat, DictConfig) and lat.get("enabled"):
-        device_type = device.type if device is not None else configured_device_type(cfg.get("device", "auto"))
-        needs.append(_latency_need(lat.get("batch_size"), shape, size, device_type))
-    sc = cfg.bench.get("scaling")
-    if isinstance(sc, DictConfig) and sc.get("enabled"):
-        sizes = list(sc.resolutions) if sc.get("max_seconds_per_point") is None else list(sc.resolutions)[:1]
+    if bench.latency.enabled:
+        device_type = device.type if device is not None else configured_device_type(cfg.device)
+        needs.append(_latency_need(bench.latency.batch_size, shape, size, device_type))
+    sc = bench.scaling
+    if sc.enabled:
+        sizes = list(sc.resolutions) if sc.max_seconds_per_point is None else list(sc.resolutions)[:1]
         needs += [need for s in sizes for need in _scaling_needs(shape, int(s), int(sc.batch_tokens))]
     return needs
 
@@ -241,7 +309,7 @@ def _cgroup_available() -> int | None:
         return None
 
 
-def check_memory(cfg: DictConfig, model: nn.Module, n_images: int, device: torch.device) -> None:
+def check_memory(cfg: Config, model: nn.Module, n_images: int, device: torch.device) -> None:
     """Refuse, before the first forward, a batch whose forward cannot fit in the memory available
     now (weights and decoded images are already resident). Without this a latency batch of
     100000 ran the whole accuracy pass first and then died allocating 60 GB, reported as a bug."""
@@ -249,7 +317,7 @@ def check_memory(cfg: DictConfig, model: nn.Module, n_images: int, device: torch
     if available is None:
         return
     size = int(model.patch_embed.img_size[0])
-    name = cfg.model.get("name", "the model")
+    name = cfg.model.name
     for need in memory_needs(cfg, VitShape.of(model), size, n_images, device):
         if need.total > available:
             raise BenchError(

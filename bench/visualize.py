@@ -87,6 +87,9 @@ def compose_configs(methods: Sequence[str], overrides: Sequence[str]) -> list[Di
     """One composed config per method, as ``bench.run`` would get it with these overrides."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException
+
+    from bench.validate import config_error
 
     sweeps = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if o.is_sweep_override()]
     if sweeps:
@@ -94,8 +97,14 @@ def compose_configs(methods: Sequence[str], overrides: Sequence[str]) -> list[Di
             f"{sweeps[0]}: bench.visualize draws one figure of one configuration per method; only method= takes "
             "a comma-separated list (run the command once per value)"
         )
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="visualize"):
-        return [compose(config_name="visualize", overrides=[f"method={m}", *overrides]) for m in methods]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="visualize"):
+            return [compose(config_name="visualize", overrides=[f"method={m}", *overrides]) for m in methods]
+    except ConfigCompositionException as e:  # a value the typed schema refuses: its setting's own message
+        error = config_error(e)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _positive_int(value: object, key: str) -> int:

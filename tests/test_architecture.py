@@ -3,8 +3,10 @@
 the same holds for its rooms: the shared basics at the bottom, ``measure`` on them, ``report``
 and ``train`` on ``measure``, and the jobs and commands at the top level on everything.
 
-Imports inside functions count (they run, only later); imports under ``if TYPE_CHECKING:``
-do not, since they never run.
+Every import counts: those inside functions (they run, only later) and those under
+``if TYPE_CHECKING:`` (they never run, but a type one module needs from another is a
+dependency all the same, and a circle of them is a circle in the design: the shared type
+belongs in a module both import).
 """
 
 from __future__ import annotations
@@ -25,22 +27,11 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(tree: ast.AST, modules: set[str]) -> set[str]:
-    """The project modules a source file imports at run time."""
+    """The project modules a source file imports, anywhere in it (type-only imports included)."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] in PACKAGES)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -101,6 +92,11 @@ def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_type_only_imports_count():
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from bench.measure.subject import Subject\n"
+    assert _imports(ast.parse(source), {"bench.measure.subject"}) == {"bench.measure.subject"}
+
+
 def test_no_import_circles_in_methods_fatr_bench():
     graph = import_graph()
     assert "bench.job" in graph and "methods.base" in graph and "fatr.reducer" in graph
@@ -118,6 +114,7 @@ def test_dependencies_point_one_way():
 
 
 BENCH_BASICS = {
+    "bench.config",
     "bench.errors",
     "bench.terminal",
     "bench.finite",

@@ -18,6 +18,7 @@ from bench_utils import FAST, compose, image_folder, run_cli
 from conftest import tiny_vit
 
 from bench import job as job_module
+from bench.config import LatencyConfig
 from bench.errors import BenchError
 from bench.leaderboard import latest_per_config, markdown, result_key, summary, table
 from bench.measure import latency as latency_module
@@ -31,7 +32,7 @@ from bench.measure.latency import (
     unreduced_latency,
 )
 from bench.store import read_records
-from bench.validate import memory_needs
+from bench.validate import memory_needs, read_config
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_each_batch_size_is_timed_and_stopped_on_its_own(vit, quiet_machine):
     settles = [(10.0, 10.0), (10.0, 40.0), (10.0, 10.0), (10.0, 40.0), (10.0, 10.0)] + [(30.0, 45.0)] * 45
     timer, clock = _scripted([steady[:5], settles[:13]])
     x = torch.randn(3, 3, 32, 32)
-    section = {"warmup": 0, "iters": 5, "tolerance": 0.05, "max_seconds": None, "max_iters": 100}
+    section = LatencyConfig(warmup=0, iters=5, tolerance=0.05, max_seconds=None, max_iters=100)
     m = measure_batches(TimedPair(vit, copy.deepcopy(vit)), x, [1, 3], section, False, timer, clock)
     assert m["latency_batches"] == [1, 3]
     assert (m["latency_iters_b1"], m["latency_iters_b3"]) == (5, 13)
@@ -88,11 +89,13 @@ def test_each_batch_size_is_timed_and_stopped_on_its_own(vit, quiet_machine):
 def test_the_memory_check_reads_the_largest_batch():
     shape = VitShape.of(tiny_vit())
     (need,) = [
-        n for n in memory_needs(compose(["bench.latency.batch_size=[1,100000]"]), shape, 32, 6) if "lat" in n.setting
+        n
+        for n in memory_needs(read_config(compose(["bench.latency.batch_size=[1,100000]"])), shape, 32, 6)
+        if "lat" in n.setting
     ]
     assert need.setting == "bench.latency.batch_size=[1,100000] (batch 100000)"
     assert need.input_bytes == 100000 * 3 * 32 * 32 * 4
-    cuda = [n for n in memory_needs(compose([]), shape, 32, 6, torch.device("cuda")) if "lat" in n.setting]
+    cuda = [n for n in memory_needs(read_config(compose([])), shape, 32, 6, torch.device("cuda")) if "lat" in n.setting]
     assert cuda[0].setting == "bench.latency.batch_size=auto (batch 256)"
 
 

@@ -105,9 +105,9 @@ def test_random_weights_refuse_accuracy_and_spectral_before_anything(tmp_path, m
 
 
 def test_a_checkpoint_beside_random_init_is_real_weights():
-    from bench.validate import validate_settings
+    from bench.validate import read_config, validate_settings
 
-    validate_settings(compose(["model.random_init=true", "model.checkpoint=/some/file.safetensors"]))
+    validate_settings(read_config(compose(["model.random_init=true", "model.checkpoint=/some/file.safetensors"])))
 
 
 def test_finetuning_random_weights_is_refused_before_anything():

@@ -298,8 +298,7 @@ def test_spectral_metrics_record_the_papers_analysis(images):
 
 
 def test_spectral_analysis_bad_input(images):
-    from omegaconf import OmegaConf
-
+    from bench.config import Config, DataConfig, SpectralConfig
     from bench.data import ImageSet
     from bench.measure.spectral import spectral_job
     from bench.measure.subject import Measured, subject_of
@@ -309,16 +308,11 @@ def test_spectral_analysis_bad_input(images):
     with pytest.raises(BenchError, match="at least one image"):
         block_statistics(tiny_vit(), NoReduction(), images[:0], 4)
     for spectral, match in (({"iou_keep": 1.5}, "iou_keep must be in"), ({"images": 0}, "images must be at least 1")):
-        sc = {"enabled": True, "images": 2, "bands": 4, "iou_keep": 0.5, **spectral}
-        cfg = OmegaConf.create(
-            {"bench": {"latency": {"amp": False, "threads": None}}, "model": {}, "data": {"batch_size": 2}}
-        )
-        cfg.progress = False
+        sc = SpectralConfig(**{"enabled": True, "images": 2, "bands": 4, "iou_keep": 0.5, **spectral})
+        cfg = Config(data=DataConfig(batch_size=2), progress=False)
         data = ImageSet(images, torch.zeros(len(images), dtype=torch.long), [""] * len(images), "")
         with pytest.raises(BenchError, match=match):
-            spectral_job(
-                OmegaConf.create(sc), subject_of(cfg, tiny_vit(), NoReduction(), data, torch.device("cpu")), Measured()
-            )
+            spectral_job(sc, subject_of(cfg, tiny_vit(), NoReduction(), data, torch.device("cpu")), Measured())
 
 
 def test_intervals_hand_computed():

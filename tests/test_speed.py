@@ -19,6 +19,7 @@ from bench_utils import FAST, compose, image_folder
 from conftest import build_reducer, tiny_vit
 
 from bench import job as job_module
+from bench.config import ModelConfig
 from bench.data import ImageSet
 from bench.measure import latency as latency_module
 from bench.measure import scaling as scaling_module
@@ -80,9 +81,9 @@ def test_fingerprints_follow_weights_images_and_threads(tmp_path):
     root = image_folder(tmp_path / "val", 1, 2)
     paths = sorted(str(p) for p in root.rglob("*.JPEG"))
     data = ImageSet(torch.zeros(2, 3, 8, 8), torch.tensor([0, 0]), paths, str(root))
-    a = unreduced_cache(tmp_path, model, {"name": "t"}, data, torch.device("cpu")).identity
+    a = unreduced_cache(tmp_path, model, ModelConfig(name="t"), data, torch.device("cpu")).identity
     os.utime(paths[0], ns=(1, 1))  # a replaced image file
-    b = unreduced_cache(tmp_path, model, {"name": "t"}, data, torch.device("cpu")).identity
+    b = unreduced_cache(tmp_path, model, ModelConfig(name="t"), data, torch.device("cpu")).identity
     assert a["images"] != b["images"] and a["weights"] == b["weights"]
 
     threads = torch.get_num_threads()

@@ -34,7 +34,7 @@ from bench.measure.latency import JITTER_MS, peak_memory_mb, timing_spread
 from bench.measure.scaling import scaling_metrics
 from bench.report.row_notes import measured_settings
 from bench.report.scaling import mark_busy, scaling_section
-from bench.validate import GIB, check_memory, forward_bytes, memory_needs
+from bench.validate import GIB, check_memory, forward_bytes, memory_needs, read_config
 
 QUICK = ["bench.spectral.enabled=false", "bench.scaling.enabled=false"]
 DEIT_B = VitShape(
@@ -74,7 +74,7 @@ def test_a_latency_batch_that_cannot_fit_is_refused_before_any_forward(tmp_path,
 
 
 def test_the_accuracy_batch_is_checked_too(monkeypatch):
-    cfg = compose([*FAST, *QUICK, "bench.latency.enabled=false", "data.batch_size=64"])
+    cfg = read_config(compose([*FAST, *QUICK, "bench.latency.enabled=false", "data.batch_size=64"]))
     monkeypatch.setattr(validate_module, "available_memory", lambda device: 2**20)
     with pytest.raises(BenchError) as e:
         check_memory(cfg, tiny_vit(), 64, torch.device("cpu"))
@@ -86,13 +86,15 @@ def test_the_accuracy_batch_is_checked_too(monkeypatch):
 def test_reasonable_batches_are_not_refused_on_a_24_gib_machine():
     """DeiT-B at batch 256, every measurement on at the default settings, without the scaling
     time budget too: all well under 24 GiB; the issue's 100000-image latency batch is not."""
-    cfg = compose(["data.batch_size=256", "bench.latency.batch_size=256", "bench.scaling.max_seconds_per_point=null"])
+    cfg = read_config(
+        compose(["data.batch_size=256", "bench.latency.batch_size=256", "bench.scaling.max_seconds_per_point=null"])
+    )
     needs = memory_needs(cfg, DEIT_B, 224, 50000)
     assert {n.setting.split("=")[0].split(" (")[0] for n in needs} == {
         "data.batch_size", "bench.latency.batch_size", "bench.scaling.resolutions", "bench.scaling.batch_tokens",
     }  # fmt: skip
     assert max(n.total for n in needs) < 24 * GIB / 4
-    big = memory_needs(compose(["bench.latency.batch_size=100000"]), DEIT_B, 224, 1300)
+    big = memory_needs(read_config(compose(["bench.latency.batch_size=100000"])), DEIT_B, 224, 1300)
     latency = next(n for n in big if n.setting.startswith("bench.latency"))
     assert latency.input_bytes == 100000 * 3 * 224 * 224 * 4 and latency.total > 24 * GIB
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,25 +11,12 @@ from tqdm.auto import tqdm
 
 from bench.finite import check_finite_output
 from bench.measure.packed_linear import packed_linear_kernels, prepacked_linears
+from bench.measure.predictions import Predictions
 from bench.measure.shared_prefix import BlockInputs, SharedPrefix, keeping_block_inputs
 
 if TYPE_CHECKING:
     from bench.measure.cache import MeasurementCache
     from bench.measure.subject import Measured, Subject
-
-
-@dataclass
-class Predictions:
-    top5: Tensor
-    """(N, 5) class indices, best first."""
-    block_inputs: BlockInputs | None = None
-    """Tokens this pass fed one block (``keep_block``), for reduced models that start there."""
-    shared: str = "not shared"
-    """How a reduced model's pass used the unreduced pass's tokens (see :mod:`bench.measure.shared_prefix`)."""
-
-    @property
-    def top1(self) -> Tensor:
-        return self.top5[:, 0]
 
 
 def predict(

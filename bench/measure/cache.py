@@ -42,6 +42,7 @@ import timm
 import torch
 from torch import nn
 
+from bench.config import ModelConfig
 from bench.data import ImageSet
 from bench.results_io import write_failure
 from bench.store import device_name
@@ -205,15 +206,15 @@ class MeasurementCache:
 def unreduced_cache(
     results_dir: str | Path,
     model: nn.Module,
-    model_cfg: dict[str, Any],
+    model_cfg: ModelConfig,
     data: ImageSet,
     device: torch.device,
     enabled: bool = True,
 ) -> MeasurementCache:
     """The cache of ``model`` (unreduced) on ``data`` and ``device``; ``model_cfg`` is the job's
-    model config (name, input size; the weights are hashed, not their file named)."""
+    model section (name, input size; the weights are hashed, not their file named)."""
     identity = {
-        "model": {"name": model_cfg.get("name"), "img_size": model_cfg.get("img_size")},
+        "model": {"name": model_cfg.name, "img_size": model_cfg.img_size},
         "weights": weights_fingerprint(model) if enabled else None,
         "images": images_fingerprint(data) if enabled else None,
         "device": device_fingerprint(device),

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bench.config import LatencyConfig
 from bench.errors import BenchError
 from bench.finite import check_finite_output
 from bench.models import model_without_reducer
@@ -496,15 +496,12 @@ def configured_device_type(name: Any) -> str:
         return "cpu"
 
 
-def check_latency_settings(cfg: DictConfig) -> None:
+def check_latency_settings(latency: LatencyConfig, device: str) -> None:
     """``bench.latency.batch_size`` and ``bench.latency.compile`` checked before any measurement
-    (called by :func:`bench.validate.validate_settings`)."""
-    lat = cfg.get("bench", {}).get("latency")
-    if not isinstance(lat, DictConfig):
-        return
-    device_type = configured_device_type(cfg.get("device", "auto"))
-    latency_batch_sizes(lat.get("batch_size"), device_type)
-    compile_mode(lat.get("compile"), device_type)
+    (called by :func:`bench.validate.validate_settings`; ``device``: the job's ``device`` setting)."""
+    device_type = configured_device_type(device)
+    latency_batch_sizes(latency.batch_size, device_type)
+    compile_mode(latency.compile, device_type)
 
 
 def latency_images(images: Tensor, size: int) -> Tensor:
@@ -716,7 +713,7 @@ def measure_batches(
     pair: TimedPair,
     x: Tensor,
     sizes: list[int],
-    section: DictConfig | dict[str, Any],
+    section: LatencyConfig,
     show_progress: bool = True,
     timer: Callable[[Callable[[], Any]], float] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -731,14 +728,14 @@ def measure_batches(
             pair.model,
             pair.reference,
             x[:n],
-            lat.get("warmup", 1),
-            lat.get("iters", 5),
-            bool(lat.get("amp", False)),
-            lat.get("threads"),
+            lat.warmup,
+            lat.iters,
+            lat.amp,
+            lat.threads,
             show_progress,
-            tolerance=lat.get("tolerance"),
-            max_seconds=lat.get("max_seconds"),
-            max_iters=lat.get("max_iters") or 200,
+            tolerance=lat.tolerance,
+            max_seconds=lat.max_seconds,
+            max_iters=lat.max_iters,
             timer=timer,
             clock=clock,
             desc=f"latency b={n}",
@@ -747,13 +744,13 @@ def measure_batches(
     return merge_batches(per_batch)
 
 
-def latency_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+def latency_job(section: LatencyConfig, subject: Subject, out: Measured) -> None:
     """A reduced model's latency against the unreduced one, timed in alternation at every batch
     size of ``bench.latency`` (compiled the same way when asked), and how much of its MACs
     reduction became speedup."""
     s, lat = subject, section
-    sizes = latency_batch_sizes(lat.get("batch_size"), s.device.type)
-    mode = compile_mode(lat.get("compile"), s.device.type)
+    sizes = latency_batch_sizes(lat.batch_size, s.device.type)
+    mode = compile_mode(lat.compile, s.device.type)
     x = latency_images(s.data.images, sizes[-1]).to(s.device)
     distinct = min(len(s.data.images), sizes[-1])
     m = out.metrics

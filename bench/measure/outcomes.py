@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.data import ImageSet
 from bench.errors import BenchError
-from bench.measure.accuracy import Predictions
+from bench.measure.predictions import Predictions
 from bench.results_io import write_failure
 
 OUTCOMES_DIR = "preds"

@@ -28,10 +28,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from bench.config import ScalingConfig
 from bench.measure.cache import latency_key
 from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
 from bench.measure.latency import describe_busy, time_forward
@@ -449,7 +449,7 @@ def _fits(model: nn.Module, reducer: TokenReducer, rows: list[ScalingPoint], cla
     return out
 
 
-def scaling_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+def scaling_job(section: ScalingConfig, subject: Subject, out: Measured) -> None:
     """A reduced model's cost from the base resolution up to the claim's (``bench.scaling``),
     timed with the latency settings' autocast and threads."""
     s, sc = subject, section
@@ -465,7 +465,7 @@ def scaling_job(section: DictConfig, subject: Subject, out: Measured) -> None:
         s.threads,
         sc.claim_resolution,
         s.progress,
-        sc.get("max_seconds_per_point"),
+        sc.max_seconds_per_point,
         s.cache,
         s.latency_compile,
     )

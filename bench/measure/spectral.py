@@ -24,9 +24,9 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from bench.config import SpectralConfig
 from bench.errors import BenchError
 from bench.finite import check_finite_output
 from bench.measure import paper_metrics as pm
@@ -384,10 +384,10 @@ def paper_metrics(stats: BlockStatistics, ref: BlockStatistics, iou_keep: float)
     }
 
 
-def spectral_job(section: DictConfig, subject: Subject, out: Measured) -> None:
+def spectral_job(section: SpectralConfig, subject: Subject, out: Measured) -> None:
     """The spectral analysis of a reduced model (``bench.spectral``) against the unreduced one,
     whose statistics are kept per ``subject.reference_key`` in this process and in the cache."""
-    iou_keep = section.get("iou_keep", 0.5)
+    iou_keep = section.iou_keep
     if isinstance(iou_keep, bool) or not isinstance(iou_keep, (int, float)) or not 0 < iou_keep <= 1:
         raise BenchError(f"bench.spectral.iou_keep must be in (0, 1], got {iou_keep!r}")
     if int(section.images) < 1:

@@ -2,30 +2,36 @@
 images, the unreduced reference it is compared with, and the metrics measured so far.
 
 Each measurement module (accuracy, flops, latency, spectral, scaling) has one job-side entry,
-``<name>_job(section, subject, out)``, that takes its own ``bench.<name>`` config section and
-this; :func:`bench.job.measure` runs them in order.
+``<name>_job(section, subject, out)``, that takes its own typed ``bench.<name>`` section
+(:mod:`bench.config`) and this; :func:`bench.job.measure` runs them in order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
+
+from bench.config import Config, DataConfig, ModelConfig
 
 if TYPE_CHECKING:
     from bench.data import ImageSet
-    from bench.measure.accuracy import Predictions
     from bench.measure.cache import MeasurementCache
+    from bench.measure.predictions import Predictions
     from methods import TokenReducer
 
 
 def canonical(section: Any) -> str:
-    """A config section as sorted JSON, interpolations resolved: equal settings, equal text."""
-    plain = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+    """A config section (typed or not) as sorted JSON, interpolations resolved: equal settings, equal text."""
+    if dataclasses.is_dataclass(section):
+        plain = dataclasses.asdict(section)
+    else:
+        plain = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
     return json.dumps(plain, sort_keys=True, default=str)
 
 
@@ -39,8 +45,8 @@ class ReferenceKey:
     device: str
 
     @classmethod
-    def of(cls, cfg: DictConfig, device: torch.device) -> ReferenceKey:
-        return cls(canonical(cfg.model), canonical(cfg.data), str(device))
+    def of(cls, model: ModelConfig, data: DataConfig, device: torch.device) -> ReferenceKey:
+        return cls(canonical(model), canonical(data), str(device))
 
 
 @dataclass
@@ -49,7 +55,8 @@ class Baseline:
 
     preds: Predictions | None
     metrics: dict[str, Any]
-    cfg: DictConfig
+    cfg: Config
+    """The job config its record is written with (method ``none``, no budget)."""
     recorded: bool
     """Whether its record is in the store: it is appended only once a job using it has finished."""
     cache: MeasurementCache | None = None
@@ -93,7 +100,7 @@ class Subject:
 
 
 def subject_of(
-    cfg: DictConfig,
+    cfg: Config,
     model: nn.Module,
     reducer: TokenReducer,
     data: ImageSet,
@@ -117,8 +124,8 @@ def subject_of(
         progress=cfg.progress,
         amp=lat.amp,
         threads=lat.threads,
-        latency_compile=(lat.get("compile") or "eager") if lat.get("enabled") else "eager",  # what ran
-        reference_key=ReferenceKey.of(cfg, device),
+        latency_compile=(lat.compile or "eager") if lat.enabled else "eager",  # what ran
+        reference_key=ReferenceKey.of(cfg.model, cfg.data, device),
         keep_block=keep_block,
     )
 

@@ -8,13 +8,13 @@ budget it was trained for, which the evaluation must use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
+from bench.config import BudgetConfig, Config, ModelConfig
 from bench.errors import BenchError
 
 FORMAT = "fatr-bench-finetuned/1"
@@ -60,7 +60,7 @@ class Finetuned:
         model.load_state_dict(state, strict=True)
 
 
-def swap_in(tuned: Finetuned, cfg: DictConfig, model: nn.Module, data, device) -> None:
+def swap_in(tuned: Finetuned, cfg: Config, model: nn.Module, data, device) -> None:
     """Load the fine-tuned state into ``model``, which still holds the base weights: first the
     relative analyses cache their unreduced reference from those, so that, like accuracy's Δ
     and agreement, they compare the fine-tuned model with the model it started from."""
@@ -68,8 +68,8 @@ def swap_in(tuned: Finetuned, cfg: DictConfig, model: nn.Module, data, device) -
     from bench.measure.subject import Measured, subject_of
     from methods.identity import NoReduction
 
-    spectral = cfg.bench.get("spectral")
-    if spectral and spectral.enabled:  # computes and keeps the reference; the numbers are not needed
+    spectral = cfg.bench.spectral
+    if spectral.enabled:  # computes and keeps the reference; the numbers are not needed
         spectral_job(spectral, subject_of(cfg, model, NoReduction(), data, device), Measured())
     tuned.load_into(model)
 
@@ -109,17 +109,17 @@ def read_finetuned(path: str | Path) -> Finetuned | None:
     return Finetuned(str(path), saved["model"], saved["reducer"], saved["meta"])
 
 
-def resolve_finetuned(cfg: DictConfig) -> tuple[DictConfig, Finetuned | None]:
+def resolve_finetuned(cfg: Config) -> tuple[Config, Finetuned | None]:
     """For ``model.checkpoint`` = a fine-tuned checkpoint: the config of its base model (the
     unreduced reference) and the checkpoint; any other config comes back unchanged."""
-    ckpt = cfg.model.get("checkpoint")
+    ckpt = cfg.model.checkpoint
     tuned = read_finetuned(ckpt) if ckpt else None
     if tuned is None:
         return cfg, None
     meta = tuned.meta
     if cfg.model.name != meta["model"]["name"]:
         raise BenchError(f"{ckpt} is a fine-tuned {meta['model']['name']}, not {cfg.model.name}: set model.name")
-    given = OmegaConf.to_container(cfg.method, resolve=True)
+    given = asdict(cfg.method)
     if given != meta["method"]:
         from bench.train.trainer import differences
 
@@ -128,7 +128,7 @@ def resolve_finetuned(cfg: DictConfig) -> tuple[DictConfig, Finetuned | None]:
             f"(this run's method differs in: {', '.join(differences(meta['method'], given)[:4])}); "
             "evaluate it with the method it was trained with"
         )
-    budget = OmegaConf.to_container(cfg.budget, resolve=True)
+    budget = asdict(cfg.budget)
     if meta["method"].get("name") != "none" and budget != meta["budget"]:
         raise BenchError(
             f"{ckpt} was fine-tuned at budget.macs_ratio={meta['budget']['macs_ratio']} "
@@ -140,8 +140,5 @@ def resolve_finetuned(cfg: DictConfig) -> tuple[DictConfig, Finetuned | None]:
             f"{ckpt} was fine-tuned from {base['checkpoint']}, which is not found here: "
             "the unreduced reference is measured from it"
         )
-    out = cfg.copy()
-    with open_dict(out):
-        out.model = OmegaConf.create({**base, "img_size": cfg.model.get("img_size")})
-        out.budget = OmegaConf.create(meta["budget"])
-    return out, tuned
+    model = ModelConfig(**{**base, "img_size": cfg.model.img_size})
+    return replace(cfg, model=model, budget=BudgetConfig(**meta["budget"])), tuned
