@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import timm
 import torch
-from conftest import build_reducer, method_names, tiny_vit
+from conftest import METHOD_CONF, build_reducer, method_names, tiny_vit
 from helpers import run_capturing
+from omegaconf import OmegaConf
 
 import methods.kmedoids as kmedoids_module
 import methods.prune as prune_module
@@ -32,7 +33,19 @@ from methods.base import TokenReducer, TokenState
 from methods.prune import RandomPrune, random_generator
 from methods.tokens import keep_tokens, prefix_index
 
-CASES = [(n, knob) for n in method_names() for knob in ("default", "budget") if n != "none" or knob == "default"]
+
+def _one_config_per_reducer() -> list[str]:
+    """Method configs, one per reducer class: ``diffrate_deit_s`` and ``diffrate_deit_b`` run
+    DiffRate's code with other schedules, which capture as ``diffrate`` does."""
+    seen: dict[str, str] = {}
+    for name in method_names():
+        seen.setdefault(OmegaConf.load(METHOD_CONF / f"{name}.yaml").reducer._target_, name)
+    return sorted(seen.values())
+
+
+CASES = [
+    (n, knob) for n in _one_config_per_reducer() for knob in ("default", "budget") if n != "none" or knob == "default"
+]
 
 
 @pytest.fixture(scope="module", autouse=True)

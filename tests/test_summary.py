@@ -62,6 +62,15 @@ def test_headline_takes_the_main_group_the_headline_budget_and_plain_methods():
     assert "-2.00" in table_rows[2] and "tied" in table_rows[2]
 
 
+def test_sections_render_from_sparse_tables():
+    """A store with accuracy but no FLOPs, no paired statistics or no image count still renders."""
+    sparse = pd.DataFrame([_row("none", None, 80.0, images=None), _row("tome", 0.65, 79.0, images=None)])
+    assert "| tome | 79.00" in summary_sections(sparse)["headline"]
+    assert summary_sections(pd.DataFrame())["headline"].startswith("No accuracy records")
+    latency_only = pd.DataFrame([_row("none", None, None), _row("ppt", None, None)]).drop(columns="top1")
+    assert summary_sections(latency_only)["papers"]
+
+
 def test_sync_rewrites_blocks_and_stale_blocks_finds_them(tmp_path):
     doc = tmp_path / "page.md"
     doc.write_text("intro\n<!-- summary:headline -->\nold numbers\n<!-- /summary:headline -->\nend\n")

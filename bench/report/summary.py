@@ -36,15 +36,13 @@ BLOCK = re.compile(r"(<!-- summary:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /s
 def main_group(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of the group the headline describes: the most images, then the most rows
     (the same rule as the leaderboard's single-figure sections)."""
-    if df.empty:
-        return df
     keys = [k for k in GROUP_KEYS if k in df]
-    sizes = df.groupby(keys, dropna=False, sort=False).size()
-    best = max(sizes.index, key=lambda k: (_number(k[keys.index("images")]), sizes[k], str(k)))
-    mask = pd.Series(True, index=df.index)
-    for key, value in zip(keys, best, strict=True):
-        mask &= df[key].isna() if _missing(value) else df[key] == value
-    return df[mask]
+    if df.empty or not keys:
+        return df
+    labels = pd.Series(["|".join(map(str, row)) for row in df[keys].itertuples(index=False)], index=df.index)
+    images = df["images"] if "images" in df else pd.Series(0, index=df.index)
+    score = {g: (max(_number(v) for v in images[labels == g]), int((labels == g).sum()), g) for g in set(labels)}
+    return df[labels == max(score, key=score.get)]
 
 
 def _missing(v: Any) -> bool:
@@ -68,14 +66,18 @@ def _interval(lo: Any, hi: Any, signed: bool = False) -> str:
 
 def _plain_rows(part: pd.DataFrame) -> pd.DataFrame:
     """Each method's own configuration (not a variant: the label is the bare method name)."""
+    if part.empty or "label" not in part or "method" not in part:
+        return part.iloc[0:0]
     return part[part["label"] == part["method"]]
 
 
 def group_line(part: pd.DataFrame) -> str:
     row = part.iloc[0]
+    images = row.get("images")
+    count = MISSING if _missing(images) else int(images)
     return (
-        f"{row['model']} on {row['dataset']} ({int(row['images'])} images); latency on {row['device']}, "
-        f"{row['latency_mode']}; 95% intervals paired over images."
+        f"{row.get('model')} on {row.get('dataset')} ({count} images); latency on {row.get('device')}, "
+        f"{row.get('latency_mode')}; 95% intervals paired over images."
     )
 
 
@@ -140,17 +142,20 @@ def papers(df: pd.DataFrame, path: Path = PAPER_FILE) -> list[str]:
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in paper_rows(path):
-        rows = part[part["method"] == p["method"]] if "method" in part else part
-        at = rows[(rows["budget"] - HEADLINE_BUDGET).abs() < 1e-9]
-        own = rows[rows["budget"].isna()]
+        rows = part[part["method"] == p["method"]] if not part.empty else part
+        budget = rows["budget"] if "budget" in rows else pd.Series(dtype=float)
+        at = rows[(budget - HEADLINE_BUDGET).abs() < 1e-9]
+        own = rows[budget.isna()]
         here = MISSING
         if not at.empty and "top1" in at:
             r = at.iloc[0]
-            here = f"{_pct(r['top1'])} ({r['d_unreduced']:+.2f})"
+            delta = r.get("d_unreduced")
+            here = f"{_pct(r['top1'])} ({MISSING if _missing(delta) else f'{delta:+.2f}'})"
         default = MISSING
         if not own.empty and "top1" in own:
             r = own.iloc[0]
-            default = f"{_pct(r['top1'])} ({r['macs_ratio']:.2f})"
+            ratio = r.get("macs_ratio")
+            default = f"{_pct(r['top1'])} ({MISSING if _missing(ratio) else f'{ratio:.2f}'})"
         reported = f"{p['top1']} ({p['unreduced_top1'] or MISSING})" if p["top1"] else MISSING
         cells = [p["method"], p["model"] or MISSING, reported, p["gflops"] or MISSING, p["source"], here, default]
         lines.append("| " + " | ".join(cells) + " |")
