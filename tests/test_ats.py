@@ -1,6 +1,6 @@
 """ATS (methods/ats.py): its equations on hand-made scores, a slow per-image reference of the
-sampling, the shared invariants on a tiny ViT (per-image counts in static slots), budget
-matching on DeiT-Tiny's shape, bad knobs refused before any forward."""
+sampling, the shared invariants on a tiny ViT (per-image counts in static slots), bad
+knobs refused before any forward. Budgets: the generic tests/test_budgets.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from conftest import build_reducer, tiny_vit
 from helpers import run_capturing
 
-from bench.budget import match_budget
 from bench.errors import BenchError
 from bench.measure.flops import VitShape
 from methods import ATTN, CLS_ATTN, VALUES, ReducerConfigError, apply_reducer
@@ -220,15 +219,6 @@ def test_layouts_with_more_or_no_prefix_tokens():
             assert (after.size[:, prefix:] > 0).any(-1).all()
 
 
-@pytest.mark.parametrize("target", [0.8, 0.65, 0.5])
-def test_budget_solved_on_deit_tiny(target):
-    with torch.device("meta"):
-        deit = timm.create_model("deit_tiny_patch16_224")
-    sol = match_budget(build_reducer("ats"), target, VitShape.of(deit), model_info(deit), method="ats")
-    assert abs(sol.ratio / target - 1) < 0.02
-    assert sol.reducer.hparams == {**build_reducer("ats").hparams, "keep_rate": sol.value}
-
-
 def test_default_budget_is_the_papers_deit_s_gflops():
     """keep_rate 0.5: static slots at the paper's DeiT-S + ATS cost, 2.9 of 4.6 GFLOPs."""
     with torch.device("meta"):
@@ -242,13 +232,6 @@ def test_default_budget_is_the_papers_deit_s_gflops():
     base.bind(info)
     ratio = analytic_macs(shape, reducer, 196) / analytic_macs(shape, base, 196)
     assert ratio == pytest.approx(2.9 / 4.6, abs=0.01)
-
-
-def test_solved_knob_counts_match_a_forward(images):
-    model = tiny_vit(depth=12)
-    sol = match_budget(build_reducer("ats"), 0.5, VitShape.of(model), model_info(model))
-    _, _, ctx = run_capturing(model, sol.reducer, images)
-    assert ctx.token_trace == [out for _, out in sol.reducer.token_counts(1, NUM_PATCHES, 12)]
 
 
 def test_overhead_is_the_class_attention_row():

@@ -1,19 +1,17 @@
 """PiToMe (methods/pitome.py): its equations on hand-made tokens, a slow per-image reference,
-the shared invariants on a tiny ViT, budget matching on DeiT-Tiny's shape, one graph."""
+the shared invariants on a tiny ViT. Budgets and one compiled graph: the
+generic tests/test_budgets.py and tests/test_compile.py."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-import timm
 import torch
 from conftest import build_reducer, tiny_vit
 from helpers import patch_sizes, run_capturing
 
-from bench.budget import match_budget
 from bench.errors import BenchError
-from bench.measure.flops import VitShape
 from methods import ReducerConfigError, apply_reducer
 from methods.base import TokenState
 from methods.patch import model_info
@@ -201,30 +199,10 @@ def test_ratio_one_changes_nothing(images):
     assert (logits - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("target", [0.8, 0.65, 0.5])
-def test_budget_solved_on_deit_tiny(target):
-    with torch.device("meta"):
-        deit = timm.create_model("deit_tiny_patch16_224")
-    sol = match_budget(build_reducer("pitome"), target, VitShape.of(deit), model_info(deit), method="pitome")
-    assert abs(sol.ratio / target - 1) < 0.02
-    assert sol.reducer.hparams == {**build_reducer("pitome").hparams, "ratio": sol.value}
-
-
-def test_solved_knob_counts_match_a_forward(images):
-    model = tiny_vit(depth=12)
-    sol = match_budget(build_reducer("pitome"), 0.5, VitShape.of(model), model_info(model))
-    _, _, ctx = run_capturing(model, sol.reducer, images)
-    assert ctx.token_trace == [out for _, out in sol.reducer.token_counts(1, NUM_PATCHES, 12)]
-    assert sol.reducer.num_bsm == 6  # ceil(12 / 2), the reference's split
-
-
-def test_one_graph(images):
-    model = tiny_vit(depth=12)
-    apply_reducer(model, build_reducer("pitome"))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(images)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
+def test_half_the_blocks_match_on_twelve_blocks():
+    reducer = build_reducer("pitome")
+    reducer.bind(model_info(tiny_vit(depth=12)))
+    assert reducer.num_bsm == 6  # ceil(12 / 2), the reference's split
 
 
 def test_bad_knobs_are_refused():

@@ -1,6 +1,6 @@
 """PPT (methods/ppt.py): its equations on hand-made tokens, a slow per-image reference of the
-reference's two branches, the per-image choice, the shared invariants on a tiny ViT, budget
-matching on DeiT-Tiny's shape, refused knobs, one graph."""
+reference's two branches, the per-image choice, the shared invariants on a tiny ViT, refused knobs.
+Budgets and one compiled graph: the generic tests/test_budgets.py and tests/test_compile.py."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import torch
 from conftest import build_reducer, tiny_vit
 from helpers import patch_sizes, run_capturing
 
-from bench.budget import match_budget
 from bench.errors import BenchError
-from bench.measure.flops import VitShape
 from methods import ReducerConfigError, apply_reducer
 from methods.base import TokenState
 from methods.patch import model_info
@@ -299,31 +297,6 @@ def test_layouts_with_more_or_no_prefix_tokens():
             assert torch.equal(after.x[:, :prefix], before.x[:, :prefix])
             if prefix == 0:  # no class token: the full map is tapped for the received attention
                 assert before.attn is not None and before.cls_attn is None
-
-
-@pytest.mark.parametrize("target", [0.8, 0.65, 0.5])
-def test_budget_solved_on_deit_tiny(target):
-    with torch.device("meta"):
-        deit = timm.create_model("deit_tiny_patch16_224")
-    sol = match_budget(build_reducer("ppt"), target, VitShape.of(deit), model_info(deit), method="ppt")
-    assert abs(sol.ratio / target - 1) < 0.02
-    assert sol.reducer.hparams == {**build_reducer("ppt").hparams, "r": sol.value}
-
-
-def test_solved_knob_counts_match_a_forward(images):
-    model = tiny_vit(depth=12)
-    sol = match_budget(build_reducer("ppt"), 0.5, VitShape.of(model), model_info(model))
-    _, _, ctx = run_capturing(model, sol.reducer, images)
-    assert ctx.token_trace == [out for _, out in sol.reducer.token_counts(1, NUM_PATCHES, 12)]
-
-
-def test_one_graph(images):
-    model = tiny_vit(depth=12)
-    apply_reducer(model, build_reducer("ppt", r=10, threshold=1e-4))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(images)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
 def test_bad_knobs_are_refused():

@@ -1,17 +1,15 @@
 """ToFu (methods/tofu.py): MLERP and pruning on hand-made tokens, the prune-then-merge
-schedule and the shared invariants on a tiny ViT, budget matching on DeiT-Tiny's shape, one graph."""
+schedule and the shared invariants on a tiny ViT. Budgets and one compiled graph: the
+generic tests/test_budgets.py and tests/test_compile.py."""
 
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from conftest import build_reducer, tiny_vit
 from helpers import patch_sizes, run_capturing
 
-from bench.budget import match_budget
 from bench.errors import BenchError
-from bench.measure.flops import VitShape
 from methods import ReducerConfigError, apply_reducer
 from methods.base import TokenState
 from methods.patch import model_info
@@ -172,32 +170,10 @@ def test_layouts_with_more_prefix_tokens():
             assert torch.equal(after.x[:, :prefix], before.x[:, :prefix])
 
 
-@pytest.mark.parametrize("target", [0.8, 0.65, 0.5])
-def test_budget_solved_on_deit_tiny(target):
-    with torch.device("meta"):
-        deit = timm.create_model("deit_tiny_patch16_224")
-    sol = match_budget(build_reducer("tofu"), target, VitShape.of(deit), model_info(deit), method="tofu")
-    assert abs(sol.ratio / target - 1) < 0.02
-    assert sol.reducer.hparams == {**build_reducer("tofu").hparams, "r": sol.value}
-    assert isinstance(sol.reducer, ToFu)
-
-
-def test_solved_knob_counts_match_a_forward(images):
-    model = tiny_vit(depth=12)
-    sol = match_budget(build_reducer("tofu"), 0.5, VitShape.of(model), model_info(model))
-    _, _, ctx = run_capturing(model, sol.reducer, images)
-    assert ctx.token_trace == [out for _, out in sol.reducer.token_counts(1, NUM_PATCHES, 12)]
-    assert sol.reducer.switch == 7  # the references: merge in blocks i > 12 // 2
-
-
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # ToMe's slot cache
-def test_one_graph(images):
-    model = tiny_vit(depth=12)
-    apply_reducer(model, build_reducer("tofu", r=4))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(images)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
+def test_switch_block_on_twelve_blocks():
+    reducer = build_reducer("tofu")
+    reducer.bind(model_info(tiny_vit(depth=12)))
+    assert reducer.switch == 7  # the references: merge in blocks i > 12 // 2
 
 
 def test_bad_knobs_are_refused():

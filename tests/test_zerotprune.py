@@ -1,20 +1,17 @@
 """Zero-TPrune (methods/zerotprune.py): WPR, the head filter and EIR, the S-stage and the
-I-stage on hand-made tensors, a slow per-image reference, the shared invariants on a tiny ViT,
-budget matching on DeiT-Tiny's shape, one graph."""
+I-stage on hand-made tensors, a slow per-image reference, the shared invariants on a tiny ViT.
+Budgets and one compiled graph: the generic tests/test_budgets.py and tests/test_compile.py."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-import timm
 import torch
 from conftest import build_reducer, tiny_vit
 from helpers import run_capturing
 
-from bench.budget import match_budget
 from bench.errors import BenchError
-from bench.measure.flops import VitShape
 from methods import ReducerConfigError, apply_reducer
 from methods.base import TokenState
 from methods.patch import model_info
@@ -265,32 +262,10 @@ def test_caps_are_noted():
     assert reducer.notes() == ["Zero-TPrune keeps one patch token: r capped in blocks 1 (10 -> 3)"]
 
 
-@pytest.mark.parametrize("target", [0.8, 0.65, 0.5])
-def test_budget_solved_on_deit_tiny(target):
-    with torch.device("meta"):
-        deit = timm.create_model("deit_tiny_patch16_224")
-    sol = match_budget(build_reducer("zerotprune"), target, VitShape.of(deit), model_info(deit), method="zerotprune")
-    assert abs(sol.ratio / target - 1) < 0.02
-    assert sol.reducer.hparams == {**build_reducer("zerotprune").hparams, "r": sol.value}
-
-
-def test_solved_knob_counts_match_a_forward(images):
-    model = tiny_vit(depth=12)
-    sol = match_budget(build_reducer("zerotprune"), 0.5, VitShape.of(model), model_info(model))
-    _, _, ctx = run_capturing(model, sol.reducer, images)
-    assert ctx.token_trace == [out for _, out in sol.reducer.token_counts(1, NUM_PATCHES, 12)]
-    assert sol.reducer.iters == [30] * 3 + [5] * 6 + [1] * 3
-
-
-def test_one_graph(images):
-    """Few WPR iterations here (dynamo unrolls the loop); tests/test_compile.py captures the
-    configured ones on DeiT-Tiny."""
-    model = tiny_vit()
-    apply_reducer(model, build_reducer("zerotprune", r=3.5, wpr_iters=[3, 2, 1]))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(images)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
+def test_iterations_by_depth_on_twelve_blocks():
+    reducer = build_reducer("zerotprune")
+    reducer.bind(model_info(tiny_vit(depth=12)))
+    assert reducer.iters == [30] * 3 + [5] * 6 + [1] * 3
 
 
 def test_bad_knobs_are_refused():
