@@ -73,7 +73,7 @@ from methods.base import (
     check_block_indices,
 )
 from methods.tokens import keep_tokens, merge_all, prefix_index
-from methods.tome import bipartite_groups
+from methods.tome import bipartite_groups, half_caps
 
 # -- the equations ------------------------------------------------------------------------------------
 
@@ -228,13 +228,7 @@ class PPT(TokenReducer):
         if self.info is None:
             return []
         p = self.info.num_prefix
-        capped = []
-        n = p + self.info.num_patches
-        for block in self.blocks:
-            r, can = self.r_at[block], (n - p) // 2
-            if r > can:
-                capped.append((block, r, can))
-            n -= min(r, can)
+        capped = half_caps(((block, self.r_at[block]) for block in self.blocks), self.info.num_patches)
         if not capped:
             return []
         b, r, can = capped[0]

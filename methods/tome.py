@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -127,6 +127,20 @@ def tome_merge(state: TokenState, r: int) -> TokenState:
     return merge_all(state, group, num_out)
 
 
+def half_caps(schedule: Iterable[tuple[int, int]], num_patches: int) -> list[tuple[int, int, int]]:
+    """``(block, r asked, r possible)`` for each block of ``schedule`` (``(block, r)`` pairs in
+    order) whose ``r`` exceeds half the non-prefix tokens entering it; later blocks see the
+    counts the capped blocks leave. Bipartite matching (ToMe and the methods built on it) can
+    merge or remove at most one token of each pair."""
+    n, capped = num_patches, []
+    for block, r in schedule:
+        can = max(0, n // 2)
+        if r > can:
+            capped.append((block, r, can))
+        n -= min(r, can)
+    return capped
+
+
 class ToMe(TokenReducer):
     """ToMe: merge ``r`` tokens in every block (or per the schedule).
 
@@ -158,13 +172,8 @@ class ToMe(TokenReducer):
         tokens): ToMe caps the merges there, as the reference code does; say so."""
         if self.info is None:
             return []
-        p, n = self.info.num_prefix, self.info.num_prefix + self.info.num_patches
-        capped = []
-        for block, r in enumerate(self.schedule):
-            can = max(0, (n - p) // 2)
-            if r > can:
-                capped.append((block, r, can))
-            n -= min(r, can)
+        p = self.info.num_prefix
+        capped = half_caps(enumerate(self.schedule), self.info.num_patches)
         if not capped:
             return []
         b, r, can = capped[0]

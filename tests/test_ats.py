@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from conftest import build_reducer, tiny_vit
-from helpers import run_capturing
+from helpers import hand_state, run_capturing
 
 from bench.errors import BenchError
 from bench.measure.flops import VitShape
@@ -111,20 +111,9 @@ def test_sampling_matches_a_slow_reference(k, empties):
 
 
 def _state(x: torch.Tensor, attn_row: torch.Tensor, num_prefix: int) -> TokenState:
-    b, n, c = x.shape
-    source = torch.zeros(b, n, n - num_prefix)
-    source[:, num_prefix:] = torch.eye(n - num_prefix)
-    values = torch.ones(b, 1, n, 1)  # ‖v‖ = 1: the score is the attention
-    return TokenState(
-        x=x,
-        size=torch.ones(b, n),
-        pos=torch.arange(-num_prefix, n - num_prefix).clamp_min(-1).expand(b, -1),
-        num_prefix=num_prefix,
-        patch_grid=(1, n - num_prefix),
-        grid=(1, n - num_prefix),
-        source=source,
-        cls_attn=attn_row[:, None],
-        values=values,
+    values = torch.ones(x.shape[0], 1, x.shape[1], 1)  # ‖v‖ = 1: the score is the attention
+    return hand_state(x, num_prefix, cls_attn=attn_row[:, None], values=values).replace(
+        grid=(1, x.shape[1] - num_prefix)
     )
 
 

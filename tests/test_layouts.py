@@ -119,13 +119,19 @@ def test_method_runs_on_layout(method: str, layout: str, images: torch.Tensor, u
             apply_reducer(model, reducer)
         return
     apply_reducer(model, reducer)
+    ctx = reduction_context(model)
+    steps: list[tuple] = []
+    watch = ctx.observe(lambda block, before, after: steps.append((before, after)))
 
     with torch.no_grad():
         logits = model(images)
+    watch.remove()
     assert logits.shape == (len(images), NUM_CLASSES)
     assert torch.isfinite(logits).all()
-    ctx = reduction_context(model)
     prefix, depth = model.num_prefix_tokens, len(model.blocks)
+    for before, after in steps:  # prefix tokens stay first and untouched
+        assert torch.equal(after.x[:, :prefix], before.x[:, :prefix])
+        assert torch.equal(after.size[:, :prefix], before.size[:, :prefix])
     counts = reducer.token_counts(prefix, 64, depth)
     assert ctx.token_trace == [n_out for _, n_out in counts]
     assert ctx.state.num_prefix == prefix and ctx.state.x.shape[1] == counts[-1][1]

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import build_reducer, tiny_vit
-from helpers import patch_sizes, run_capturing
+from helpers import hand_state, patch_sizes, run_capturing
 
 from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
@@ -24,20 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(x: torch.Tensor, metric: torch.Tensor, num_prefix: int, size: torch.Tensor | None = None) -> TokenState:
-    b, n, _ = x.shape
-    size = torch.ones(b, n) if size is None else size
-    source = torch.zeros(b, n, n - num_prefix)
-    source[:, num_prefix:] = torch.eye(n - num_prefix) * size[:, num_prefix:, None]
-    return TokenState(
-        x=x,
-        size=size,
-        pos=torch.arange(-num_prefix, n - num_prefix).clamp_min(-1).expand(b, -1),
-        num_prefix=num_prefix,
-        patch_grid=(1, n - num_prefix),
-        grid=None,
-        source=source,
-        keys=metric[:, None],  # one head: the head mean is the metric itself
-    )
+    return hand_state(x, num_prefix, size, keys=metric[:, None])  # one head: the head mean is the metric
 
 
 # -- the equations ------------------------------------------------------------------------------------
@@ -168,26 +155,6 @@ def test_runs_with_valid_steps(kw, images):
         assert torch.all(member.sum(1) == 1)
         w = member * before.size[:, None, p:]
         assert torch.allclose(after.x[:, p:], (w @ before.x[:, p:]) / w.sum(-1, keepdim=True), atol=1e-5)
-
-
-def test_layouts_with_more_prefix_tokens():
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    distilled = VisionTransformerDistilled(
-        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
-    )
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    for model, prefix in (
-        (distilled.eval(), 2),
-        (tiny_vit(reg_tokens=4), 5),
-        (tiny_vit(class_token=False, global_pool="avg"), 0),
-    ):
-        reducer = build_reducer("pitome", ratio=0.8)
-        _, steps, ctx = run_capturing(model, reducer, images)
-        assert ctx.token_trace == [out for _, out in reducer.token_counts(prefix, NUM_PATCHES, 6)]
-        for _, before, after in steps:
-            assert torch.equal(after.x[:, :prefix], before.x[:, :prefix])
 
 
 def test_ratio_one_changes_nothing(images):

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import build_reducer, tiny_vit
-from helpers import patch_sizes, run_capturing
+from helpers import hand_state, patch_sizes, run_capturing
 
 from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
@@ -36,22 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(x, keys, values, cls_attn, num_prefix, size=None) -> TokenState:
-    b, n, _ = x.shape
-    size = torch.ones(b, n) if size is None else size
-    source = torch.zeros(b, n, n - num_prefix)
-    source[:, num_prefix:] = torch.eye(n - num_prefix) * size[:, num_prefix:, None]
-    return TokenState(
-        x=x,
-        size=size,
-        pos=torch.arange(-num_prefix, n - num_prefix).clamp_min(-1).expand(b, -1),
-        num_prefix=num_prefix,
-        patch_grid=(1, n - num_prefix),
-        grid=None,
-        source=source,
-        keys=keys,
-        values=values,
-        cls_attn=cls_attn,
-    )
+    return hand_state(x, num_prefix, size, keys=keys, values=values, cls_attn=cls_attn)
 
 
 def _random_state(b, n, prefix, seed, heads=2, d=3, c=5):

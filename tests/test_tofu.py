@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_reducer, tiny_vit
-from helpers import patch_sizes, run_capturing
+from helpers import hand_state, patch_sizes, run_capturing
 
 from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
@@ -23,19 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(x: torch.Tensor, metric: torch.Tensor | None = None, num_prefix: int = 1) -> TokenState:
-    b, n, _ = x.shape
-    source = torch.zeros(b, n, n - num_prefix)
-    source[:, num_prefix:] = torch.eye(n - num_prefix)
-    return TokenState(
-        x=x,
-        size=torch.ones(b, n),
-        pos=torch.arange(-num_prefix, n - num_prefix).clamp_min(-1).expand(b, -1),
-        num_prefix=num_prefix,
-        patch_grid=(1, n - num_prefix),
-        grid=None,
-        source=source,
-        keys=None if metric is None else metric[:, None],
-    )
+    return hand_state(x, num_prefix, keys=None if metric is None else metric[:, None])
 
 
 # -- the equations ------------------------------------------------------------------------------------
@@ -148,26 +136,6 @@ def test_prunes_then_merges_with_valid_steps(kw, images):
             )
             assert torch.allclose(after.x[:, p:], want, atol=1e-5)
             assert torch.allclose(patch_sizes(after).sum(-1), patch_sizes(before).sum(-1))
-
-
-def test_layouts_with_more_prefix_tokens():
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    distilled = VisionTransformerDistilled(
-        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
-    )
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    for model, prefix in (
-        (distilled.eval(), 2),
-        (tiny_vit(reg_tokens=4), 5),
-        (tiny_vit(class_token=False, global_pool="avg"), 0),
-    ):
-        reducer = build_reducer("tofu", r=6)
-        _, steps, ctx = run_capturing(model, reducer, images)
-        assert ctx.token_trace == [out for _, out in reducer.token_counts(prefix, NUM_PATCHES, 6)]
-        for _, before, after in steps:
-            assert torch.equal(after.x[:, :prefix], before.x[:, :prefix])
 
 
 def test_switch_block_on_twelve_blocks():

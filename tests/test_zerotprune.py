@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import build_reducer, tiny_vit
-from helpers import run_capturing
+from helpers import hand_state, run_capturing
 
 from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
@@ -35,20 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(x: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor | None, num_prefix: int) -> TokenState:
-    b, n, _ = x.shape
-    source = torch.zeros(b, n, n - num_prefix)
-    source[:, num_prefix:] = torch.eye(n - num_prefix)
-    return TokenState(
-        x=x,
-        size=torch.ones(b, n),
-        pos=torch.arange(-num_prefix, n - num_prefix).clamp_min(-1).expand(b, -1),
-        num_prefix=num_prefix,
-        patch_grid=(1, n - num_prefix),
-        grid=None,
-        source=source,
-        attn=attn,
-        keys=keys,
-    )
+    return hand_state(x, num_prefix, attn=attn, keys=keys)
 
 
 # -- the equations ------------------------------------------------------------------------------------
@@ -226,24 +213,11 @@ def test_runs_with_valid_steps(kw, images):
         assert torch.equal(after.x[:, 1:], torch.stack([before.x[b, 1:][which[b]] for b in range(len(which))]))
 
 
-def test_layouts_with_more_prefix_tokens(images):
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    distilled = VisionTransformerDistilled(
-        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
-    ).eval()
-    for model, prefix in (
-        (distilled, 2),
-        (tiny_vit(reg_tokens=4), 5),
-        (tiny_vit(class_token=False, global_pool="avg"), 0),
-    ):
+def test_a_model_without_class_token_is_noted():
+    for model, uniform in ((tiny_vit(), False), (tiny_vit(class_token=False, global_pool="avg"), True)):
         reducer = build_reducer("zerotprune", r=6)
-        _, steps, ctx = run_capturing(model, reducer, images)
-        assert ctx.token_trace == [out for _, out in reducer.token_counts(prefix, NUM_PATCHES, 6)]
-        for _, before, after in steps:
-            assert torch.equal(after.x[:, :prefix], before.x[:, :prefix])
-        assert any("Zero-TPrune-uni" in note for note in reducer.notes()) is (prefix == 0)
+        reducer.bind(model_info(model))
+        assert any("Zero-TPrune-uni" in note for note in reducer.notes()) is uniform
 
 
 def test_r_zero_changes_nothing(images):
