@@ -14,6 +14,7 @@ caught it. :func:`read_config` is where a job's config becomes typed, once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 from torch import nn
 
 from bench.config import Config, typed
@@ -149,7 +150,10 @@ def config_error(error: BaseException) -> BenchError | None:
     where it has one (``bench.latency.iters must be an integer >= 1, got 'abc'``), else the
     key and OmegaConf's reason. None for any other error (an unknown group option, a bad
     override's syntax), which Hydra reports itself."""
-    cause = error if isinstance(error, ValidationError) else error.__cause__
+    unknown = (ConfigKeyError, ConfigAttributeError)
+    cause = error if isinstance(error, (ValidationError, *unknown)) else error.__cause__
+    if isinstance(cause, unknown) and cause.full_key:
+        return unknown_setting(str(cause.full_key))
     if not isinstance(cause, ValidationError) or not cause.full_key:
         return None
     key = re.sub(r"(\[\d+\])+$", "", str(cause.full_key))  # an element of a list: the list's setting
@@ -158,12 +162,50 @@ def config_error(error: BaseException) -> BenchError | None:
     return BenchError(message or f"{key}: {str(cause.msg).splitlines()[0]}")
 
 
+def unknown_setting(key: str) -> BenchError:
+    """One line for a key the schema does not have (a misspelt setting), naming the settings
+    its section does have, so the fix is in the message."""
+    parent, _, _ = key.rpartition(".")
+    section: Any = Config
+    for part in parent.split(".") if parent else []:
+        found = (
+            {f.name: f for f in dataclasses.fields(section)}.get(part) if dataclasses.is_dataclass(section) else None
+        )
+        section = found.default_factory if found is not None and callable(found.default_factory) else None
+    if not dataclasses.is_dataclass(section):
+        return BenchError(f"{key} is not a setting")
+    names = ", ".join(f.name for f in dataclasses.fields(section))
+    return BenchError(f"{key} is not a setting; {parent or 'the top level'} has: {names}")
+
+
+def first_unknown_key(tree: Any, schema: Any, prefix: str = "") -> str | None:
+    """The first key of ``tree`` (a config section, nested) that the ``schema`` dataclass lacks;
+    sections typed ``Any`` (a method's ``reducer``) and Hydra's own node are open."""
+    if not dataclasses.is_dataclass(schema) or not hasattr(tree, "keys"):
+        return None
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in tree.keys():
+        if not prefix and key == "hydra":
+            continue
+        if key not in fields:
+            return f"{prefix}{key}"
+        factory = fields[key].default_factory
+        if callable(factory) and dataclasses.is_dataclass(factory):
+            found = first_unknown_key(tree[key], factory, f"{prefix}{key}.")
+            if found is not None:
+                return found
+    return None
+
+
 def read_config(cfg: Config | DictConfig | dict[str, Any]) -> Config:
     """The job's typed config, read once at the door of :func:`bench.job.run_job`: a composed
     tree or a plain one (``bench.finetune``'s evaluation config) as a :class:`Config`, a value
     of the wrong type refused in one line."""
     if isinstance(cfg, Config):
         return cfg
+    extra = first_unknown_key(cfg, Config)
+    if extra is not None:  # ``+bench.latency.foo=1`` gets past Hydra's schema; typing would drop it
+        raise unknown_setting(extra)
     try:
         return typed(cfg)
     except OmegaConfBaseException as e:

@@ -6,6 +6,7 @@ reads it once and hands each measurement its own section, a value of the wrong t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -175,9 +176,12 @@ def test_a_value_of_the_wrong_type_is_refused_with_the_settings_message(override
     assert str(config_error(e.value)) == message
 
 
-def test_other_composition_errors_are_left_to_hydra():
+def test_an_unknown_setting_is_named_and_other_composition_errors_are_left_to_hydra():
     with pytest.raises(ConfigCompositionException) as e:
         compose(["method=tome", "bench.latency.no_such_setting=1"])
+    assert str(config_error(e.value)).startswith("bench.latency.no_such_setting is not a setting; bench.latency has: ")
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["method=no_such_method"])  # Hydra's report lists the method configs
     assert config_error(e.value) is None
 
 
@@ -213,3 +217,34 @@ def test_a_wrong_type_on_the_command_line_is_one_error_line_and_status_2(tmp_pat
     assert errors == ["error: bench.latency.iters must be an integer >= 1, got 'abc'"]
     assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_misspelt_setting_on_the_command_line_names_the_sections_settings(tmp_path: Path):
+    out = run_cli(["method=tome", "bench.latency.itrs=5", "progress=false"], tmp_path)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert errors == [
+        "error: bench.latency.itrs is not a setting; bench.latency has: enabled, batch_size, compile, warmup, "
+        "iters, tolerance, max_seconds, max_iters, amp, threads"
+    ]
+    assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "tree, key",
+    [
+        ({"model": {"nme": "x"}}, "model.nme"),
+        ({"bench": {"latency": {"foo": 1}}}, "bench.latency.foo"),  # what ``+bench.latency.foo=1`` composes
+        ({"foo": 1}, "foo"),
+        ({"method": {"name": "m", "reducer": {"anything": 1}}, "hydra": {"x": 1}}, None),  # open sections
+    ],
+)
+def test_keys_the_schema_lacks_are_refused_by_name(tree, key):
+    from bench.errors import BenchError
+    from bench.validate import first_unknown_key
+
+    assert first_unknown_key(OmegaConf.create(tree), Config) == key
+    if key is not None:
+        with pytest.raises(BenchError, match=rf"^{re.escape(key)} is not a setting; "):
+            read_config(OmegaConf.create(tree))
