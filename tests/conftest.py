@@ -24,12 +24,21 @@ VAL = SHARED / "data" / "imagenet-val-1300"
 CALIB = SHARED / "data" / "imagenet-calib-1000"
 
 
+TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
+
+
 def tiny_vit(**kw) -> torch.nn.Module:
     """A 6-block ViT on a 8x8 patch grid (64 patches): fast, but deep enough for schedules."""
-    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
-    args.update(kw)
     torch.manual_seed(0)
-    return timm.models.vision_transformer.VisionTransformer(**args).eval()
+    return timm.models.vision_transformer.VisionTransformer(**{**TINY, **kw}).eval()
+
+
+def tiny_distilled_vit(**kw) -> torch.nn.Module:
+    """:func:`tiny_vit` as a distilled DeiT: class and distillation token (2 prefix tokens)."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    return VisionTransformerDistilled(**{**TINY, **kw}).eval()
 
 
 def method_names() -> list[str]:

@@ -25,6 +25,29 @@ def patch_sizes(state):
     return state.size[:, state.num_prefix :]
 
 
+def membership(before, after):
+    """(B, N_after, N_before) 0/1: which step-input tokens each output token absorbed."""
+    p = before.num_prefix
+    overlap = after.source[:, p:] @ before.source[:, p:].transpose(1, 2)
+    return (overlap > 0).float()
+
+
+def assert_step_invariants(before, after, partition=True):
+    """What every reduction step keeps: the prefix tokens first and untouched (values and
+    sizes), a source map that agrees with the sizes and covers each patch exactly once
+    (``partition``: merging) or at most once (pruning drops whole tokens)."""
+    p = before.num_prefix
+    assert torch.equal(after.x[:, :p], before.x[:, :p]), "prefix tokens changed"
+    assert torch.equal(after.size[:, :p], before.size[:, :p])
+    src = after.source[:, p:]
+    assert torch.allclose(src.sum(-1), patch_sizes(after)), "source map disagrees with sizes"
+    cover = src.sum(1)
+    if partition:
+        assert torch.all(cover == 1), "source map must partition the grid"
+    else:
+        assert torch.all((cover == 0) | (cover == 1)), "a patch belongs to at most one token"
+
+
 def hand_state(x, num_prefix=1, size=None, **taps):
     """A :class:`~methods.base.TokenState` of hand-made tokens ``x`` (B, N, C): the first
     ``num_prefix`` are prefix tokens, the rest patches in a 1-row grid, each its own source

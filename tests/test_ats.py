@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import build_reducer, tiny_vit
+from conftest import build_reducer, tiny_distilled_vit, tiny_vit
 from helpers import hand_state, run_capturing
 
 from bench.errors import BenchError
@@ -186,12 +186,7 @@ def test_keep_rate_one_keeps_every_slot_but_fills_fewer(images):
 
 
 def test_layouts_with_more_or_no_prefix_tokens():
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    distilled = VisionTransformerDistilled(
-        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
-    ).eval()
+    distilled = tiny_distilled_vit()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     for model, prefix in (
         (distilled, 2),

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_reducer, tiny_vit
-from helpers import patch_sizes, run_capturing
+from conftest import build_reducer, tiny_distilled_vit, tiny_vit
+from helpers import membership, patch_sizes, run_capturing
 
 from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
@@ -35,21 +35,9 @@ NAMES = ["pool", "kmedoids", "dpcknn", "topk", "random"]
 
 def make_model(variant):
     if variant == "distilled":
-        from timm.models.deit import VisionTransformerDistilled
-
-        torch.manual_seed(0)
-        return VisionTransformerDistilled(
-            img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
-        ).eval()
+        return tiny_distilled_vit()
     kw = {"plain": {}, "registers": {"reg_tokens": 4}, "no_cls": {"global_pool": "avg", "class_token": False}}
     return tiny_vit(**kw[variant])
-
-
-def membership(before, after):
-    """(B, N_after, N_before) 0/1: which step-input tokens each output token absorbed."""
-    p = before.num_prefix
-    overlap = after.source[:, p:] @ before.source[:, p:].transpose(1, 2)
-    return (overlap > 0).float()
 
 
 def assert_valid_step(name, kw, block, before, after):

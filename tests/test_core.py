@@ -7,7 +7,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import build_reducer, tiny_vit
+from conftest import build_reducer, tiny_distilled_vit, tiny_vit
 from helpers import patch_sizes, run_capturing
 from omegaconf import OmegaConf
 
@@ -29,12 +29,7 @@ VARIANTS = {
 def make_variant(name):
     kw = dict(VARIANTS[name])
     if kw.pop("_cls", None) == "distilled":
-        from timm.models.deit import VisionTransformerDistilled
-
-        torch.manual_seed(0)
-        return VisionTransformerDistilled(
-            img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
-        ).eval()
+        return tiny_distilled_vit()
     return tiny_vit(**kw)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import build_reducer, tiny_vit
+from conftest import build_reducer, tiny_distilled_vit, tiny_vit
 from helpers import patch_sizes, run_capturing
 
 from bench.budget import match_budget
@@ -176,14 +176,7 @@ VARIANTS = {
 }
 
 
-def distilled():
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    return VisionTransformerDistilled(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
-
-
-VARIANTS["distilled"] = lambda: distilled().eval()
+VARIANTS["distilled"] = tiny_distilled_vit
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import build_reducer, tiny_vit
+from conftest import build_reducer, tiny_distilled_vit, tiny_vit
 from helpers import run_capturing
 
 from bench.budget import match_budget
@@ -206,16 +206,9 @@ def test_matches_the_reference_on_real_deit_tiny(deit_tiny, val_batch):
 # -- the shared invariants -----------------------------------------------------------------------------------
 
 
-def _distilled():
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    return VisionTransformerDistilled(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
-
-
 LAYOUTS = {
     "cls": lambda: tiny_vit(),
-    "distilled": lambda: _distilled().eval(),
+    "distilled": tiny_distilled_vit,
     "registers": lambda: tiny_vit(reg_tokens=4, no_embed_class=True),
     "no_cls": lambda: tiny_vit(class_token=False, global_pool="avg"),
 }

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import METHOD_CONF, build_reducer, method_names, tiny_vit
+from conftest import METHOD_CONF, build_reducer, method_names, tiny_distilled_vit, tiny_vit
 from omegaconf import OmegaConf
 
 from bench.measure.flops import flops_job
@@ -37,20 +37,11 @@ TRACE_WARNINGS = pytest.mark.filterwarnings(
 )
 
 
-def _distilled() -> torch.nn.Module:
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    return VisionTransformerDistilled(
-        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=NUM_CLASSES
-    ).eval()
-
-
 LAYOUTS: dict[str, Callable[[], torch.nn.Module]] = {
     # DeiT: one class token (1 prefix, 65 tokens)
     "cls": lambda: tiny_vit(),
     # distilled DeiT: class + distillation token (2 prefix, 66 tokens), two heads
-    "distilled": _distilled,
+    "distilled": lambda: tiny_distilled_vit(num_classes=NUM_CLASSES),
     # vit_*_reg4_dinov2: class + 4 register tokens (5 prefix, 69 tokens), no_embed_class, LayerScale
     "registers": lambda: tiny_vit(reg_tokens=4, no_embed_class=True, init_values=1e-5),
     # no class token, average pooling (0 prefix, 64 tokens)

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 from conftest import build_reducer, tiny_vit
-from helpers import hand_state, patch_sizes, run_capturing
+from helpers import assert_step_invariants, hand_state, membership, run_capturing
 
 from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
@@ -237,13 +237,10 @@ def test_runs_with_valid_steps(kw, images):
     attention = kw.get("pooling", "attention") == "attention"
     for _, before, after in steps:
         p = before.num_prefix
-        assert torch.equal(after.x[:, :p], before.x[:, :p]) and torch.equal(after.size[:, :p], before.size[:, :p])
-        src = after.source[:, p:]
-        assert torch.allclose(src.sum(-1), patch_sizes(after)), "source map disagrees with sizes"
-        assert torch.all(src.sum(1) == 1), "source map must partition the grid"
+        assert_step_invariants(before, after)
         # every step-input token went to one output token: the mean of its members weighted
         # by size × the attention each receives in this block
-        member = ((after.source[:, p:] @ before.source[:, p:].transpose(1, 2)) > 0).float()
+        member = membership(before, after)
         assert torch.all(member.sum(1) == 1)
         w = before.size[:, p:] * (received_attention(before.attn)[:, p:] if attention else 1)
         w = member * w[:, None, :]

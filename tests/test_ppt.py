@@ -10,8 +10,8 @@ import statistics
 import pytest
 import timm
 import torch
-from conftest import build_reducer, tiny_vit
-from helpers import hand_state, patch_sizes, run_capturing
+from conftest import build_reducer, tiny_distilled_vit, tiny_vit
+from helpers import assert_step_invariants, hand_state, patch_sizes, run_capturing
 
 from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
@@ -217,11 +217,7 @@ def test_runs_with_valid_steps(kw, images):
     assert [b for b, _, _ in steps] == kw["blocks"]
     assert reducer.proportional_attention is kw.get("prop_attn", True)
     for _, before, after in steps:
-        p = before.num_prefix
-        assert torch.equal(after.x[:, :p], before.x[:, :p])
-        src = after.source[:, p:]
-        assert torch.allclose(src.sum(-1), patch_sizes(after)), "source map disagrees with sizes"
-        assert torch.all(src.sum(1) <= 1), "a patch belongs to at most one token"
+        assert_step_invariants(before, after, partition=False)
         # every image either kept all its patches (pooled) or lost whole tokens (pruned)
         lost = patch_sizes(before).sum(-1) - patch_sizes(after).sum(-1)
         if kw.get("threshold") == math.inf:
@@ -262,12 +258,7 @@ def test_always_pooling_is_tome_at_the_same_blocks(images):
 
 
 def test_layouts_with_more_or_no_prefix_tokens():
-    from timm.models.deit import VisionTransformerDistilled
-
-    torch.manual_seed(0)
-    distilled = VisionTransformerDistilled(
-        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10
-    ).eval()
+    distilled = tiny_distilled_vit()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     for model, prefix in (
         (distilled, 2),
