@@ -162,16 +162,23 @@ def config_error(error: BaseException) -> BenchError | None:
     return BenchError(message or f"{key}: {str(cause.msg).splitlines()[0]}")
 
 
+def _section(schema: Any, name: str) -> Any:
+    """The dataclass of ``schema``'s sub-section ``name``; None for a plain value, an open
+    section (a method's ``reducer``) or a name the schema lacks."""
+    if not dataclasses.is_dataclass(schema):
+        return None
+    found = {f.name: f for f in dataclasses.fields(schema)}.get(name)
+    factory = found.default_factory if found is not None else None
+    return factory if callable(factory) and dataclasses.is_dataclass(factory) else None
+
+
 def unknown_setting(key: str) -> BenchError:
     """One line for a key the schema does not have (a misspelt setting), naming the settings
     its section does have, so the fix is in the message."""
     parent, _, _ = key.rpartition(".")
     section: Any = Config
     for part in parent.split(".") if parent else []:
-        found = (
-            {f.name: f for f in dataclasses.fields(section)}.get(part) if dataclasses.is_dataclass(section) else None
-        )
-        section = found.default_factory if found is not None and callable(found.default_factory) else None
+        section = _section(section, part)
     if not dataclasses.is_dataclass(section):
         return BenchError(f"{key} is not a setting")
     names = ", ".join(f.name for f in dataclasses.fields(section))
@@ -183,17 +190,15 @@ def first_unknown_key(tree: Any, schema: Any, prefix: str = "") -> str | None:
     sections typed ``Any`` (a method's ``reducer``) and Hydra's own node are open."""
     if not dataclasses.is_dataclass(schema) or not hasattr(tree, "keys"):
         return None
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    names = {f.name for f in dataclasses.fields(schema)}
     for key in tree.keys():
         if not prefix and key == "hydra":
             continue
-        if key not in fields:
+        if key not in names:
             return f"{prefix}{key}"
-        factory = fields[key].default_factory
-        if callable(factory) and dataclasses.is_dataclass(factory):
-            found = first_unknown_key(tree[key], factory, f"{prefix}{key}.")
-            if found is not None:
-                return found
+        found = first_unknown_key(tree[key], _section(schema, key), f"{prefix}{key}.")
+        if found is not None:
+            return found
     return None
 
 
