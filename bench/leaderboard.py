@@ -26,7 +26,15 @@ from bench.report.latency import (
     summary_columns,
 )
 from bench.report.row_notes import GROUPS, measured_settings, note_lines, row_name, settings_lines
-from bench.report.significance import GROUP_KEYS, MISSING, add_statistics, group_title, primary_group, statistics_lines
+from bench.report.significance import (
+    GROUP_KEYS,
+    MISSING,
+    add_statistics,
+    group_title,
+    primary_group,
+    record_group,
+    statistics_lines,
+)
 from bench.store import config_hash, read_run_records
 
 SUMMARY_FILE = "SUMMARY.md"
@@ -229,8 +237,9 @@ def _generate(
     md, csv = out / "leaderboard.md", out / "leaderboard.csv"
     md.write_text(markdown(df) + "\n".join(variants_section(records, source, resample, n_boot, seed)))
     df.to_csv(csv, index=False)
+    main_group = primary_group(records)  # one figure each (and the summary): the group with the most images
     summary_file = out / SUMMARY_FILE
-    summary_file.write_text(summary_markdown(summary_sections(df)))
+    summary_file.write_text(summary_markdown(summary_sections(df, record_group(main_group[0]) if main_group else None)))
     paths = [md, csv, summary_file]
     if not df.empty and "top1" in df and "gmacs" in df:
         paths.append(plot_pareto(df, out / "pareto.png"))
@@ -240,7 +249,6 @@ def _generate(
         paths.append(plot_latency(df, out / "latency.png"))
         paths.append(plot_speed_by_size(df, out / "speed_by_size.png"))
     paths = [p for p in paths if p is not None]
-    main_group = primary_group(records)  # one figure each: the group with the most images
     paths += spectral_section(main_group, out)
     paths += scaling_section(main_group, out)
     from bench.report.finetuned import finetuned_section

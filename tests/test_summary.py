@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from bench.leaderboard import SUMMARY_FILE, latest_per_config, table
-from bench.report.significance import add_statistics
+from bench.report.significance import add_statistics, primary_group, record_group
 from bench.report.summary import (
     SECTIONS,
     documents,
+    group_rows,
     headline,
-    main_group,
     paper_rows,
     read_sections,
     stale_blocks,
@@ -56,8 +56,9 @@ def test_headline_takes_the_main_group_the_headline_budget_and_plain_methods():
             _row("tome", 0.65, 10.0, images=5),  # a smaller group
         ]
     )
-    assert len(main_group(df)) == 5
-    table_rows = [line for line in headline(df) if line.startswith("| ") and not line.startswith("| method")]
+    group = ("m", "d", 100, "cpu", "eager")
+    assert len(group_rows(df, group)) == 5
+    table_rows = [line for line in headline(df, group) if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0] for r in table_rows] == ["| none (unreduced)", "| tome", "| fatr"]
     assert "-2.00" in table_rows[2] and "tied" in table_rows[2]
 
@@ -65,10 +66,10 @@ def test_headline_takes_the_main_group_the_headline_budget_and_plain_methods():
 def test_sections_render_from_sparse_tables():
     """A store with accuracy but no FLOPs, no paired statistics or no image count still renders."""
     sparse = pd.DataFrame([_row("none", None, 80.0, images=None), _row("tome", 0.65, 79.0, images=None)])
-    assert "| tome | 79.00" in summary_sections(sparse)["headline"]
-    assert summary_sections(pd.DataFrame())["headline"].startswith("No accuracy records")
+    assert "| tome | 79.00" in summary_sections(sparse, ("m", "d", None, "cpu", "eager"))["headline"]
+    assert summary_sections(pd.DataFrame(), None)["headline"].startswith("No accuracy records")
     latency_only = pd.DataFrame([_row("none", None, None), _row("ppt", None, None)]).drop(columns="top1")
-    assert summary_sections(latency_only)["papers"]
+    assert summary_sections(latency_only, ("m", "d", 100, "cpu", "eager"))["papers"]
 
 
 def test_sync_rewrites_blocks_and_stale_blocks_finds_them(tmp_path):
@@ -98,7 +99,7 @@ def published_sections() -> dict[str, str]:
     if not (RESULTS / "runs.jsonl").is_file():
         pytest.skip("no published run store in results/")
     records = [r for r in latest_per_config(read_run_records(RESULTS)) if "finetune" not in r]
-    return summary_sections(add_statistics(table(records), RESULTS))
+    return summary_sections(add_statistics(table(records), RESULTS), record_group(primary_group(records)[0]))
 
 
 def test_published_summary_is_what_the_records_give(published_sections):

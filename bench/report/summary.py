@@ -33,24 +33,21 @@ SECTIONS = ("headline", "papers")
 BLOCK = re.compile(r"(<!-- summary:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /summary:(?P=name) -->)", re.DOTALL)
 
 
-def main_group(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the group the headline describes: the most images, then the most rows
-    (the same rule as the leaderboard's single-figure sections)."""
-    keys = [k for k in GROUP_KEYS if k in df]
-    if df.empty or not keys:
-        return df
-    labels = pd.Series(["|".join(map(str, row)) for row in df[keys].itertuples(index=False)], index=df.index)
-    images = df["images"] if "images" in df else pd.Series(0, index=df.index)
-    score = {g: (max(_number(v) for v in images[labels == g]), int((labels == g).sum()), g) for g in set(labels)}
-    return df[labels == max(score, key=score.get)]
+def group_rows(df: pd.DataFrame, group: tuple | None) -> pd.DataFrame:
+    """The rows of one leaderboard group: ``group`` holds its :data:`GROUP_KEYS` values, as
+    :func:`~bench.report.significance.record_group` gives them for the group the leaderboard's
+    single-figure sections describe (:func:`~bench.report.significance.primary_group`)."""
+    if group is None or df.empty:
+        return df.iloc[0:0]
+    mask = pd.Series(True, index=df.index)
+    for key, value in zip(GROUP_KEYS, group, strict=True):
+        column = df[key] if key in df else pd.Series(None, index=df.index, dtype=object)
+        mask &= column.isna() if _missing(value) else column == value
+    return df[mask]
 
 
 def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _number(v: Any) -> float:
-    return -1.0 if _missing(v) else float(v)
 
 
 def _pct(v: Any) -> str:
@@ -81,9 +78,9 @@ def group_line(part: pd.DataFrame) -> str:
     )
 
 
-def headline(df: pd.DataFrame) -> list[str]:
-    """Every method at the headline budget, best top-1 first, next to the unreduced model."""
-    part = main_group(df)
+def headline(df: pd.DataFrame, group: tuple | None) -> list[str]:
+    """Every method of ``group`` at the headline budget, best top-1 first, next to the unreduced model."""
+    part = group_rows(df, group)
     if part.empty or "top1" not in part:
         return ["No accuracy records yet."]
     at_budget = _plain_rows(part[(part["budget"] - HEADLINE_BUDGET).abs() < 1e-9])
@@ -126,10 +123,10 @@ def paper_rows(path: Path = PAPER_FILE) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def papers(df: pd.DataFrame, path: Path = PAPER_FILE) -> list[str]:
+def papers(df: pd.DataFrame, group: tuple | None, path: Path = PAPER_FILE) -> list[str]:
     """What each paper reports training-free (its models, its hardware), next to what this
     harness measures on its own model at the headline budget and at the method's default knob."""
-    part = _plain_rows(main_group(df))
+    part = _plain_rows(group_rows(df, group))
     model = part["model"].iloc[0] if not part.empty else MISSING
     head = [
         "method",
@@ -163,9 +160,9 @@ def papers(df: pd.DataFrame, path: Path = PAPER_FILE) -> list[str]:
     return lines
 
 
-def summary_sections(df: pd.DataFrame) -> dict[str, str]:
-    """Each section's markdown body, keyed by the name its generated blocks use."""
-    return {"headline": "\n".join(headline(df)) + "\n", "papers": "\n".join(papers(df)) + "\n"}
+def summary_sections(df: pd.DataFrame, group: tuple | None) -> dict[str, str]:
+    """Each section's markdown body (the rows of ``group``), keyed by the name its generated blocks use."""
+    return {"headline": "\n".join(headline(df, group)) + "\n", "papers": "\n".join(papers(df, group)) + "\n"}
 
 
 def summary_markdown(sections: dict[str, str]) -> str:
