@@ -85,7 +85,7 @@ from torch import Tensor, nn
 
 from methods.base import ATTN, CLS_ATTN, VALUES, KeepRateReducer, ReducerConfigError, TokenState
 from methods.patch import reduction_context
-from methods.tokens import batch_gather, prefix_index
+from methods.tokens import batch_gather, class_or_received_attention, prefix_index
 
 MIN_SAMPLES = 8
 """The reference's floor on the tokens an ATS block samples ("can't be less than 8")."""
@@ -188,20 +188,13 @@ def keep_or_empty(state: TokenState, chosen: Tensor) -> TokenState:
     )
 
 
-def attention_row(state: TokenState) -> Tensor:
-    """``(B, H, N)``: the class token's attention row, or without prefix tokens the attention
-    each token receives averaged over the filled queries."""
-    if state.num_prefix > 0:
-        return state.cls_attn
-    filled = (state.size > 0).float()[:, None, :, None]  # (B, 1, N queries, 1)
-    return (state.attn.float() * filled).sum(dim=2) / filled.sum(dim=2).clamp_min(1.0)
-
-
 def ats_step(state: TokenState, k: int) -> TokenState:
     """One ATS step on a state with its ``cls_attn`` (or ``attn``) and ``values`` taps: ``k``
     samples into ``min(k, T)`` patch slots."""
     t = int(state.num_tokens) - state.num_prefix
-    scores = significance_scores(attention_row(state), state.values, state.num_prefix, state.size > 0)
+    scores = significance_scores(
+        class_or_received_attention(state, state.size > 0), state.values, state.num_prefix, state.size > 0
+    )
     return keep_or_empty(state, ats_select(scores, k, min(k, t)))
 
 

@@ -72,7 +72,7 @@ from methods.base import (
     TokenState,
     check_block_indices,
 )
-from methods.tokens import keep_tokens, merge_all, prefix_index
+from methods.tokens import class_or_received_attention, keep_tokens, merge_all, prefix_index
 from methods.tome import bipartite_groups, half_caps
 
 # -- the equations ------------------------------------------------------------------------------------
@@ -128,14 +128,6 @@ def select_per_image(first: Tensor, a: TokenState, b: TokenState) -> TokenState:
     )
 
 
-def attention_row(state: TokenState) -> Tensor:
-    """``(B, H, N)``: the class token's attention row, or without prefix tokens the attention
-    each token receives averaged over the queries."""
-    if state.num_prefix > 0:
-        return state.cls_attn
-    return state.attn.float().mean(dim=2)
-
-
 def ppt_step(state: TokenState, r: int, threshold: float) -> TokenState:
     """One PPT reduction on a state with its ``cls_attn`` (or ``attn``), ``keys`` and ``values``
     taps: ``r`` tokens pooled where the score variance is below ``threshold``, else pruned."""
@@ -143,7 +135,7 @@ def ppt_step(state: TokenState, r: int, threshold: float) -> TokenState:
     r = min(int(r), (int(state.num_tokens) - p) // 2)
     if r <= 0:
         return state
-    scores = importance_scores(attention_row(state), state.values, p)
+    scores = importance_scores(class_or_received_attention(state), state.values, p)
     pooled = pool_matching(state, r)
     pruned = prune_lowest(state, scores, r)
     return select_per_image(score_variance(scores) < threshold, pooled, pruned)

@@ -81,6 +81,19 @@ def concat_states(state: TokenState, parts: list[tuple[Tensor, Tensor, Tensor, T
     return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True)
 
 
+def class_or_received_attention(state: TokenState, valid: Tensor | None = None) -> Tensor:
+    """``(B, H, N)``: the first prefix token's attention row (the ``cls_attn`` tap), or in a
+    model without prefix tokens the attention each token receives, averaged over the queries
+    (over the ``valid`` ones only, when given: ATS's empty slots ask nothing): how the
+    class-attention rankers (PPT, ATS) score tokens where there is no class token."""
+    if state.num_prefix > 0:
+        return state.cls_attn
+    if valid is None:
+        return state.attn.float().mean(dim=2)
+    queries = valid.float()[:, None, :, None]  # (B, 1, N queries, 1)
+    return (state.attn.float() * queries).sum(dim=2) / queries.sum(dim=2).clamp_min(1.0)
+
+
 def empty_slot_bias(size: Tensor) -> Tensor:
     """Additive attention bias ``(B, 1, 1, N)``: 0 on filled slots, -inf on empty (size-0) ones."""
     return torch.zeros_like(size).masked_fill(size == 0, float("-inf"))[:, None, None, :]

@@ -19,7 +19,6 @@ from methods.base import TokenState
 from methods.patch import model_info
 from methods.ppt import (
     PPT,
-    attention_row,
     importance_scores,
     pool_matching,
     ppt_step,
@@ -27,6 +26,7 @@ from methods.ppt import (
     score_variance,
     spread_r,
 )
+from methods.tokens import class_or_received_attention
 from methods.tome import ToMe
 
 NUM_PATCHES = 64  # tiny_vit: 8x8 grid
@@ -113,11 +113,11 @@ def test_importance_is_class_attention_summed_over_heads_times_value_norm():
 def test_without_a_class_token_the_received_attention_is_the_row():
     attn = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.25, 0.75], [0.2, 0.2, 0.6]])  # rows: queries
     st = _state(torch.zeros(1, 3, 2), None, None, None, 0).replace(attn=attn[None, None].expand(1, 2, 3, 3))
-    row = attention_row(st)
+    row = class_or_received_attention(st)
     assert row.shape == (1, 2, 3)
     assert torch.allclose(row[0, 0], torch.tensor([0.7, 0.95, 1.35]) / 3)
     with_cls = st.replace(num_prefix=1, cls_attn=torch.ones(1, 2, 3))
-    assert attention_row(with_cls) is with_cls.cls_attn
+    assert class_or_received_attention(with_cls) is with_cls.cls_attn
 
 
 def test_importance_matches_the_slow_formula():
