@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from methods.base import ATTN, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, merge_groups
+from methods.tokens import batch_gather, merge_every_token
 
 MIN_TOKENS = 10
 """The reference never fuses below 10 tokens in all (``if t - r < 10: r = t - 10``)."""
@@ -151,11 +151,10 @@ def mctf_scores(
     for weight in per_token:
         if weight is not None:
             scores = scores * weight[:, ::2, None] * weight[:, 1::2][:, None, :]
-    dev = metric.device
-    tok_a = torch.arange(0, n, 2, device=dev)
-    tok_b = torch.arange(1, n, 2, device=dev)
-    scores = scores.masked_fill((tok_a < num_prefix)[None, :, None], -math.inf)
-    return scores.masked_fill((tok_b < num_prefix)[None, None, :], -math.inf)
+    # prefix tokens are A tokens 0..ceil(p/2)-1 and B tokens 0..floor(p/2)-1: never fused
+    scores[:, : (num_prefix + 1) // 2] = -math.inf
+    scores[:, :, : num_prefix // 2] = -math.inf
+    return scores
 
 
 def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional: bool = True) -> tuple[Tensor, int]:
@@ -209,7 +208,7 @@ def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional:
 def pool_groups(state: TokenState, group: Tensor, num_out: int, weight: Tensor) -> TokenState:
     """Fuse the tokens of each group into ``Σ w x / Σ w``; sizes and source maps add up.
     A token alone in its group (prefix tokens included) is copied exactly and keeps its ``pos``."""
-    x, size, source = merge_groups(state, group, num_out, weight=weight)
+    x, size, source = merge_every_token(state, group, num_out, weight=weight)
     bsz, n = group.shape
     count = torch.zeros(bsz, num_out, dtype=torch.long, device=group.device).scatter_add_(
         1, group, torch.ones_like(group)

@@ -65,9 +65,35 @@ def merge_groups(
     return merged, new_size, source
 
 
+def merge_every_token(
+    state: TokenState, group: Tensor, num_groups: int, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`merge_groups` where every token has a group (none is -1).
+
+    The same sums in the same order, in a third of the operations: the weighted tokens, their
+    weights and (when ``weight`` is not the sizes) their sizes go through one ``scatter_add``.
+    Bipartite merging calls this in every block; at batch 1 its cost is the number of
+    operations, not their size."""
+    x, size = state.x, state.size
+    b, _, c = x.shape
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    w = (size if weight is None else weight).to(acc_dtype)[..., None]
+    parts = [x.to(acc_dtype) * w, w] if weight is None else [x.to(acc_dtype) * w, w, size.to(acc_dtype)[..., None]]
+    width = c + len(parts) - 1
+    acc = x.new_zeros(b, num_groups, width, dtype=acc_dtype)
+    acc.scatter_add_(1, group[..., None].expand(-1, -1, width), torch.cat(parts, dim=-1))
+    sums, wsum = acc[..., :c], acc[..., c : c + 1]
+    merged = (sums / wsum.clamp_min(1e-12)).to(x.dtype)
+    source = None
+    if state.source is not None:
+        source = state.source.new_zeros(b, num_groups, state.source.shape[-1])
+        source.scatter_add_(1, group[..., None].expand(-1, -1, state.source.shape[-1]), state.source)
+    return merged, acc[..., -1].to(size.dtype), source
+
+
 def merge_all(state: TokenState, group: Tensor, num_groups: int) -> TokenState:
     """Replace every token by its group's size-weighted mean (prefix tokens in their own groups)."""
-    x, size, source = merge_groups(state, group, num_groups)
+    x, size, source = merge_every_token(state, group, num_groups)
     pos = torch.full(size.shape, -1, dtype=state.pos.dtype, device=size.device)
     return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True)
 

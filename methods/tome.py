@@ -62,10 +62,9 @@ def bipartite_groups(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, i
     a, b = metric[:, ::2], metric[:, 1::2]
     na, nb = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)
-    tok_a = torch.arange(0, n, 2, device=metric.device)
-    tok_b = torch.arange(1, n, 2, device=metric.device)
-    scores = scores.masked_fill((tok_a < num_prefix)[None, :, None], -math.inf)
-    scores = scores.masked_fill((tok_b < num_prefix)[None, None, :], -math.inf)
+    # prefix tokens are A tokens 0..ceil(p/2)-1 and B tokens 0..floor(p/2)-1: never matched
+    scores[:, : (num_prefix + 1) // 2] = -math.inf
+    scores[:, :, : num_prefix // 2] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     unm_idx = edge_idx[:, r:].sort(dim=-1).values
@@ -77,8 +76,8 @@ def bipartite_groups(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, i
     slot_a.scatter_(1, src_idx, n_unm + dst_idx)
     slot_b = (n_unm + torch.arange(nb, device=metric.device)).expand(bsz, -1)
     group = torch.empty(bsz, n, dtype=torch.long, device=metric.device)
-    group[:, tok_a] = slot_a
-    group[:, tok_b] = slot_b
+    group[:, 0::2] = slot_a
+    group[:, 1::2] = slot_b
     num_out = n - r
     remap = _prefix_first(num_prefix, n_unm, num_out, metric.device)
     return (group if remap is None else remap[group]), num_out

@@ -148,10 +148,10 @@ def initial_scores(attn: Tensor, num_prefix: int, cls_boost: bool) -> Tensor:
 def weighted_page_rank(attn: Tensor, init: Tensor, iters: int) -> Tensor:
     """``iters`` steps of ``s ← Aᵀ s`` per head: ``s_i ← Σ_j A[j, i] s_j`` (what token ``j``
     gives token ``i``, weighted by ``j``'s own score). ``attn`` (B, H, N, N), ``init`` (B, H, N)."""
-    s = init
+    s = init.unsqueeze(-2)  # a row vector per head for the whole loop: one matmul per step
     for _ in range(iters):
-        s = (s.unsqueeze(-2) @ attn).squeeze(-2)
-    return s
+        s = s @ attn
+    return s.squeeze(-2)
 
 
 def head_variance(patch_scores: Tensor) -> Tensor:

@@ -161,6 +161,27 @@ def test_tome_matches_slow_reference(prefix):
     assert torch.allclose(out.x, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_every_token_is_merge_groups_bit_for_bit(weighted, dtype):
+    """The few-operations merge that bipartite methods call in every block gives exactly the
+    general merge's tokens, sizes and source map (one scatter of tokens, weights and sizes
+    together adds in the same order as three scatters)."""
+    from helpers import hand_state
+
+    from methods.tokens import merge_every_token, merge_groups
+
+    g = torch.Generator().manual_seed(5)
+    size = torch.randint(1, 5, (3, 23), generator=g).float()
+    state = hand_state(torch.randn(3, 23, 16, generator=g).to(dtype), num_prefix=2, size=size)
+    group = torch.randint(0, 11, (3, 23), generator=g)
+    weight = torch.rand(3, 23, generator=g) if weighted else None
+    want = merge_groups(state, group, 11, weight=weight)
+    got = merge_every_token(state, group, 11, weight=weight)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("prefix", [0, 1, 2, 3, 5])
 def test_tome_prefix_slots_come_first_in_token_order(prefix):
     """The prefix permutation is derived from shapes alone (no host-device sync on a GPU); it
