@@ -45,9 +45,16 @@ def test_the_figure_needs_two_models(tmp_path):
 @pytest.mark.parametrize("model", ["deit_tiny", "deit_small", "deit_base"])
 def test_speed_sweeps_time_every_size_on_random_weights_without_accuracy(model):
     todo = commands("results/speed", [], SPEED_SWEEPS)
-    sweep = [cmd for _, cmd in todo if f"model={model}" in cmd]
-    assert len(sweep) == 1
-    cmd = sweep[0]
-    for setting in ("model.random_init=true", "bench.accuracy=false", "bench.spectral.enabled=false"):
-        assert setting in cmd
-    assert "results_dir=results/speed" in cmd and any(a.startswith("bench.latency.compile=") for a in cmd)
+    sweeps = [cmd for _, cmd in todo if f"model={model}" in cmd]
+    modes = [a.split("=")[1] for cmd in sweeps for a in cmd if a.startswith("bench.latency.compile=")]
+    assert modes == ["eager", "compile"]
+    for cmd in sweeps:
+        for setting in ("model.random_init=true", "bench.accuracy=false", "bench.spectral.enabled=false"):
+            assert setting in cmd
+        assert "results_dir=results/speed" in cmd
+
+
+def test_speed_sweeps_run_every_eager_size_before_compiling():
+    """A table stopped part-way has every model size in at least one mode."""
+    modes = [a for _, cmd in commands("results/speed", [], SPEED_SWEEPS) for a in cmd if "latency.compile=" in a]
+    assert modes == ["bench.latency.compile=eager"] * 3 + ["bench.latency.compile=compile"] * 3
