@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from methods.base import ModelInfo, ReducerConfigError, TokenState
-from methods.tokens import keep_tokens, merge_groups
-from methods.tome import ToMe, bipartite_groups
+from methods.tokens import keep_tokens, merge_every_token
+from methods.tome import ToMe, bipartite_groups, bipartite_match
 
 
 def group_counts(group: Tensor, num_out: int) -> Tensor:
@@ -55,19 +55,14 @@ def group_counts(group: Tensor, num_out: int) -> Tensor:
     )
 
 
-def matched_sources(group: Tensor, num_out: int) -> Tensor:
-    """Which tokens are sources under :func:`~methods.tome.bipartite_groups` ``(B, N)``: the
-    set-A tokens (even positions) that share their slot with a set-B destination."""
-    shared = group_counts(group, num_out).gather(1, group) > 1
-    is_a = torch.arange(group.shape[1], device=group.device) % 2 == 0
-    return shared & is_a
-
-
-def prune_sources(state: TokenState, group: Tensor, num_out: int) -> TokenState:
-    """Drop the sources, keep every other token bit for bit (in token order, prefix first)."""
-    src = matched_sources(group, num_out)
-    order = src.to(torch.uint8).argsort(dim=-1, stable=True)
-    return keep_tokens(state, order[:, :num_out])
+def prune_sources(state: TokenState, src_idx: Tensor) -> TokenState:
+    """Drop the matched set-A tokens (``src_idx``, indices into set A, from
+    :func:`~methods.tome.bipartite_match`), keep every other token bit for bit (in token order,
+    prefix first). Needs no output slots: the prune steps skip building them."""
+    b, n = state.size.shape
+    is_src = torch.zeros(b, n, dtype=torch.uint8, device=src_idx.device).scatter_(1, 2 * src_idx, 1)
+    order = is_src.argsort(dim=-1, stable=True)
+    return keep_tokens(state, order[:, : n - src_idx.shape[1]])
 
 
 def mlerp_merge(state: TokenState, group: Tensor, num_out: int) -> TokenState:
@@ -75,7 +70,7 @@ def mlerp_merge(state: TokenState, group: Tensor, num_out: int) -> TokenState:
     them (``x̄ / ‖x̄‖ · max ‖x_i‖``); a token alone in its slot is copied exactly. Sizes and
     source maps add up."""
     x = state.x
-    mean, size, source = merge_groups(state, group, num_out, weight=torch.ones_like(state.size))
+    mean, size, source = merge_every_token(state, group, num_out, weight=torch.ones_like(state.size))
     norms = x.float().norm(dim=-1)
     top = norms.new_zeros(x.shape[0], num_out).scatter_reduce_(1, group, norms, reduce="amax", include_self=False)
     scale = top / mean.float().norm(dim=-1).clamp_min(1e-12)
@@ -91,8 +86,10 @@ def tofu_step(state: TokenState, r: int, prune: bool) -> TokenState:
     r = min(r, (int(state.num_tokens) - state.num_prefix) // 2)
     if r <= 0:
         return state
-    group, num_out = bipartite_groups(state.keys.mean(dim=1), r, state.num_prefix)
-    return prune_sources(state, group, num_out) if prune else mlerp_merge(state, group, num_out)
+    metric = state.keys.mean(dim=1)
+    if prune:
+        return prune_sources(state, bipartite_match(metric, r, state.num_prefix)[1])
+    return mlerp_merge(state, *bipartite_groups(metric, r, state.num_prefix))
 
 
 class ToFu(ToMe):

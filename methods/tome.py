@@ -51,25 +51,35 @@ def tome_schedule(r: float | Sequence[int], depth: int, inflection: float = 0.0)
     return [round((i + 1) * r) - round(i * r) for i in range(depth)]
 
 
-def bipartite_groups(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, int]:
-    """Assign every token to its output slot under ToMe's bipartite soft matching.
-
-    Returns ``(group, num_out)``: ``group`` (B, N) maps each token to an output slot, merged
-    A tokens share their B partner's slot, and slots ``0..num_prefix-1`` are the prefix tokens.
-    """
-    bsz, n, _ = metric.shape
+def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching: tokens alternate into sets A (even) and B (odd), each A
+    token's edge is its best cosine similarity to a B token, and the ``r`` strongest edges are
+    matched. Returns ``(edge_idx, src_idx, dst_idx)``: every A token by decreasing edge
+    (``edge_idx``, (B, ceil(N/2))), the matched A tokens (its first ``r``) and their B partners
+    (indices into A and B). Prefix tokens are never matched."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
-    na, nb = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)
     # prefix tokens are A tokens 0..ceil(p/2)-1 and B tokens 0..floor(p/2)-1: never matched
     scores[:, : (num_prefix + 1) // 2] = -math.inf
     scores[:, :, : num_prefix // 2] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
-    unm_idx = edge_idx[:, r:].sort(dim=-1).values
     src_idx = edge_idx[:, :r]
-    dst_idx = node_idx.gather(1, src_idx)
+    return edge_idx, src_idx, node_idx.gather(1, src_idx)
+
+
+def bipartite_groups(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, int]:
+    """Assign every token to its output slot under ToMe's bipartite soft matching
+    (:func:`bipartite_match`).
+
+    Returns ``(group, num_out)``: ``group`` (B, N) maps each token to an output slot, merged
+    A tokens share their B partner's slot, and slots ``0..num_prefix-1`` are the prefix tokens.
+    """
+    bsz, n, _ = metric.shape
+    edge_idx, src_idx, dst_idx = bipartite_match(metric, r, num_prefix)
+    na, nb = (n + 1) // 2, n // 2
+    unm_idx = edge_idx[:, r:].sort(dim=-1).values
     n_unm = na - r
     slot_a = torch.empty(bsz, na, dtype=torch.long, device=metric.device)
     slot_a.scatter_(1, unm_idx, torch.arange(n_unm, device=metric.device).expand(bsz, -1))

@@ -11,7 +11,6 @@ import torch
 from conftest import build_reducer, tiny_distilled_vit, tiny_vit
 from helpers import patch_sizes, run_capturing
 
-import methods.dct as dct_module
 from bench.budget import match_budget
 from bench.errors import BenchError
 from bench.measure.flops import VitShape, analytic_macs
@@ -54,14 +53,10 @@ def test_dct_matrix_is_orthonormal_dct_ii():
     torch.testing.assert_close(c[3], cosine(3, 7) * math.sqrt(2 / 7))
 
 
-@pytest.mark.parametrize("route", ["dense", "fft"])
 @pytest.mark.parametrize("n,n_out", [(196, 188), (196, 98), (64, 33), (7, 4), (8, 1), (5, 5)])
-def test_resampling_is_the_truncated_scaled_dct(n, n_out, route, monkeypatch):
-    """Both routes (the dense matmul up to ``DENSE_MAX_TOKENS``, the FFT beyond) equal
-    ``√(T'/T)·C_T'ᵀ·C_T[:T']`` applied to every channel, in float64 (to rounding) and float32
-    (to float32 precision), along any axis."""
-    if route == "fft":
-        monkeypatch.setattr(dct_module, "DENSE_MAX_TOKENS", 0)
+def test_fft_resampling_is_the_truncated_scaled_dct(n, n_out):
+    """The FFT route equals ``√(T'/T)·C_T'ᵀ·C_T[:T']`` applied to every channel, in float64
+    (to rounding) and float32 (to float32 precision), along any axis."""
     m = dct_resample_matrix(n, n_out)
     x = torch.randn(3, n, 5, dtype=F64, generator=torch.Generator().manual_seed(n))
     want = torch.einsum("ot,btc->boc", m, x)
@@ -305,14 +300,10 @@ def test_token_counts_match_a_deit_tiny_forward(deit_tiny_random):
         assert seen == [o for _, o in reducer.token_counts(1, 196, 12)]
 
 
-@pytest.mark.parametrize("route", ["dense", "fft"])
 @pytest.mark.parametrize("kw", [{}, {"mode": "2d", "prop_attn": True}])
-def test_forward_is_one_graph(images, kw, route, monkeypatch):
-    """torch.compile(fullgraph=True) captures the reduced forward (no sync, no graph break) on
-    either route, computes the eager logits, and reads the cached constants instead of
-    rebuilding them."""
-    if route == "fft":
-        monkeypatch.setattr(dct_module, "DENSE_MAX_TOKENS", 0)
+def test_forward_is_one_graph(images, kw):
+    """torch.compile(fullgraph=True) captures the reduced forward (no sync, no graph break),
+    computes the eager logits, and reads the cached constants instead of rebuilding them."""
     model = tiny_vit()
     apply_reducer(model, build_reducer("dct", **kw), trace_source=bool(kw))
     graphs = []
@@ -327,7 +318,7 @@ def test_forward_is_one_graph(images, kw, route, monkeypatch):
         got = torch.compile(model, fullgraph=True, backend=backend)(images)  # a graph break raises
     assert torch.equal(got, want)
     assert len(graphs) == 1
-    assert ("fft_rfft" in graphs[0]) == (route == "fft")
+    assert "fft_rfft" in graphs[0]
     assert "polar" not in graphs[0] and "cos" not in graphs[0], "the DCT constants were rebuilt in the graph"
 
 

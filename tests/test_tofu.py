@@ -13,8 +13,8 @@ from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
 from methods.base import TokenState
 from methods.patch import model_info
-from methods.tofu import ToFu, matched_sources, mlerp_merge, prune_sources, tofu_step
-from methods.tome import bipartite_groups, tome_merge
+from methods.tofu import ToFu, group_counts, mlerp_merge, prune_sources, tofu_step
+from methods.tome import bipartite_groups, bipartite_match, tome_merge
 
 NUM_PATCHES = 64  # tiny_vit: 8x8 grid
 
@@ -51,6 +51,24 @@ def test_mlerp_of_three_tokens_and_of_equal_norms():
     assert torch.allclose(fused, torch.tensor([0.5**0.5, 0.5**0.5]))
 
 
+def matched_sources(group: torch.Tensor, num_out: int) -> torch.Tensor:
+    """The sources read off ToMe's output slots (how the prune step found them before it skipped
+    the slots): set-A tokens (even positions) that share their slot with a destination."""
+    shared = group_counts(group, num_out).gather(1, group) > 1
+    return shared & (torch.arange(group.shape[1]) % 2 == 0)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_prune_drops_exactly_the_sources_tomes_slots_show(prefix):
+    g = torch.Generator().manual_seed(10 + prefix)
+    n = prefix + 31
+    x, metric = torch.randn(3, n, 4, generator=g), torch.randn(3, n, 5, generator=g)
+    group, num_out = bipartite_groups(metric, 9, prefix)
+    kept = ~matched_sources(group, num_out)
+    want = torch.stack([x[b, kept[b]] for b in range(3)])
+    assert torch.equal(prune_sources(_state(x, metric, prefix), bipartite_match(metric, 9, prefix)[1]).x, want)
+
+
 def test_prune_drops_the_source_and_copies_the_rest():
     """cls, t1..t4: A = positions 0 (cls), 2, 4; B = 1, 3. t2 is t1's near twin: with r=1 it
     is the one source, into t1."""
@@ -58,7 +76,7 @@ def test_prune_drops_the_source_and_copies_the_rest():
     x = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(0))
     group, num_out = bipartite_groups(metric, 1, 1)
     assert matched_sources(group, num_out).tolist() == [[False, False, True, False, False]]
-    pruned = prune_sources(_state(x, metric), group, num_out)
+    pruned = prune_sources(_state(x, metric), bipartite_match(metric, 1, 1)[1])
     assert torch.equal(pruned.x, x[:, [0, 1, 3, 4]])
     assert torch.equal(pruned.pos, torch.tensor([[-1, 0, 2, 3]]))
     assert pruned.size[0].tolist() == [1, 1, 1, 1]
