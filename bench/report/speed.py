@@ -52,6 +52,8 @@ def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
             ax.set_title(f"{where}batch {batch}", fontsize=9)
     budgets = sorted({f"{b:.2f}" for b in d["budget"].dropna()})
     title = "Speedup vs model size" + (f" at MACs {', '.join(budgets)}" if budgets else "")
+    if all(m.endswith(RANDOM_WEIGHTS) for m in models):
+        title += ", random weights"
     return save(fig, path, title + " (solid: eager, dashed: compiled)", legend_ax=axes)
 
 

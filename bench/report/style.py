@@ -29,7 +29,7 @@ METHOD_COLORS = {
     "ats": "#8c6d31",
     "ppt": "#843c39",
     "mctf": "#7b4173",
-    "zerotprune": "#3182bd",
+    "zerotprune": "#1b9e77",
 }
 """Neighbours in the tables (fatr/random, evit/topk, dpcknn/kmedoids) get unlike hues."""
 OTHER_COLORS = ["#e377c2", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
