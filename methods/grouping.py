@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KeepRateReducer, TokenState
-from methods.tokens import merge_groups
+from methods.tokens import group_counts, merge_groups
 
 
 def merge_patch_groups(
@@ -25,8 +25,7 @@ def merge_patch_groups(
     p = state.num_prefix
     full = torch.cat([torch.full_like(group[:, :p], -1), group], dim=1)
     x, size, source = merge_groups(state, full, num_groups)
-    ones = torch.ones_like(group)
-    count = group.new_zeros(group.shape[0], num_groups).scatter_add_(1, group, ones)
+    count = group_counts(group, num_groups)
     pos_sum = state.pos.new_zeros(group.shape[0], num_groups).scatter_add_(1, group, state.pos[:, p:])
     pos = torch.where(count == 1, pos_sum, torch.full_like(pos_sum, -1))
     return state.replace(
@@ -88,7 +87,7 @@ def cluster_members(group: Tensor, k: int) -> tuple[Tensor, Tensor]:
     b, n = group.shape
     m = n - k + 1
     order = group.argsort(dim=-1, stable=True)
-    count = torch.zeros(b, k, dtype=torch.long, device=group.device).scatter_add_(1, group, torch.ones_like(group))
+    count = group_counts(group, k)
     start = count.cumsum(-1) - count
     slot = torch.arange(m, device=group.device)
     own_count = count.gather(1, group)[:, :, None]

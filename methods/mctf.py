@@ -85,7 +85,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from methods.base import ATTN, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, merge_every_token
+from methods.tokens import batch_gather, group_counts, merge_every_token
+from methods.tome import mask_prefix_edges
 
 MIN_TOKENS = 10
 """The reference never fuses below 10 tokens in all (``if t - r < 10: r = t - 10``)."""
@@ -138,7 +139,6 @@ def mctf_scores(
     informativeness (None or ``tau_info = 0``: off), ``size`` (B, N) the size criterion.
     Each pairwise product ``(u_i u_j)^(1/τ)`` is computed as ``u_i^(1/τ) · u_j^(1/τ)``.
     """
-    bsz, n, _ = metric.shape
     unit = F.normalize(metric.float(), dim=-1)
     a, b = unit[:, ::2], unit[:, 1::2]
     cos = a @ b.transpose(-1, -2)
@@ -151,10 +151,7 @@ def mctf_scores(
     for weight in per_token:
         if weight is not None:
             scores = scores * weight[:, ::2, None] * weight[:, 1::2][:, None, :]
-    # prefix tokens are A tokens 0..ceil(p/2)-1 and B tokens 0..floor(p/2)-1: never fused
-    scores[:, : (num_prefix + 1) // 2] = -math.inf
-    scores[:, :, : num_prefix // 2] = -math.inf
-    return scores
+    return mask_prefix_edges(scores, num_prefix)
 
 
 def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional: bool = True) -> tuple[Tensor, int]:
@@ -210,9 +207,7 @@ def pool_groups(state: TokenState, group: Tensor, num_out: int, weight: Tensor) 
     A token alone in its group (prefix tokens included) is copied exactly and keeps its ``pos``."""
     x, size, source = merge_every_token(state, group, num_out, weight=weight)
     bsz, n = group.shape
-    count = torch.zeros(bsz, num_out, dtype=torch.long, device=group.device).scatter_add_(
-        1, group, torch.ones_like(group)
-    )
+    count = group_counts(group, num_out)
     members = torch.zeros_like(count).scatter_add_(1, group, torch.arange(n, device=group.device).expand(bsz, -1))
     single = count == 1
     member = torch.where(single, members, torch.zeros_like(members))  # the lone member's index

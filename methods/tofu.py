@@ -44,15 +44,8 @@ import torch
 from torch import Tensor
 
 from methods.base import ModelInfo, ReducerConfigError, TokenState
-from methods.tokens import keep_tokens, merge_every_token
+from methods.tokens import group_counts, keep_tokens, merge_every_token
 from methods.tome import ToMe, bipartite_groups, bipartite_match
-
-
-def group_counts(group: Tensor, num_out: int) -> Tensor:
-    """How many tokens share each output slot ``(B, num_out)``."""
-    return torch.zeros(group.shape[0], num_out, dtype=torch.long, device=group.device).scatter_add_(
-        1, group, torch.ones_like(group)
-    )
 
 
 def prune_sources(state: TokenState, src_idx: Tensor) -> TokenState:

@@ -65,6 +65,11 @@ def merge_groups(
     return merged, new_size, source
 
 
+def group_counts(group: Tensor, num_groups: int) -> Tensor:
+    """How many tokens each group has ``(B, num_groups)``; ``group`` (B, N) in ``[0, num_groups)``."""
+    return group.new_zeros(group.shape[0], num_groups).scatter_add_(1, group, torch.ones_like(group))
+
+
 def merge_every_token(
     state: TokenState, group: Tensor, num_groups: int, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -78,7 +83,9 @@ def merge_every_token(
     b, _, c = x.shape
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     w = (size if weight is None else weight).to(acc_dtype)[..., None]
-    parts = [x.to(acc_dtype) * w, w] if weight is None else [x.to(acc_dtype) * w, w, size.to(acc_dtype)[..., None]]
+    parts = [x.to(acc_dtype) * w, w]
+    if weight is not None:  # the sizes are not the weights: sum them too
+        parts.append(size.to(acc_dtype)[..., None])
     width = c + len(parts) - 1
     acc = x.new_zeros(b, num_groups, width, dtype=acc_dtype)
     acc.scatter_add_(1, group[..., None].expand(-1, -1, width), torch.cat(parts, dim=-1))

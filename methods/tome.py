@@ -51,6 +51,15 @@ def tome_schedule(r: float | Sequence[int], depth: int, inflection: float = 0.0)
     return [round((i + 1) * r) - round(i * r) for i in range(depth)]
 
 
+def mask_prefix_edges(scores: Tensor, num_prefix: int) -> Tensor:
+    """``scores`` (B, A, B) of the edges from set A (even positions) to set B (odd positions),
+    with every edge touching a prefix token set to −inf in place: the prefix tokens are A tokens
+    ``0..ceil(p/2)-1`` and B tokens ``0..floor(p/2)-1``, and are never matched."""
+    scores[:, : (num_prefix + 1) // 2] = -math.inf
+    scores[:, :, : num_prefix // 2] = -math.inf
+    return scores
+
+
 def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's bipartite soft matching: tokens alternate into sets A (even) and B (odd), each A
     token's edge is its best cosine similarity to a B token, and the ``r`` strongest edges are
@@ -59,10 +68,7 @@ def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Te
     (indices into A and B). Prefix tokens are never matched."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)
-    # prefix tokens are A tokens 0..ceil(p/2)-1 and B tokens 0..floor(p/2)-1: never matched
-    scores[:, : (num_prefix + 1) // 2] = -math.inf
-    scores[:, :, : num_prefix // 2] = -math.inf
+    scores = mask_prefix_edges(a @ b.transpose(-1, -2), num_prefix)
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_idx = edge_idx[:, :r]

@@ -13,7 +13,8 @@ from bench.errors import BenchError
 from methods import ReducerConfigError, apply_reducer
 from methods.base import TokenState
 from methods.patch import model_info
-from methods.tofu import ToFu, group_counts, mlerp_merge, prune_sources, tofu_step
+from methods.tofu import ToFu, mlerp_merge, prune_sources, tofu_step
+from methods.tokens import group_counts
 from methods.tome import bipartite_groups, bipartite_match, tome_merge
 
 NUM_PATCHES = 64  # tiny_vit: 8x8 grid
