@@ -183,6 +183,14 @@ class SweepSummary(Callback):
 _ACTIVE: SweepSummary | None = None
 
 
+def close_sweep_bar(clear: bool = False) -> None:
+    """Close the sweep's bar (``clear``: wipe it, for a sweep that ends before its first job),
+    so that the line saying why the sweep ended gets a line of its own."""
+    if _ACTIVE is not None and _ACTIVE.bar is not None:
+        _ACTIVE.bar.leave = _ACTIVE.bar.leave and not clear
+        _ACTIVE.bar.close()
+
+
 INTERRUPT_LEADERBOARD_SECONDS = 60
 """How long Ctrl-C may spend regenerating the leaderboard before it gives up and exits."""
 
@@ -222,8 +230,7 @@ def report_interrupt() -> int:
     if sweep is None:
         print("interrupted; rerun the same command (add resume=true to skip what is recorded)", file=sys.stderr)
         return 130
-    if sweep.bar is not None:
-        sweep.bar.close()
+    close_sweep_bar()
     done = [job for job, _ in sweep.marked(DONE_FILE)]
     where = "no records written"
     if done:

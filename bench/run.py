@@ -62,8 +62,9 @@ def config_errors_in_one_line() -> Iterator[None]:
     """A setting whose value does not fit the schema's type fails Hydra's composition, before
     any job, where Hydra would print its own several-line report (and exit 1). Inside this,
     such a failure ends the command as bad input does: one ``error:`` line (the setting's own
-    check message, :func:`bench.validate.config_error`), status 2. Other composition errors
-    (an unknown method, a malformed override) keep Hydra's report, which lists the options.
+    check message, :func:`bench.validate.config_error`), status 2, and so does an option a
+    config group does not have (``model=deit_huge``: the line lists the group's options).
+    A malformed override keeps Hydra's report.
 
     Hydra has no hook for composition errors: its ``run_and_report`` (``hydra._internal.utils``)
     is wrapped for the duration; ``tests/test_config_schema.py`` runs the command to check it."""
@@ -77,11 +78,13 @@ def config_errors_in_one_line() -> Iterator[None]:
             try:
                 return func()
             except ConfigCompositionException as e:
+                from bench.callbacks import close_sweep_bar
                 from bench.validate import config_error
 
                 error = config_error(e)
                 if error is None:
                     raise
+                close_sweep_bar(clear=True)  # Hydra composes a sweep's jobs after its bar is drawn
                 print(f"error: {error}", file=sys.stderr)
                 sys.exit(2)
 

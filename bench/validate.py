@@ -148,8 +148,13 @@ def config_error(error: BaseException) -> BenchError | None:
     """One line for a setting whose value does not fit its type in the schema (Hydra's
     composition, or :func:`read_config`, failed on it): the setting's own check message
     where it has one (``bench.latency.iters must be an integer >= 1, got 'abc'``), else the
-    key and OmegaConf's reason. None for any other error (an unknown group option, a bad
-    override's syntax), which Hydra reports itself."""
+    key and OmegaConf's reason. An option a config group does not have (``model=deit_huge``,
+    ``method=tomx``) gets one line naming the options, where Hydra would print them one per
+    line with its search path. None for any other error (a bad override's syntax), which
+    Hydra reports itself."""
+    missing = unknown_group_option(error)
+    if missing is not None:
+        return missing
     unknown = (ConfigKeyError, ConfigAttributeError)
     cause = error if isinstance(error, (ValidationError, *unknown)) else error.__cause__
     if isinstance(cause, unknown) and cause.full_key:
@@ -160,6 +165,19 @@ def config_error(error: BaseException) -> BenchError | None:
     check = SETTINGS.get(key)
     message = check(key, cause.value) if check is not None else None
     return BenchError(message or f"{key}: {str(cause.msg).splitlines()[0]}")
+
+
+def unknown_group_option(error: BaseException) -> BenchError | None:
+    """``model=deit_huge``: Hydra's :class:`~hydra.errors.MissingConfigException` names the
+    missing ``group/option`` and, for a group it knows, the options it has."""
+    from hydra.errors import MissingConfigException
+
+    if not isinstance(error, MissingConfigException) or not error.missing_cfg_file or not error.options:
+        return None
+    group, _, option = str(error.missing_cfg_file).rpartition("/")
+    if not group:
+        return None
+    return BenchError(f"{group}={option}: no such {group}; choose one of {', '.join(sorted(error.options))}")
 
 
 def _section(schema: Any, name: str) -> Any:

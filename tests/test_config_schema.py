@@ -176,13 +176,19 @@ def test_a_value_of_the_wrong_type_is_refused_with_the_settings_message(override
     assert str(config_error(e.value)) == message
 
 
-def test_an_unknown_setting_is_named_and_other_composition_errors_are_left_to_hydra():
+def test_an_unknown_setting_or_group_option_is_named_and_a_malformed_override_is_left_to_hydra():
     with pytest.raises(ConfigCompositionException) as e:
         compose(["method=tome", "bench.latency.no_such_setting=1"])
     assert str(config_error(e.value)).startswith("bench.latency.no_such_setting is not a setting; bench.latency has: ")
     with pytest.raises(ConfigCompositionException) as e:
-        compose(["method=no_such_method"])  # Hydra's report lists the method configs
-    assert config_error(e.value) is None
+        compose(["method=no_such_method"])
+    assert str(config_error(e.value)).startswith("method=no_such_method: no such method; choose one of ats, dct, ")
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["method=tome", "model=deit_huge"])
+    assert str(config_error(e.value)) == (
+        "model=deit_huge: no such model; choose one of deit_base, deit_small, deit_tiny, vit_large"
+    )
+    assert config_error(ConfigCompositionException("a malformed override")) is None
 
 
 def test_a_plain_tree_is_typed_at_the_door_with_the_same_messages():

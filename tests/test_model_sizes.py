@@ -154,8 +154,17 @@ def test_random_weights_with_accuracy_on_the_command_line_is_one_line_and_exit_2
     assert not (tmp_path / "results" / "runs.jsonl").exists()
 
 
-def test_unknown_model_size_lists_the_group(tmp_path):
-    out = run_cli(["model=deit_huge"], tmp_path)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "Could not find 'model/deit_huge'" in out.stderr
-    assert all(size in out.stderr for size in SIZES)
+@pytest.mark.parametrize(
+    "override,group,option", [("model=deit_huge", "model", "deit_huge"), ("method=tome,tomx", "method", "tomx")]
+)
+def test_an_option_a_group_lacks_is_one_line_listing_the_group_and_exit_2(tmp_path, override, group, option):
+    """Hydra's own report is several lines with its search path, and exit 1; the sweep of two
+    jobs fails before its first job, so nothing is recorded."""
+    out = run_cli([override], tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.strip().startswith("error:")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "Config search path" not in out.stderr
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: {group}={option}: no such {group}; choose one of ")
+    names = {"model": SIZES, "method": ["tome", "fatr", "evit", "none"]}[group]
+    assert all(name in lines[0] for name in names)
+    assert not (tmp_path / "results" / "runs.jsonl").exists()

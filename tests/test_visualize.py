@@ -236,7 +236,7 @@ def test_no_images_is_one_line(capsys, tmp_path, value):
 
 def test_an_unknown_method_is_one_line(capsys, tmp_path):
     code = main(["method=nope", f"visualize.out={tmp_path}/t.png"])
-    assert code == 2 and "method/nope" in _one_error(capsys)
+    assert code == 2 and "method=nope: no such method; choose one of " in _one_error(capsys)
 
 
 def test_a_sweep_of_anything_but_methods_is_one_line(capsys, tmp_path):
