@@ -117,6 +117,19 @@ def val_batch():
     return ds.images, ds.labels
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): two test processes, or up to four on a bigger machine.
+    Most of the suite's time is single-threaded (a ``bench.run`` process starting, tracing a
+    model), so two workers on two cores take it from about 11 to about 8 minutes; more than
+    four would each hold a torch process's memory for little gain. None for
+    ``--benchmark-only``: pytest-benchmark times nothing under xdist, and timings taken next to
+    another worker would be noise."""
+    if config.getoption("benchmark_only", False):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(4, cores))
+
+
 def pytest_collection_modifyitems(config, items):
     """Deselect, rather than skip, the tests a benchmark mode leaves out, so that neither
     ``pytest`` (``--benchmark-skip``) nor ``pytest --benchmark-only`` prints a SKIPPED line per
