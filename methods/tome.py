@@ -113,9 +113,12 @@ def _prefix_first(num_prefix: int, n_unm: int, num_out: int, device: torch.devic
     below then compared tensors by identity, missed the set-B prefix slots, and built a
     permutation too long for every model with 2 or more prefix tokens (distilled DeiT,
     register tokens). In eager mode they already are ints, so ``int`` costs nothing and syncs
-    nothing; it also keys the cache by value rather than by tensor identity.
+    nothing; it also keys the cache by value rather than by tensor identity. Under
+    ``torch.compile`` the uncached function is traced (the graph holds the permutation as a
+    constant), which is what dynamo would do with the cache anyway, minus its warning.
     """
-    return _prefix_first_slots(int(num_prefix), int(n_unm), int(num_out), device)
+    build = _prefix_first_slots.__wrapped__ if torch.compiler.is_compiling() else _prefix_first_slots
+    return build(int(num_prefix), int(n_unm), int(num_out), device)
 
 
 @functools.lru_cache(maxsize=64)
