@@ -126,7 +126,8 @@ def save(fig, path: Path, title: str, legend_ax=None) -> Path:
     save, close."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle(title, fontsize=10)
+    height = fig.get_size_inches()[1]
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")  # a fixed band, whatever the height
     axes = legend_ax if isinstance(legend_ax, (list, tuple)) else [legend_ax] if legend_ax is not None else []
     seen: dict[str, object] = {}
     for ax in axes:
@@ -136,7 +137,7 @@ def save(fig, path: Path, title: str, legend_ax=None) -> Path:
         fig.legend(
             list(seen.values()), list(seen), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False
         )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.28 / height))  # the panels start below the title's band
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
