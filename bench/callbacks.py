@@ -187,7 +187,8 @@ def close_sweep_bar(clear: bool = False) -> None:
     """Close the sweep's bar (``clear``: wipe it, for a sweep that ends before its first job),
     so that the line saying why the sweep ended gets a line of its own."""
     if _ACTIVE is not None and _ACTIVE.bar is not None:
-        _ACTIVE.bar.leave = _ACTIVE.bar.leave and not clear
+        if clear:
+            _ACTIVE.bar.leave = False  # tqdm wipes a bar it does not leave
         _ACTIVE.bar.close()
 
 

@@ -100,7 +100,7 @@ def compose_configs(methods: Sequence[str], overrides: Sequence[str]) -> list[Di
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="visualize"):
             return [compose(config_name="visualize", overrides=[f"method={m}", *overrides]) for m in methods]
-    except ConfigCompositionException as e:  # a value the typed schema refuses: its setting's own message
+    except ConfigCompositionException as e:  # a wrong type or a group option that is not there: one line
         error = config_error(e)
         if error is None:
             raise

@@ -121,7 +121,7 @@ def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): two test processes, or up to four on a bigger machine.
     Most of the suite's time is single-threaded (a ``bench.run`` process starting, tracing a
     model), so two workers on two cores take it from about 11 to about 8 minutes; more than
-    four would each hold a torch process's memory for little gain. None for
+    four would each hold a torch process's memory for little gain. No workers (0) for
     ``--benchmark-only``: pytest-benchmark times nothing under xdist, and timings taken next to
     another worker would be noise."""
     if config.getoption("benchmark_only", False):
