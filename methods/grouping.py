@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KeepRateReducer, TokenState
-from methods.tokens import group_counts, merge_groups
+from methods.tokens import batch_gather, group_counts, merge_groups
 
 
 def merge_patch_groups(
@@ -70,7 +70,7 @@ def assign_to_centres(dist: Tensor, centres: Tensor) -> Tensor:
         return group
     is_centre = torch.zeros(b, n, dtype=torch.uint8, device=dist.device).scatter_(1, centres, 1)
     others = is_centre.argsort(dim=-1, stable=True)[:, : n - k]  # the non-centres, in index order
-    rows = dist.gather(1, others[:, :, None].expand(-1, -1, n))
+    rows = batch_gather(dist, others)
     to_centres = rows.gather(2, centres[:, None, :].expand(-1, n - k, -1))
     return group.scatter_(1, others, to_centres.min(dim=-1).indices)
 

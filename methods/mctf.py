@@ -175,7 +175,7 @@ def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional:
     dst_b = node_idx.gather(1, src_a)
     n_ra = na - r1
     if r2 > 0:
-        back = scores.gather(1, rest_a[..., None].expand(-1, -1, nb)).transpose(1, 2)  # (B, nb, n_ra)
+        back = batch_gather(scores, rest_a).transpose(1, 2)  # (B, nb, n_ra)
         node_max2, node_idx2 = back.max(dim=-1)
         edge2 = node_max2.argsort(dim=-1, descending=True, stable=True)
         src_b = edge2[:, :r2]

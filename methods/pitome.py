@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import merge_all
+from methods.tokens import batch_gather, merge_all
 
 
 def pitome_r(num_tokens: int, ratio: float) -> int:
@@ -87,8 +87,7 @@ def elu_from_exp(x: Tensor, alpha: float = 1.0) -> Tensor:
 
 def _cross(sim: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``sim[b, rows[b]][:, cols[b]]`` for ``sim`` (B, T, T), ``rows`` (B, R), ``cols`` (B, K)."""
-    t = sim.shape[-1]
-    picked = sim.gather(1, rows[..., None].expand(-1, -1, t))
+    picked = batch_gather(sim, rows)
     return picked.gather(2, cols[:, None, :].expand(-1, rows.shape[1], -1))
 
 

@@ -12,10 +12,42 @@ from torch import Tensor
 from methods.base import TokenState
 
 
+def flat_rows(idx: Tensor, n: int) -> Tensor:
+    """Row indices ``idx`` (B, K) into per-image blocks of ``n`` rows, as one flat index into
+    the (B·n)-row view: ``idx[b, k] + b·n``."""
+    b = idx.shape[0]
+    if b == 1:
+        return idx.reshape(-1)
+    return (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
+
+
 def batch_gather(t: Tensor, idx: Tensor) -> Tensor:
-    """``t[b, idx[b]]`` for ``t`` of shape (B, N, ...) and ``idx`` (B, K)."""
-    view = idx.reshape(idx.shape + (1,) * (t.dim() - 2))
-    return t.gather(1, view.expand(idx.shape + t.shape[2:]))
+    """``t[b, idx[b]]`` for ``t`` of shape (B, N, ...) and ``idx`` (B, K).
+
+    Whole rows (``t`` with 3 or more dims) are copied with one ``index_select`` on the
+    flattened batch: ``gather`` with an index expanded over the channels reads one index per
+    element, and on the CPU it was 3x (batch 1) to 10x (batch 32) slower for DeiT-Tiny's
+    tokens. The copied values are the same."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    b, n = t.shape[:2]
+    rows = t.reshape((b * n,) + t.shape[2:]).index_select(0, flat_rows(idx, n))
+    return rows.reshape(idx.shape + t.shape[2:])
+
+
+def batch_scatter_add(out: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """``out[b, idx[b, i]] += src[b, i]`` in place (``out`` (B, G, ...), ``idx`` (B, N),
+    ``src`` (B, N, ...)); returns ``out``.
+
+    For rows (3 or more dims) one ``index_add_`` on the flattened batch, for the reason
+    :func:`batch_gather` gives (2x to 5x faster than ``scatter_add_`` on the CPU). Each output
+    row still sums its rows in token order, starting from ``out``, so the sums are the same."""
+    if out.dim() == 2:
+        return out.scatter_add_(1, idx, src)
+    b, g = out.shape[:2]
+    flat = out.view((b * g,) + out.shape[2:])
+    flat.index_add_(0, flat_rows(idx, g), src.reshape((-1,) + src.shape[2:]))
+    return out
 
 
 def prefix_index(state: TokenState) -> Tensor:
@@ -52,16 +84,15 @@ def merge_groups(
     g = torch.where(valid, group, torch.zeros_like(group))
     w = torch.where(valid, w, torch.zeros_like(w))
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    sums = x.new_zeros(b, num_groups, c, dtype=acc_dtype)
-    sums.scatter_add_(1, g[..., None].expand(-1, -1, c), x.to(acc_dtype) * w[..., None].to(acc_dtype))
+    weighted = x.to(acc_dtype) * w[..., None].to(acc_dtype)
+    sums = batch_scatter_add(x.new_zeros(b, num_groups, c, dtype=acc_dtype), g, weighted)
     wsum = size.new_zeros(b, num_groups, dtype=acc_dtype).scatter_add_(1, g, w.to(acc_dtype))
     new_size = size.new_zeros(b, num_groups).scatter_add_(1, g, torch.where(valid, size, 0 * size))
     merged = (sums / wsum.clamp_min(1e-12)[..., None]).to(x.dtype)
     source = None
     if state.source is not None:
         src = state.source * valid[..., None].to(state.source.dtype)
-        source = state.source.new_zeros(b, num_groups, state.source.shape[-1])
-        source.scatter_add_(1, g[..., None].expand(-1, -1, src.shape[-1]), src)
+        source = batch_scatter_add(state.source.new_zeros(b, num_groups, state.source.shape[-1]), g, src)
     return merged, new_size, source
 
 
@@ -87,14 +118,12 @@ def merge_every_token(
     if weight is not None:  # the sizes are not the weights: sum them too
         parts.append(size.to(acc_dtype)[..., None])
     width = c + len(parts) - 1
-    acc = x.new_zeros(b, num_groups, width, dtype=acc_dtype)
-    acc.scatter_add_(1, group[..., None].expand(-1, -1, width), torch.cat(parts, dim=-1))
+    acc = batch_scatter_add(x.new_zeros(b, num_groups, width, dtype=acc_dtype), group, torch.cat(parts, dim=-1))
     sums, wsum = acc[..., :c], acc[..., c : c + 1]
     merged = (sums / wsum.clamp_min(1e-12)).to(x.dtype)
     source = None
     if state.source is not None:
-        source = state.source.new_zeros(b, num_groups, state.source.shape[-1])
-        source.scatter_add_(1, group[..., None].expand(-1, -1, state.source.shape[-1]), state.source)
+        source = batch_scatter_add(state.source.new_zeros(b, num_groups, state.source.shape[-1]), group, state.source)
     return merged, acc[..., -1].to(size.dtype), source
 
 

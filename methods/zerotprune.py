@@ -190,7 +190,7 @@ def sub_attention(attn: Tensor, idx: Tensor) -> Tensor:
     rescaled."""
     b, h, n, _ = attn.shape
     m = idx.shape[1]
-    rows = attn.gather(2, idx[:, None, :, None].expand(b, h, m, n))
+    rows = batch_gather(attn.flatten(0, 1), idx.repeat_interleave(h, dim=0)).view(b, h, m, n)
     sub = rows.gather(3, idx[:, None, None, :].expand(b, h, m, m))
     return sub / sub.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
 

@@ -182,6 +182,28 @@ def test_merge_every_token_is_merge_groups_bit_for_bit(weighted, dtype):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.long])
+def test_row_gather_and_scatter_add_are_torchs_bit_for_bit(batch, dtype):
+    """``batch_gather`` and ``batch_scatter_add`` copy and add whole rows through the flattened
+    batch (one ``index_select`` / ``index_add_``) for speed; the values must be exactly what
+    ``gather`` / ``scatter_add_`` with the index expanded over the channels give, at batch 1
+    (no offsets) and above, for token rows, 2-D tables and matrices."""
+    from methods.tokens import batch_gather, batch_scatter_add
+
+    g = torch.Generator().manual_seed(batch)
+    for shape in [(batch, 23), (batch, 23, 16), (batch, 23, 4, 5)]:
+        t = (torch.randn(shape, generator=g) * 100).to(dtype)
+        idx = torch.randint(0, 23, (batch, 9), generator=g)
+        view = idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:])
+        assert torch.equal(batch_gather(t, idx), t.gather(1, view))
+        out = torch.randn((batch, 7) + shape[2:], generator=g).to(dtype)
+        group = torch.randint(0, 7, (batch, 23), generator=g)
+        want = out.clone().scatter_add_(1, group.reshape(group.shape + (1,) * (t.dim() - 2)).expand(t.shape), t)
+        got = batch_scatter_add(out.clone(), group, t)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("prefix", [0, 1, 2, 3, 5])
 def test_tome_prefix_slots_come_first_in_token_order(prefix):
     """The prefix permutation is derived from shapes alone (no host-device sync on a GPU); it
