@@ -131,6 +131,7 @@ def mctf_scores(
     tau_sim: float,
     tau_info: float,
     tau_size: float,
+    received: Tensor | None = None,
 ) -> Tensor:
     """Multi-criteria scores ``(B, ⌈N/2⌉, ⌊N/2⌋)`` of the edges from set A (even positions) to
     set B (odd positions): ``W_sim · W_info · W_size``; edges touching a prefix token are −inf.
@@ -138,6 +139,8 @@ def mctf_scores(
     ``metric`` (B, N, C) gives the cosine similarities, ``attn`` (B, H, N, N) the
     informativeness (None or ``tau_info = 0``: off), ``size`` (B, N) the size criterion.
     Each pairwise product ``(u_i u_j)^(1/τ)`` is computed as ``u_i^(1/τ) · u_j^(1/τ)``.
+    ``received``: :func:`received_attention` of ``attn`` when the caller has it already (it
+    reads the whole attention map, and the pooling needs it too).
     """
     unit = F.normalize(metric.float(), dim=-1)
     a, b = unit[:, ::2], unit[:, 1::2]
@@ -145,8 +148,9 @@ def mctf_scores(
     sim = _power((cos + 1) / 2, tau_sim)
     scores = torch.ones_like(cos) if sim is None else sim
     per_token = []
-    if attn is not None:
-        per_token.append(_power(normalised_inverse(received_attention(attn)), tau_info))
+    if attn is not None and tau_info != 0:
+        received = received_attention(attn) if received is None else received
+        per_token.append(_power(normalised_inverse(received), tau_info))
     per_token.append(_power(normalised_inverse(size.float()), tau_size))
     for weight in per_token:
         if weight is not None:
@@ -230,11 +234,13 @@ def mctf_fuse(
     r = fused_count(state.num_tokens, p, r)
     if r <= 0:
         return state
-    scores = mctf_scores(state.x, state.attn, state.size, p, tau_sim, tau_info, tau_size)
+    wanted = state.attn is not None and (tau_info != 0 or pooling == "attention")
+    received = received_attention(state.attn) if wanted else None
+    scores = mctf_scores(state.x, state.attn, state.size, p, tau_sim, tau_info, tau_size, received)
     group, num_out = bidirectional_groups(scores, r, p, bidirectional)
     weight = state.size.float()
     if pooling == "attention":
-        weight = weight * received_attention(state.attn)
+        weight = weight * received
     return pool_groups(state, group, num_out, weight)
 
 
