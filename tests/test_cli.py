@@ -111,6 +111,7 @@ def test_hydra_launchers_run_a_two_method_sweep(tmp_path, val, launcher):
         "bench.spectral.enabled=false",
         f"data.root={val}",
         *FAST,
+        "budget.macs_ratio=null",  # the default knobs: no budget solve in each job
         "bench.latency.enabled=false",
     ]
     out = run_cli(args, tmp_path)
