@@ -204,6 +204,23 @@ def test_row_gather_and_scatter_add_are_torchs_bit_for_bit(batch, dtype):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_row_gather_and_scatter_add_compile_to_the_same_values():
+    """Under ``torch.compile`` the two helpers take the expanded ``gather`` / ``scatter_add_``
+    (which inductor fuses) instead of the flat ops: one graph, and the eager values."""
+    from methods.tokens import batch_gather, batch_scatter_add
+
+    def both(t, idx, out, group):
+        return batch_gather(t, idx), batch_scatter_add(out, group, t)
+
+    g = torch.Generator().manual_seed(7)
+    t, out = torch.randn(3, 23, 16, generator=g), torch.randn(3, 7, 16, generator=g)
+    idx, group = torch.randint(0, 23, (3, 9), generator=g), torch.randint(0, 7, (3, 23), generator=g)
+    want = both(t, idx, out.clone(), group)
+    got = torch.compile(both, fullgraph=True)(t, idx, out.clone(), group)
+    assert torch.equal(got[0], want[0])
+    assert torch.allclose(got[1], want[1], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("prefix", [0, 1, 2, 3, 5])
 def test_tome_prefix_slots_come_first_in_token_order(prefix):
     """The prefix permutation is derived from shapes alone (no host-device sync on a GPU); it
