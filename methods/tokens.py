@@ -114,7 +114,7 @@ def merge_every_token(
     """:func:`merge_groups` where every token has a group (none is -1).
 
     The same sums in the same order, in a third of the operations: the weighted tokens, their
-    weights and (when ``weight`` is not the sizes) their sizes go through one ``scatter_add``.
+    weights and (when ``weight`` is not the sizes) their sizes go through one scatter-add (:func:`batch_scatter_add`).
     Bipartite merging calls this in every block; at batch 1 its cost is the number of
     operations, not their size."""
     x, size = state.x, state.size
