@@ -21,6 +21,12 @@ def flat_rows(idx: Tensor, n: int) -> Tensor:
     return (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
 
 
+def expanded_index(idx: Tensor, shape: torch.Size) -> Tensor:
+    """``idx`` (B, K) repeated over the trailing dims of ``shape`` (B, K, ...), as ``gather`` and
+    ``scatter_add_`` along dim 1 take it (a view: nothing is copied)."""
+    return idx.reshape(idx.shape + (1,) * (len(shape) - 2)).expand(shape)
+
+
 def batch_gather(t: Tensor, idx: Tensor) -> Tensor:
     """``t[b, idx[b]]`` for ``t`` of shape (B, N, ...) and ``idx`` (B, K).
 
@@ -32,8 +38,7 @@ def batch_gather(t: Tensor, idx: Tensor) -> Tensor:
     if t.dim() == 2:
         return t.gather(1, idx)
     if torch.compiler.is_compiling():
-        view = idx.reshape(idx.shape + (1,) * (t.dim() - 2))
-        return t.gather(1, view.expand(idx.shape + t.shape[2:]))
+        return t.gather(1, expanded_index(idx, idx.shape + t.shape[2:]))
     b, n = t.shape[:2]
     rows = t.reshape((b * n,) + t.shape[2:]).index_select(0, flat_rows(idx, n))
     return rows.reshape(idx.shape + t.shape[2:])
@@ -50,7 +55,7 @@ def batch_scatter_add(out: Tensor, idx: Tensor, src: Tensor) -> Tensor:
     if out.dim() == 2:
         return out.scatter_add_(1, idx, src)
     if torch.compiler.is_compiling():
-        return out.scatter_add_(1, idx.reshape(idx.shape + (1,) * (src.dim() - 2)).expand(src.shape), src)
+        return out.scatter_add_(1, expanded_index(idx, src.shape), src)
     b, g = out.shape[:2]
     flat = out.view((b * g,) + out.shape[2:])
     flat.index_add_(0, flat_rows(idx, g), src.reshape((-1,) + src.shape[2:]))
@@ -114,9 +119,9 @@ def merge_every_token(
     """:func:`merge_groups` where every token has a group (none is -1).
 
     The same sums in the same order, in a third of the operations: the weighted tokens, their
-    weights and (when ``weight`` is not the sizes) their sizes go through one scatter-add (:func:`batch_scatter_add`).
-    Bipartite merging calls this in every block; at batch 1 its cost is the number of
-    operations, not their size."""
+    weights and (when ``weight`` is not the sizes) their sizes go through one scatter-add
+    (:func:`batch_scatter_add`). Bipartite merging calls this in every block; at batch 1 its
+    cost is the number of operations, not their size."""
     x, size = state.x, state.size
     b, _, c = x.shape
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
