@@ -76,7 +76,8 @@ def _sketch(n: int, rank: int, device: torch.device) -> Tensor:
     key = (n, rank, torch.device(device))
     if key not in _SKETCH:
         g = torch.Generator().manual_seed(0)
-        _SKETCH[key] = torch.randn(n, rank, generator=g).to(device)
+        with torch.inference_mode(False):  # kept across forwards: training ones too
+            _SKETCH[key] = torch.randn(n, rank, generator=g).to(device)
     return _SKETCH[key]
 
 

@@ -141,7 +141,8 @@ def _cached(key: tuple, build) -> Tensor:
     if value is None:
         if len(_CONSTANTS) >= _MAX_CONSTANTS:  # many resolutions in one process: start over
             _CONSTANTS.clear()
-        value = build()
+        with torch.inference_mode(False):  # kept across forwards: training ones too
+            value = build()
         _CONSTANTS[key] = value
     return value
 

@@ -129,9 +129,10 @@ def _prefix_first_slots(num_prefix: int, n_unm: int, num_out: int, device: torch
     prefix = [t // 2 if t % 2 == 0 else n_unm + t // 2 for t in range(num_prefix)]  # in token order
     taken = set(prefix)
     order = prefix + [s for s in range(num_out) if s not in taken]
-    remap = torch.empty(num_out, dtype=torch.long)
-    remap[torch.tensor(order)] = torch.arange(num_out)
-    return remap.to(device)
+    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
+        remap = torch.empty(num_out, dtype=torch.long)
+        remap[torch.tensor(order)] = torch.arange(num_out)
+        return remap.to(device)
 
 
 def tome_merge(state: TokenState, r: int) -> TokenState:

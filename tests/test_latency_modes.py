@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from bench_utils import FAST, compose, image_folder, run_cli
-from conftest import tiny_vit
+from conftest import build_reducer, method_names, tiny_distilled_vit, tiny_vit
 
 from bench import job as job_module
 from bench.config import LatencyConfig
@@ -32,6 +32,7 @@ from bench.measure.latency import (
     unreduced_latency,
 )
 from bench.store import read_records
+from methods import apply_reducer
 from bench.validate import memory_needs, read_config
 
 
@@ -285,3 +286,28 @@ def test_bad_latency_settings_are_one_line_each_and_record_nothing(tmp_path):
         "use bench.latency.compile=compile or max-autotune there",
     }
     assert not (tmp_path / "results").exists()
+
+
+# -- inference mode -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*method_names(), "fatr:score=svd"])
+def test_a_model_timed_in_inference_mode_still_trains(name, quiet_machine):
+    """Latency runs every forward in ``torch.inference_mode`` (``_inference``). A reducer that
+    kept a tensor made there (a cache) would break a later training forward in the same
+    process: inference tensors cannot be saved for backward. The distilled model takes ToMe's
+    cached prefix-slot permutation (two prefix tokens); DCT and FATR's SVD score cache constants."""
+    method, _, option = name.partition(":")
+    overrides = dict([option.split("=")]) if option else {}
+    model = apply_reducer(tiny_distilled_vit(depth=12), build_reducer(method, **overrides))  # default schedules
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with latency_module._inference():
+        assert torch.is_inference_mode_enabled()
+        eager = model(x)
+    model.train()
+    out = model(x)
+    out.float().square().mean().backward()
+    assert any(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), eager)

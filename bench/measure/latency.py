@@ -79,7 +79,7 @@ def _profiled_forward(model: nn.Module, x: Tensor, amp: bool, what: str) -> tupl
     """One forward whose peak memory is read (see :func:`peak_memory_mb`); its output is
     checked, so the forward can double as the last warm-up call instead of costing one more."""
     device = x.device
-    with torch.no_grad(), _autocast(device, amp):
+    with _inference(), _autocast(device, amp):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
@@ -152,6 +152,15 @@ def _cpu_threads(device: torch.device, threads: int | None):
 
 def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def _inference():
+    """How every timed, warm-up, compile and check forward runs: ``torch.inference_mode``, the
+    context PyTorch recommends for inference. It skips the version counters and view tracking
+    that ``no_grad`` still keeps, about 1.5 µs of each small operator's 3-4 µs dispatch on the
+    project's 2-core CPU, which is most of what a reduction step costs at batch 1. The
+    reduced and the unreduced model run in it alike; the arithmetic is the same."""
+    return torch.inference_mode()
 
 
 @dataclass(frozen=True)
@@ -277,7 +286,7 @@ def measure_latency(
         model.eval()
         reference.eval()
         ms, ms_ref, ratios = [], [], []
-        with torch.no_grad(), _autocast(device, amp):
+        with _inference(), _autocast(device, amp):
             mem, mem_ref = _warm_up(
                 [(model, "latency warm-up"), (reference, "latency warm-up (unreduced)")], x, warmup, amp, memory=True
             )
@@ -399,7 +408,7 @@ def time_forward(
     with _cpu_threads(device, threads):
         timer = _Timer(device)
         model.eval()
-        with torch.no_grad(), _autocast(device, amp):
+        with _inference(), _autocast(device, amp):
             (mem,) = _warm_up([(model, "latency warm-up")], x, warmup, amp, memory)
             ms = [timer(lambda: model(x)) for _ in range(iters)]
         if memory and mem is None:
@@ -549,7 +558,7 @@ class TimedPair:
 
 
 def _top1(model: nn.Module, x: Tensor, amp: bool, what: str) -> Tensor:
-    with torch.no_grad(), _autocast(x.device, amp):
+    with _inference(), _autocast(x.device, amp):
         out = model(x)
     check_finite_output(out, what)
     return out.argmax(-1).cpu()
@@ -567,7 +576,7 @@ def _compile_one(
         compiled = torch.compile(model, dynamic=False, **options)
         runner = _StepMarked(compiled) if mode in GPU_ONLY_MODES else compiled
         top1 = torch.empty(0, dtype=torch.long)
-        with torch.no_grad(), _autocast(x.device, amp):
+        with _inference(), _autocast(x.device, amp):
             for n in sizes:
                 for _ in range(calls):
                     out = runner(x[:n])
