@@ -157,9 +157,9 @@ def _autocast(device: torch.device, amp: bool):
 def _inference():
     """How every timed, warm-up, compile and check forward runs: ``torch.inference_mode``, the
     context PyTorch recommends for inference. It skips the version counters and view tracking
-    that ``no_grad`` still keeps, about 1.5 µs of each small operator's 3-4 µs dispatch on the
-    project's 2-core CPU, which is most of what a reduction step costs at batch 1. The
-    reduced and the unreduced model run in it alike; the arithmetic is the same."""
+    that ``no_grad`` still keeps, a sizeable part of each small operator's dispatch on a CPU,
+    and dispatch is most of what a reduction step costs at batch 1. The reduced and the
+    unreduced model run in it alike; the arithmetic is the same."""
     return torch.inference_mode()
 
 
