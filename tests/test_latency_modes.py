@@ -32,8 +32,8 @@ from bench.measure.latency import (
     unreduced_latency,
 )
 from bench.store import read_records
-from methods import apply_reducer
 from bench.validate import memory_needs, read_config
+from methods import apply_reducer
 
 
 @pytest.fixture
