@@ -292,7 +292,7 @@ def test_bad_latency_settings_are_one_line_each_and_record_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("name", [*method_names(), "fatr:score=svd"])
-def test_a_model_timed_in_inference_mode_still_trains(name, quiet_machine):
+def test_a_model_timed_in_inference_mode_still_trains(name):
     """Latency runs every forward in ``torch.inference_mode`` (``_inference``). A reducer that
     kept a tensor made there (a cache) would break a later training forward in the same
     process: inference tensors cannot be saved for backward. The distilled model takes ToMe's
