@@ -171,7 +171,7 @@ def match(x: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
     """For each token at ``src`` (B, S): its most cosine-similar token among ``dst`` (B, M), as
     ``(similarity, position in dst)``, each (B, S). The metric is detached, as the reference's."""
     metric = x.detach().float()
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
     sim = batch_gather(metric, src) @ batch_gather(metric, dst).transpose(-1, -2)
     return sim.max(dim=-1)
 

@@ -78,10 +78,10 @@ Deviations from the reference, each deliberate:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from methods.base import ATTN, ModelInfo, ReducerConfigError, TokenReducer, TokenState
@@ -119,8 +119,13 @@ def normalised_inverse(values: Tensor) -> Tensor:
 
 
 def _power(values: Tensor, tau: float) -> Tensor | None:
-    """``values^(1/τ)``, or None when ``τ`` is 0 (the criterion is off)."""
-    return None if tau == 0 else values.clamp_min(0).pow(1.0 / tau)
+    """``values^(1/τ)``, or None when ``τ`` is 0 (the criterion is off). ``τ = 1`` (the
+    similarity's default) skips the power: ``pow(v, 1.0)`` is a copy of ``v``, and at batch 1
+    each operator costs its dispatch."""
+    if tau == 0:
+        return None
+    values = values.clamp_min(0)
+    return values if tau == 1 else values.pow(1.0 / tau)
 
 
 def mctf_scores(
@@ -142,7 +147,9 @@ def mctf_scores(
     ``received``: :func:`received_attention` of ``attn`` when the caller has it already (it
     reads the whole attention map, and the pooling needs it too).
     """
-    unit = F.normalize(metric.float(), dim=-1)
+    metric = metric.float()
+    # F.normalize's arithmetic, without the Python layers it calls through (dispatch is the cost at batch 1)
+    unit = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = unit[:, ::2], unit[:, 1::2]
     cos = a @ b.transpose(-1, -2)
     sim = _power((cos + 1) / 2, tau_sim)
@@ -156,6 +163,28 @@ def mctf_scores(
         if weight is not None:
             scores = scores * weight[:, ::2, None] * weight[:, 1::2][:, None, :]
     return mask_prefix_edges(scores, num_prefix)
+
+
+def remaining_slots(num_prefix: int, n_ra: int, n_rb: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Output slots of the A and B tokens left after the matching, in token order
+    (``(n_ra,)``, ``(n_rb,)``): prefix tokens first (A ones at even slots, B ones at odd), then
+    the remaining A tokens, then the remaining B tokens. They depend on the counts alone, so
+    eager forwards take them from a cache instead of building them in every block (a dozen
+    small operators at batch 1); a compiled graph builds them as constants."""
+    build = _remaining_slots.__wrapped__ if torch.compiler.is_compiling() else _remaining_slots
+    return build(int(num_prefix), int(n_ra), int(n_rb), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _remaining_slots(num_prefix: int, n_ra: int, n_rb: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    p = num_prefix
+    pa, pb = (p + 1) // 2, p // 2  # prefix tokens in A (even positions) and in B (odd)
+    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
+        k = torch.arange(n_ra, device=device)
+        slot_a = torch.where(k < pa, 2 * k, p + k - pa)
+        k = torch.arange(n_rb, device=device)
+        slot_b = torch.where(k < pb, 2 * k + 1, p + (n_ra - pa) + k - pb)
+    return slot_a, slot_b
 
 
 def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional: bool = True) -> tuple[Tensor, int]:
@@ -188,11 +217,7 @@ def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional:
     else:
         rest_b = torch.arange(nb, device=dev).expand(bsz, -1)
     n_rb = nb - r2
-    pa, pb = (p + 1) // 2, p // 2  # prefix tokens in A (even positions) and in B (odd)
-    k = torch.arange(n_ra, device=dev)
-    slot_a = torch.where(k < pa, 2 * k, p + k - pa)
-    k = torch.arange(n_rb, device=dev)
-    slot_b = torch.where(k < pb, 2 * k + 1, p + (n_ra - pa) + k - pb)
+    slot_a, slot_b = remaining_slots(p, n_ra, n_rb, dev)
     group_b = torch.empty(bsz, nb, dtype=torch.long, device=dev)
     group_b.scatter_(1, rest_b, slot_b.expand(bsz, -1))
     if r2 > 0:
@@ -214,9 +239,9 @@ def pool_groups(state: TokenState, group: Tensor, num_out: int, weight: Tensor) 
     count = group_counts(group, num_out)
     members = torch.zeros_like(count).scatter_add_(1, group, torch.arange(n, device=group.device).expand(bsz, -1))
     single = count == 1
-    member = torch.where(single, members, torch.zeros_like(members))  # the lone member's index
+    member = members.clamp_max(n - 1)  # the lone member's index where single (in range elsewhere)
     x = torch.where(single[..., None], batch_gather(state.x, member), x)
-    pos = torch.where(single, batch_gather(state.pos, member), torch.full_like(member, -1).to(state.pos.dtype))
+    pos = torch.where(single, batch_gather(state.pos, member), -1)
     return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True)
 
 

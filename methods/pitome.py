@@ -45,11 +45,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, merge_all
+from methods.tokens import batch_gather, merge_all, token_range
 
 
 def pitome_r(num_tokens: int, ratio: float) -> int:
@@ -67,7 +66,8 @@ def margin_schedule(margin: float, depth: int) -> list[float]:
 def energy_scores(metric: Tensor, margin: float, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """Energy ``E_i = mean_j ELU(cos(m_i, m_j) − margin, α)`` of each token of ``metric``
     ``(B, T, d)`` (the mean includes ``j = i``), and the cosine similarities ``(B, T, T)``."""
-    unit = F.normalize(metric, p=2, dim=-1)
+    # F.normalize's arithmetic, without the Python layers it calls through (dispatch is the cost at batch 1)
+    unit = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
     sim = unit @ unit.transpose(-1, -2)
     return elu_from_exp(sim - margin, alpha).mean(dim=-1), sim
 
@@ -119,10 +119,10 @@ def pitome_groups(
     n_alone, n_dst = alone.shape[1], b.shape[1]
     dev = metric.device
     slots = torch.empty(bsz, t, dtype=torch.long, device=dev)
-    slots.scatter_(1, alone, (p + torch.arange(n_alone, device=dev)).expand(bsz, -1))
-    slots.scatter_(1, b, (p + n_alone + torch.arange(n_dst, device=dev)).expand(bsz, -1))
+    slots.scatter_(1, alone, token_range(p, p + n_alone, dev).expand(bsz, -1))
+    slots.scatter_(1, b, token_range(p + n_alone, p + n_alone + n_dst, dev).expand(bsz, -1))
     slots.scatter_(1, src, p + n_alone + dst_of_src)
-    group = torch.cat([torch.arange(p, device=dev).expand(bsz, -1), slots], dim=1)
+    group = torch.cat([token_range(0, p, dev).expand(bsz, -1), slots], dim=1)
     return group, p + n_alone + n_dst
 
 

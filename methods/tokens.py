@@ -6,6 +6,8 @@ updated the same way everywhere and a bug here shows up in every method's tests.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -62,10 +64,27 @@ def batch_scatter_add(out: Tensor, idx: Tensor, src: Tensor) -> Tensor:
     return out
 
 
+def token_range(start: int, stop: int, device: torch.device) -> Tensor:
+    """``torch.arange(start, stop)`` (int64), cached per range and device in eager forwards.
+
+    Output slots and prefix indices depend on token counts alone; at batch 1 a step's cost is
+    the number of operators it dispatches, so the blocks of every forward share one tensor
+    instead of building it again. Read only: callers expand or index it, never write to it.
+    A compiled graph builds it as a constant."""
+    build = _token_range.__wrapped__ if torch.compiler.is_compiling() else _token_range
+    return build(int(start), int(stop), device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _token_range(start: int, stop: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
+        return torch.arange(start, stop, device=device)
+
+
 def prefix_index(state: TokenState) -> Tensor:
     """Indices (B, P) of the prefix tokens."""
     b = state.x.shape[0]
-    return torch.arange(state.num_prefix, device=state.x.device).expand(b, -1)
+    return token_range(0, state.num_prefix, state.x.device).expand(b, -1)
 
 
 def keep_tokens(state: TokenState, idx: Tensor) -> TokenState:

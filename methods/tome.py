@@ -66,7 +66,7 @@ def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Te
     matched. Returns ``(edge_idx, src_idx, dst_idx)``: every A token by decreasing edge
     (``edge_idx``, (B, ceil(N/2))), the matched A tokens (its first ``r``) and their B partners
     (indices into A and B). Prefix tokens are never matched."""
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = mask_prefix_edges(a @ b.transpose(-1, -2), num_prefix)
     node_max, node_idx = scores.max(dim=-1)

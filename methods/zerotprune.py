@@ -86,11 +86,11 @@ be read here):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from methods.base import ATTN, KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
@@ -137,21 +137,35 @@ def wpr_schedule(iters: Sequence[int], depth: int) -> list[int]:
 
 # -- I-stage: weighted PageRank, head filter, aggregation ---------------------------------------------
 def initial_scores(attn: Tensor, num_prefix: int, cls_boost: bool) -> Tensor:
-    """``s⁰`` (B, H, N): 1 per token, ``sqrt(N)`` per prefix token when ``cls_boost``, summing to 1."""
+    """``s⁰`` (B, H, N): 1 per token, ``sqrt(N)`` per prefix token when ``cls_boost``, summing to 1.
+    A function of the shape alone: eager forwards take it from a cache (two per block)."""
     b, h, n, _ = attn.shape
-    s = torch.ones(n, dtype=attn.dtype, device=attn.device)
-    if cls_boost and num_prefix > 0:
-        s[:num_prefix] = math.sqrt(n)
-    return (s / s.sum()).expand(b, h, n)
+    build = _initial_scores.__wrapped__ if torch.compiler.is_compiling() else _initial_scores
+    return build(int(n), int(num_prefix) if cls_boost else 0, attn.dtype, attn.device).expand(b, h, n)
+
+
+@functools.lru_cache(maxsize=256)
+def _initial_scores(n: int, boosted: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
+        s = torch.ones(n, dtype=dtype, device=device)
+        if boosted > 0:
+            s[:boosted] = math.sqrt(n)
+        return s / s.sum()
 
 
 def weighted_page_rank(attn: Tensor, init: Tensor, iters: int) -> Tensor:
     """``iters`` steps of ``s ← Aᵀ s`` per head: ``s_i ← Σ_j A[j, i] s_j`` (what token ``j``
-    gives token ``i``, weighted by ``j``'s own score). ``attn`` (B, H, N, N), ``init`` (B, H, N)."""
-    s = init.unsqueeze(-2)  # a row vector per head for the whole loop: one matmul per step
+    gives token ``i``, weighted by ``j``'s own score). ``attn`` (B, H, N, N), ``init`` (B, H, N).
+
+    A row vector per head for the whole loop, one ``bmm`` per step on the heads flattened into
+    the batch: the batched product ``matmul`` would make of the 4-D operands, without its
+    reshapes in every one of up to 30 steps (the same kernel, the same bits)."""
+    b, h, n, _ = attn.shape
+    graph = attn.reshape(b * h, n, n)
+    s = init.reshape(b * h, 1, n)
     for _ in range(iters):
-        s = s @ attn
-    return s.squeeze(-2)
+        s = torch.bmm(s, graph)
+    return s.view(b, h, n)
 
 
 def head_variance(patch_scores: Tensor) -> Tensor:
@@ -172,7 +186,7 @@ def aggregate_heads(scores: Tensor, num_prefix: int, var_range: Sequence[float] 
     else:
         var = head_variance(scores[..., num_prefix:])
         keep = ((var >= var_range[0]) & (var <= var_range[1])).to(scores.dtype)
-        keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))
+        keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, 1.0)
     return ((scores.square() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).sqrt()
 
 
@@ -207,13 +221,14 @@ def similarity_prune(importance: Tensor, keys: Tensor, r: int) -> Tensor:
     order = importance.argsort(dim=-1, stable=True)  # least important first
     half = t // 2
     set_a, set_b = order[:, :half], order[:, half:]
-    unit = F.normalize(keys.float(), dim=-1)
+    keys = keys.float()
+    # F.normalize's arithmetic, without the Python layers it calls through (dispatch is the cost at batch 1)
+    unit = keys / torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min(1e-12)
     edge = (batch_gather(unit, set_a) @ batch_gather(unit, set_b).transpose(1, 2)).amax(dim=-1)
     dropped = set_a.gather(1, edge.argsort(dim=-1, descending=True, stable=True)[:, :r])
     pos = torch.arange(t, device=importance.device).expand(b, -1)
-    is_dropped = torch.zeros(b, t, dtype=torch.bool, device=importance.device)
-    is_dropped = is_dropped.scatter(1, dropped, torch.ones_like(dropped, dtype=torch.bool))
-    return torch.where(is_dropped, pos + t, pos).sort(dim=-1).values[:, : t - r]
+    # dropped positions move past the end, so sorting puts the kept ones first, in token order
+    return pos.scatter(1, dropped, dropped + t).sort(dim=-1).values[:, : t - r]
 
 
 # -- one pruning layer --------------------------------------------------------------------------------
@@ -231,11 +246,12 @@ def zerotprune_step(
     attn = state.attn.float()
     b, _, n, _ = attn.shape
     t = int(n) - p
-    kept = torch.arange(t, device=attn.device).expand(b, -1)  # patch positions, token order
     if r_s > 0:
         pre = token_importance(attn, p, PRE_RANK_ITERS, var_range, cls_boost)
         keys = state.keys.transpose(1, 2).reshape(b, n, -1)[:, p:]
-        kept = similarity_prune(pre[:, p:], keys, r_s)
+        kept = similarity_prune(pre[:, p:], keys, r_s)  # patch positions, token order
+    else:
+        kept = torch.arange(t, device=attn.device).expand(b, -1)
     if r_i > 0:
         graph = attn if r_s == 0 else sub_attention(attn, torch.cat([prefix_index(state), kept + p], dim=1))
         score = token_importance(graph, p, iters, var_range, cls_boost)[:, p:]

@@ -52,6 +52,19 @@ def test_wpr_is_a_vote_weighted_by_the_voters_score():
     assert torch.allclose(s.sum(-1), torch.ones(2, 3), atol=1e-5)
 
 
+def test_wpr_on_flattened_heads_is_the_four_d_matmul_bit_for_bit():
+    """Each step is one ``bmm`` over batch × heads: the product ``matmul`` would compute on the
+    4-D operands, so the scores (and every ranking made from them) are the same bits."""
+    g = torch.Generator().manual_seed(3)
+    for b, h, n in ((1, 3, 197), (4, 3, 37), (2, 12, 9)):
+        attn = torch.softmax(3 * torch.randn(b, h, n, n, generator=g), dim=-1)
+        init = initial_scores(attn, 1, True)
+        s = init.unsqueeze(-2)
+        for _ in range(30):
+            s = s @ attn
+        assert torch.equal(weighted_page_rank(attn, init, 30), s.squeeze(-2))
+
+
 def test_initial_scores_boost_the_prefix_by_sqrt_n():
     attn = torch.zeros(1, 2, 4, 4)
     assert torch.allclose(initial_scores(attn, 1, True)[0, 1], torch.tensor([2.0, 1, 1, 1]) / 5)
