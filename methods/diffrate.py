@@ -83,7 +83,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import ATTN, CLS_ATTN, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, keep_tokens, merge_groups, prefix_index
+from methods.tokens import batch_gather, keep_tokens, merge_groups, prefix_index, unit_rows
 
 ATTN_SIZE = "diffrate_attn_size"
 """``state.extra`` key: the reference's size for proportional attention ``(B, N)``."""
@@ -170,8 +170,7 @@ def rank_tokens(score: Tensor, num_prefix: int, dead: Tensor | None = None) -> T
 def match(x: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
     """For each token at ``src`` (B, S): its most cosine-similar token among ``dst`` (B, M), as
     ``(similarity, position in dst)``, each (B, S). The metric is detached, as the reference's."""
-    metric = x.detach().float()
-    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+    metric = unit_rows(x.detach().float())
     sim = batch_gather(metric, src) @ batch_gather(metric, dst).transpose(-1, -2)
     return sim.max(dim=-1)
 

@@ -78,14 +78,13 @@ Deviations from the reference, each deliberate:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
 from methods.base import ATTN, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, group_counts, merge_every_token
+from methods.tokens import batch_gather, group_counts, merge_every_token, shape_constant, token_range, unit_rows
 from methods.tome import mask_prefix_edges
 
 MIN_TOKENS = 10
@@ -147,9 +146,7 @@ def mctf_scores(
     ``received``: :func:`received_attention` of ``attn`` when the caller has it already (it
     reads the whole attention map, and the pooling needs it too).
     """
-    metric = metric.float()
-    # F.normalize's arithmetic, without the Python layers it calls through (dispatch is the cost at batch 1)
-    unit = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(metric.float())
     a, b = unit[:, ::2], unit[:, 1::2]
     cos = a @ b.transpose(-1, -2)
     sim = _power((cos + 1) / 2, tau_sim)
@@ -170,20 +167,18 @@ def remaining_slots(num_prefix: int, n_ra: int, n_rb: int, device: torch.device)
     (``(n_ra,)``, ``(n_rb,)``): prefix tokens first (A ones at even slots, B ones at odd), then
     the remaining A tokens, then the remaining B tokens. They depend on the counts alone, so
     eager forwards take them from a cache instead of building them in every block (a dozen
-    small operators at batch 1); a compiled graph builds them as constants."""
-    build = _remaining_slots.__wrapped__ if torch.compiler.is_compiling() else _remaining_slots
-    return build(int(num_prefix), int(n_ra), int(n_rb), device)
+    small operators at batch 1, :func:`methods.tokens.shape_constant`)."""
+    return _remaining_slots(int(num_prefix), int(n_ra), int(n_rb), device)
 
 
-@functools.lru_cache(maxsize=256)
+@shape_constant()
 def _remaining_slots(num_prefix: int, n_ra: int, n_rb: int, device: torch.device) -> tuple[Tensor, Tensor]:
     p = num_prefix
     pa, pb = (p + 1) // 2, p // 2  # prefix tokens in A (even positions) and in B (odd)
-    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
-        k = torch.arange(n_ra, device=device)
-        slot_a = torch.where(k < pa, 2 * k, p + k - pa)
-        k = torch.arange(n_rb, device=device)
-        slot_b = torch.where(k < pb, 2 * k + 1, p + (n_ra - pa) + k - pb)
+    k = torch.arange(n_ra, device=device)
+    slot_a = torch.where(k < pa, 2 * k, p + k - pa)
+    k = torch.arange(n_rb, device=device)
+    slot_b = torch.where(k < pb, 2 * k + 1, p + (n_ra - pa) + k - pb)
     return slot_a, slot_b
 
 
@@ -215,7 +210,7 @@ def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional:
         rest_b = edge2[:, r2:].sort(dim=-1).values
         dst_a = node_idx2.gather(1, src_b)  # index into rest_a
     else:
-        rest_b = torch.arange(nb, device=dev).expand(bsz, -1)
+        rest_b = token_range(0, nb, dev).expand(bsz, -1)
     n_rb = nb - r2
     slot_a, slot_b = remaining_slots(p, n_ra, n_rb, dev)
     group_b = torch.empty(bsz, nb, dtype=torch.long, device=dev)
@@ -237,7 +232,7 @@ def pool_groups(state: TokenState, group: Tensor, num_out: int, weight: Tensor) 
     x, size, source = merge_every_token(state, group, num_out, weight=weight)
     bsz, n = group.shape
     count = group_counts(group, num_out)
-    members = torch.zeros_like(count).scatter_add_(1, group, torch.arange(n, device=group.device).expand(bsz, -1))
+    members = torch.zeros_like(count).scatter_add_(1, group, token_range(0, n, group.device).expand(bsz, -1))
     single = count == 1
     member = members.clamp_max(n - 1)  # the lone member's index where single (in range elsewhere)
     x = torch.where(single[..., None], batch_gather(state.x, member), x)

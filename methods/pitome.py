@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, merge_all, token_range
+from methods.tokens import batch_gather, merge_all, token_range, unit_rows
 
 
 def pitome_r(num_tokens: int, ratio: float) -> int:
@@ -66,8 +66,7 @@ def margin_schedule(margin: float, depth: int) -> list[float]:
 def energy_scores(metric: Tensor, margin: float, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """Energy ``E_i = mean_j ELU(cos(m_i, m_j) − margin, α)`` of each token of ``metric``
     ``(B, T, d)`` (the mean includes ``j = i``), and the cosine similarities ``(B, T, T)``."""
-    # F.normalize's arithmetic, without the Python layers it calls through (dispatch is the cost at batch 1)
-    unit = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(metric)
     sim = unit @ unit.transpose(-1, -2)
     return elu_from_exp(sim - margin, alpha).mean(dim=-1), sim
 

@@ -7,11 +7,15 @@ updated the same way everywhere and a bug here shows up in every method's tests.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from methods.base import TokenState
+
+T = TypeVar("T")
 
 
 def flat_rows(idx: Tensor, n: int) -> Tensor:
@@ -64,27 +68,48 @@ def batch_scatter_add(out: Tensor, idx: Tensor, src: Tensor) -> Tensor:
     return out
 
 
+def shape_constant(maxsize: int = 256) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Cache a builder of tensors that depend on shapes alone (plain ints, dtypes, devices).
+
+    Output slots, prefix indices and initial scores follow from token counts; at batch 1 a
+    step's cost is the number of operators it dispatches, so every block and forward shares
+    the tensors instead of building them again. They are built outside inference mode, so a
+    model timed under ``torch.inference_mode`` can still train in the same process. Read
+    only: callers expand or index them, never write to them. Under ``torch.compile`` the
+    builder itself is traced (the graph holds the result as a constant), which is what dynamo
+    would do with the cache anyway, minus its warning."""
+
+    def wrap(build: Callable[..., T]) -> Callable[..., T]:
+        @functools.lru_cache(maxsize=maxsize)
+        def cached(*args: Any) -> T:
+            with torch.inference_mode(False):
+                return build(*args)
+
+        @functools.wraps(build)
+        def get(*args: Any) -> T:
+            return build(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        return get
+
+    return wrap
+
+
+@shape_constant(maxsize=1024)
 def token_range(start: int, stop: int, device: torch.device) -> Tensor:
-    """``torch.arange(start, stop)`` (int64), cached per range and device in eager forwards.
-
-    Output slots and prefix indices depend on token counts alone; at batch 1 a step's cost is
-    the number of operators it dispatches, so the blocks of every forward share one tensor
-    instead of building it again. Read only: callers expand or index it, never write to it.
-    A compiled graph builds it as a constant."""
-    build = _token_range.__wrapped__ if torch.compiler.is_compiling() else _token_range
-    return build(int(start), int(stop), device)
+    """``torch.arange(start, stop)`` (int64), shared by every block (:func:`shape_constant`)."""
+    return torch.arange(start, stop, device=device)
 
 
-@functools.lru_cache(maxsize=1024)
-def _token_range(start: int, stop: int, device: torch.device) -> Tensor:
-    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
-        return torch.arange(start, stop, device=device)
+def unit_rows(x: Tensor) -> Tensor:
+    """``x`` divided by the L2 norm of its last axis: ``F.normalize``'s arithmetic (the same
+    bits), without the Python layers it calls through (at batch 1 dispatch is the cost)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def prefix_index(state: TokenState) -> Tensor:
     """Indices (B, P) of the prefix tokens."""
     b = state.x.shape[0]
-    return token_range(0, state.num_prefix, state.x.device).expand(b, -1)
+    return token_range(0, int(state.num_prefix), state.x.device).expand(b, -1)
 
 
 def keep_tokens(state: TokenState, idx: Tensor) -> TokenState:

@@ -12,7 +12,6 @@ equivariant, so this does not change any prediction.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import merge_all
+from methods.tokens import merge_all, shape_constant
 
 
 def tome_schedule(r: float | Sequence[int], depth: int, inflection: float = 0.0) -> list[int]:
@@ -117,11 +116,10 @@ def _prefix_first(num_prefix: int, n_unm: int, num_out: int, device: torch.devic
     ``torch.compile`` the uncached function is traced (the graph holds the permutation as a
     constant), which is what dynamo would do with the cache anyway, minus its warning.
     """
-    build = _prefix_first_slots.__wrapped__ if torch.compiler.is_compiling() else _prefix_first_slots
-    return build(int(num_prefix), int(n_unm), int(num_out), device)
+    return _prefix_first_slots(int(num_prefix), int(n_unm), int(num_out), device)
 
 
-@functools.lru_cache(maxsize=64)
+@shape_constant(maxsize=64)
 def _prefix_first_slots(num_prefix: int, n_unm: int, num_out: int, device: torch.device) -> Tensor | None:
     """:func:`_prefix_first` on plain ints, cached per layout and device."""
     if num_prefix < 2:
@@ -129,10 +127,9 @@ def _prefix_first_slots(num_prefix: int, n_unm: int, num_out: int, device: torch
     prefix = [t // 2 if t % 2 == 0 else n_unm + t // 2 for t in range(num_prefix)]  # in token order
     taken = set(prefix)
     order = prefix + [s for s in range(num_out) if s not in taken]
-    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
-        remap = torch.empty(num_out, dtype=torch.long)
-        remap[torch.tensor(order)] = torch.arange(num_out)
-        return remap.to(device)
+    remap = torch.empty(num_out, dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(num_out)
+    return remap.to(device)
 
 
 def tome_merge(state: TokenState, r: int) -> TokenState:

@@ -86,7 +86,6 @@ be read here):
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -94,7 +93,7 @@ import torch
 from torch import Tensor
 
 from methods.base import ATTN, KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, keep_tokens, prefix_index
+from methods.tokens import batch_gather, keep_tokens, prefix_index, shape_constant, token_range, unit_rows
 
 WPR_ITERS = (30, 5, 1)
 """WPR iterations in the first three blocks, the middle blocks and the last three blocks."""
@@ -140,17 +139,15 @@ def initial_scores(attn: Tensor, num_prefix: int, cls_boost: bool) -> Tensor:
     """``s⁰`` (B, H, N): 1 per token, ``sqrt(N)`` per prefix token when ``cls_boost``, summing to 1.
     A function of the shape alone: eager forwards take it from a cache (two per block)."""
     b, h, n, _ = attn.shape
-    build = _initial_scores.__wrapped__ if torch.compiler.is_compiling() else _initial_scores
-    return build(int(n), int(num_prefix) if cls_boost else 0, attn.dtype, attn.device).expand(b, h, n)
+    return _initial_scores(int(n), int(num_prefix) if cls_boost else 0, attn.dtype, attn.device).expand(b, h, n)
 
 
-@functools.lru_cache(maxsize=256)
+@shape_constant()
 def _initial_scores(n: int, boosted: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    with torch.inference_mode(False):  # cached: it must stay usable in training forwards too
-        s = torch.ones(n, dtype=dtype, device=device)
-        if boosted > 0:
-            s[:boosted] = math.sqrt(n)
-        return s / s.sum()
+    s = torch.ones(n, dtype=dtype, device=device)
+    if boosted > 0:
+        s[:boosted] = math.sqrt(n)
+    return s / s.sum()
 
 
 def weighted_page_rank(attn: Tensor, init: Tensor, iters: int) -> Tensor:
@@ -221,12 +218,10 @@ def similarity_prune(importance: Tensor, keys: Tensor, r: int) -> Tensor:
     order = importance.argsort(dim=-1, stable=True)  # least important first
     half = t // 2
     set_a, set_b = order[:, :half], order[:, half:]
-    keys = keys.float()
-    # F.normalize's arithmetic, without the Python layers it calls through (dispatch is the cost at batch 1)
-    unit = keys / torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(keys.float())
     edge = (batch_gather(unit, set_a) @ batch_gather(unit, set_b).transpose(1, 2)).amax(dim=-1)
     dropped = set_a.gather(1, edge.argsort(dim=-1, descending=True, stable=True)[:, :r])
-    pos = torch.arange(t, device=importance.device).expand(b, -1)
+    pos = token_range(0, t, importance.device).expand(b, -1)
     # dropped positions move past the end, so sorting puts the kept ones first, in token order
     return pos.scatter(1, dropped, dropped + t).sort(dim=-1).values[:, : t - r]
 
@@ -251,7 +246,7 @@ def zerotprune_step(
         keys = state.keys.transpose(1, 2).reshape(b, n, -1)[:, p:]
         kept = similarity_prune(pre[:, p:], keys, r_s)  # patch positions, token order
     else:
-        kept = torch.arange(t, device=attn.device).expand(b, -1)
+        kept = token_range(0, t, attn.device).expand(b, -1)
     if r_i > 0:
         graph = attn if r_s == 0 else sub_attention(attn, torch.cat([prefix_index(state), kept + p], dim=1))
         score = token_importance(graph, p, iters, var_range, cls_boost)[:, p:]
