@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, merge_all, token_range, unit_rows
+from methods.tokens import batch_gather, head_mean, merge_all, token_range, unit_rows
 
 
 def pitome_r(num_tokens: int, ratio: float) -> int:
@@ -130,7 +130,7 @@ def pitome_merge(state: TokenState, ratio: float, margin: float, alpha: float = 
     r = pitome_r(int(state.num_tokens) - state.num_prefix, ratio)
     if r <= 0:
         return state
-    group, num_out = pitome_groups(state.keys.mean(dim=1), r, state.num_prefix, margin, alpha, bsm)
+    group, num_out = pitome_groups(head_mean(state.keys), r, state.num_prefix, margin, alpha, bsm)
     return merge_all(state, group, num_out)
 
 

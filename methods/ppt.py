@@ -72,7 +72,7 @@ from methods.base import (
     TokenState,
     check_block_indices,
 )
-from methods.tokens import class_or_received_attention, keep_tokens, merge_all, prefix_index
+from methods.tokens import class_or_received_attention, head_mean, keep_tokens, merge_all, prefix_index
 from methods.tome import bipartite_groups, half_caps
 
 # -- the equations ------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def prune_lowest(state: TokenState, scores: Tensor, r: int) -> TokenState:
 def pool_matching(state: TokenState, r: int) -> TokenState:
     """ToMe's bipartite soft matching on the keys averaged over heads (size-weighted merge of
     ``r`` tokens): :func:`methods.tome.bipartite_groups` and :func:`methods.tokens.merge_all`."""
-    group, num_out = bipartite_groups(state.keys.mean(dim=1), r, state.num_prefix)
+    group, num_out = bipartite_groups(head_mean(state.keys), r, state.num_prefix)
     return merge_all(state, group, num_out)
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from methods.base import ModelInfo, ReducerConfigError, TokenState
-from methods.tokens import group_counts, keep_tokens, merge_every_token
+from methods.tokens import group_counts, head_mean, keep_tokens, merge_every_token
 from methods.tome import ToMe, bipartite_groups, bipartite_match
 
 
@@ -79,7 +79,7 @@ def tofu_step(state: TokenState, r: int, prune: bool) -> TokenState:
     r = min(r, (int(state.num_tokens) - state.num_prefix) // 2)
     if r <= 0:
         return state
-    metric = state.keys.mean(dim=1)
+    metric = head_mean(state.keys)
     if prune:
         return prune_sources(state, bipartite_match(metric, r, state.num_prefix)[1])
     return mlerp_merge(state, *bipartite_groups(metric, r, state.num_prefix))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import merge_all, shape_constant
+from methods.tokens import head_mean, merge_all, shape_constant
 
 
 def tome_schedule(r: float | Sequence[int], depth: int, inflection: float = 0.0) -> list[int]:
@@ -138,7 +138,7 @@ def tome_merge(state: TokenState, r: int) -> TokenState:
     r = min(r, (state.num_tokens - protected) // 2)
     if r <= 0:
         return state
-    metric = state.keys.mean(dim=1)
+    metric = head_mean(state.keys)
     group, num_out = bipartite_groups(metric, r, state.num_prefix)
     return merge_all(state, group, num_out)
 

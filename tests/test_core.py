@@ -204,6 +204,25 @@ def test_row_gather_and_scatter_add_are_torchs_bit_for_bit(batch, dtype):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_head_mean_is_means_bits_on_the_attentions_key_layout(dtype):
+    """The merging methods' metric, ``head_mean(keys)``, adds the heads one by one above a
+    size (faster on the CPU); it must be ``keys.mean(dim=1)`` bit for bit, on the strided view
+    of the qkv output the patch hands over, for every head count, below and above the size
+    where it switches, and with values of very different magnitudes."""
+    from methods.tokens import head_mean
+
+    g = torch.Generator().manual_seed(3)
+    cases = [(1, 197, 3, 64), (8, 197, 3, 64), (6, 197, 4, 16), (2, 600, 2, 8), (3, 401, 3, 40), (2, 50, 1, 64)]
+    cases += [(6, 197, 6, 64), (6, 197, 6, 16), (6, 197, 12, 64)]  # more heads: mean itself
+    for batch, tokens, heads, width in cases:
+        scale = 10.0 ** torch.randint(-3, 4, (1,), generator=g).item()
+        qkv = (torch.randn(batch, tokens, 3 * heads * width, generator=g) * scale).to(dtype)
+        keys = qkv.reshape(batch, tokens, 3, heads, width).permute(2, 0, 3, 1, 4)[1]
+        got = head_mean(keys)
+        assert got.dtype == dtype and torch.equal(got, keys.mean(dim=1)), (batch, tokens, heads, width)
+
+
 def test_row_gather_and_scatter_add_compile_to_the_same_values():
     """Under ``torch.compile`` the two helpers take the expanded ``gather`` / ``scatter_add_``
     (which inductor fuses) instead of the flat ops: one graph, and the eager values."""
