@@ -67,9 +67,10 @@ def mlerp_merge(state: TokenState, group: Tensor, num_out: int) -> TokenState:
     norms = x.float().norm(dim=-1)
     top = norms.new_zeros(x.shape[0], num_out).scatter_reduce_(1, group, norms, reduce="amax", include_self=False)
     scale = top / mean.float().norm(dim=-1).clamp_min(1e-12)
-    fused = (mean.float() * scale[..., None]).to(x.dtype)
-    multi = group_counts(group, num_out) > 1
-    merged = torch.where(multi[..., None], fused, mean)
+    # a token alone keeps scale 1: ``mean · 1`` is ``mean`` exactly (also through float32 and
+    # back), and a (B, N) choice is cheaper than choosing between two (B, N, C) tensors
+    scale = torch.where(group_counts(group, num_out) > 1, scale, 1.0)
+    merged = (mean.float() * scale[..., None]).to(x.dtype)
     pos = torch.full(size.shape, -1, dtype=state.pos.dtype, device=size.device)
     return state.replace(x=merged, size=size, pos=pos, source=source, grid=None, reduced=True)
 
