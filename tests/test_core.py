@@ -208,8 +208,8 @@ def test_row_gather_and_scatter_add_are_torchs_bit_for_bit(batch, dtype):
 def test_head_mean_is_means_bits_on_the_attentions_key_layout(dtype):
     """The merging methods' metric, ``head_mean(keys)``, adds the heads one by one above a
     size (faster on the CPU); it must be ``keys.mean(dim=1)`` bit for bit, on the strided view
-    of the qkv output the patch hands over, for every head count, below and above the size
-    where it switches, and with values of very different magnitudes."""
+    of the qkv output the patch hands over, for 1 to 6 and 12 heads of several widths, below
+    and above the size where it switches, and with values of very different magnitudes."""
     from methods.tokens import head_mean
 
     g = torch.Generator().manual_seed(3)
