@@ -14,6 +14,7 @@ import pandas as pd
 
 from bench.report.labels import RANDOM_WEIGHTS, display_name, knob_text, model_label
 from bench.report.latency import (
+    BF16,
     EAGER,
     base_column,
     batch_columns,
@@ -22,6 +23,7 @@ from bench.report.latency import (
     compile_lines,
     is_latency_metric,
     latency_mode,
+    latency_precision,
     section_columns,
     summary_columns,
 )
@@ -75,14 +77,17 @@ def result_key(record: dict[str, Any]) -> str:
     it ran on (another machine's record never replaces this one's) — but not which
     measurements a run switched on, so that a run measuring accuracy only and a run measuring
     everything for the same configuration fill one row. Latency timed compiled is another row
-    than latency timed eagerly (``bench.latency.compile``): their speedups never mix."""
+    than latency timed eagerly (``bench.latency.compile``), and bf16 autocast another than fp32
+    (``bench.latency.amp``): their speedups never mix."""
     config = record.get("config")
     if not isinstance(config, dict):
         return str(record.get("config_hash"))
     mode = latency_mode(record)
-    compiled = {"latency_compile": mode} if mode != EAGER else {}  # eager rows keep their old keys
+    timing = {"latency_compile": mode} if mode != EAGER else {}  # eager fp32 rows keep their old keys
+    if latency_precision(record) == BF16:
+        timing["latency_precision"] = BF16
     return config_hash(
-        {**{k: v for k, v in config.items() if k != "bench"}, "device_name": record.get("device"), **compiled}
+        {**{k: v for k, v in config.items() if k != "bench"}, "device_name": record.get("device"), **timing}
     )
 
 
@@ -119,6 +124,7 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "images": r.get("num_images"),
             "device": r.get("device"),
             "latency_mode": latency_mode(r),
+            "latency_precision": latency_precision(r),
             "method": r.get("method"),
             "budget": b.get("macs_ratio_target"),
             "knob": knob,

@@ -202,6 +202,49 @@ def test_compiled_and_eager_rows_never_mix():
     assert "latency" in summary([eager, compiled]).splitlines()[0]  # two modes in one sweep: said per row
 
 
+def test_bf16_and_fp32_rows_never_mix():
+    """One configuration timed in fp32 and under bf16 autocast (a GPU session runs both): two
+    rows in two tables, never the newer replacing the older, and two panels by model size."""
+    fp32 = _record("a", "1", {"batch_size": [256]}, mode="cudagraphs", **_timed([256], mode="cudagraphs"))
+    bf16 = _record("a", "2", {"batch_size": [256], "amp": True}, mode="cudagraphs", **_timed([256], mode="cudagraphs"))
+    bf16["metrics"]["amp_bf16"] = True
+    assert result_key(fp32) != result_key(bf16)
+    eager_fp32 = _record("a", "0", {"batch_size": 32})
+    assert result_key(eager_fp32) == result_key(_record("a", "3", {"batch_size": 32}))  # fp32 keys as before
+    df = table([fp32, bf16])
+    assert sorted(df["latency_precision"]) == ["bf16", "fp32"]
+    headings = [line for line in markdown(df).splitlines() if line.startswith("## ")]
+    cudagraphs = "latency torch.compile (inductor, reduce-overhead: CUDA graphs)"
+    assert headings == [
+        f"## m on val (6 images), CPU A, {cudagraphs}",
+        f"## m on val (6 images), CPU A, {cudagraphs}, bf16 autocast",
+    ]
+    assert "precision" in summary([fp32, bf16]).splitlines()[0]
+
+
+def test_speed_plots_split_precisions_and_survive_two_rows_of_one_label(tmp_path):
+    """The speed-by-size panels get a row per precision; a group holding one label twice (the
+    same images under two paths) plots the newest instead of failing."""
+    from bench.report.plots import plot_latency
+    from bench.report.speed import plot_speed_by_size
+
+    records = []
+    for k, (model, amp) in enumerate([("s", False), ("s", True), ("b", False), ("b", True)]):
+        for method in ("none", "a"):
+            r = _record(method, str(k), {"batch_size": [256], "amp": amp}, **_timed([256]))
+            r["model"] = r["config"]["model"]["name"] = model
+            r["metrics"]["amp_bf16"] = amp
+            r["metrics"]["gmacs"] = 1.0 if model == "s" else 4.0
+            records.append(r)
+    moved = copy.deepcopy(records[1])
+    moved["config"]["data"]["root"] = moved["data_root"] = "/elsewhere/val"
+    moved["timestamp"] = "9"
+    df = table([*records, moved])
+    assert (df["label"] == "a").sum() == 5
+    assert plot_latency(df, tmp_path / "latency.png").is_file()
+    assert plot_speed_by_size(df, tmp_path / "speed.png").is_file()
+
+
 def test_a_compiled_model_that_disagrees_with_eager_or_fails_is_said(vit, images, monkeypatch):
     """A compiler that changes the answer cannot pass its timings off as the eager model's; one
     that fails is one line."""

@@ -38,6 +38,7 @@ def _row(method, budget, top1, images=100, label=None, **kw):
         images=images,
         device="cpu",
         latency_mode="eager",
+        latency_precision="fp32",
         budget=budget,
         top1=top1,
         gmacs=1.0,
@@ -56,7 +57,7 @@ def test_headline_takes_the_main_group_the_headline_budget_and_plain_methods():
             _row("tome", 0.65, 10.0, images=5),  # a smaller group
         ]
     )
-    group = ("m", "d", 100, "cpu", "eager")
+    group = ("m", "d", 100, "cpu", "eager", "fp32")
     assert len(group_rows(df, group)) == 5
     table_rows = [line for line in headline(df, group) if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0] for r in table_rows] == ["| none (unreduced)", "| tome", "| fatr"]
@@ -66,10 +67,10 @@ def test_headline_takes_the_main_group_the_headline_budget_and_plain_methods():
 def test_sections_render_from_sparse_tables():
     """A store with accuracy but no FLOPs, no paired statistics or no image count still renders."""
     sparse = pd.DataFrame([_row("none", None, 80.0, images=None), _row("tome", 0.65, 79.0, images=None)])
-    assert "| tome | 79.00" in summary_sections(sparse, ("m", "d", None, "cpu", "eager"))["headline"]
+    assert "| tome | 79.00" in summary_sections(sparse, ("m", "d", None, "cpu", "eager", "fp32"))["headline"]
     assert summary_sections(pd.DataFrame(), None)["headline"].startswith("No accuracy records")
     latency_only = pd.DataFrame([_row("none", None, None), _row("ppt", None, None)]).drop(columns="top1")
-    assert summary_sections(latency_only, ("m", "d", 100, "cpu", "eager"))["papers"]
+    assert summary_sections(latency_only, ("m", "d", 100, "cpu", "eager", "fp32"))["papers"]
 
 
 def test_sync_rewrites_blocks_and_stale_blocks_finds_them(tmp_path):

@@ -5,7 +5,8 @@ A record times every batch size of ``bench.latency.batch_size`` on its own (``la
 and ``latency_batch``, and are read as that batch's group, so both render in one table. A
 speedup compares two models run the same way, so rows timed eagerly and rows timed compiled
 (``latency_compile``) are never one row, one table or one plot: the compile mode is part of
-a row's key and of its group (:data:`bench.report.significance.GROUP_KEYS`).
+a row's key and of its group (:data:`bench.report.significance.GROUP_KEYS`), and so is the
+precision (fp32, or bf16 autocast with ``bench.latency.amp``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from bench.measure.latency import PER_BATCH_KEYS
 
 EAGER = "eager"
+FP32, BF16 = "fp32", "bf16"
 COMPILE_TEXT = {
     EAGER: "eager",
     "compile": "torch.compile (inductor)",
@@ -83,11 +85,25 @@ def latency_mode(record: dict[str, Any]) -> str:
     return (record.get("metrics") or {}).get("latency_compile") or EAGER
 
 
-def mode_heading(mode: Any) -> str:
-    """What a group's heading adds for its compile mode: nothing for eager (old headings stay)."""
-    if not isinstance(mode, str) or mode == EAGER:
-        return ""
-    return f", latency {COMPILE_TEXT.get(mode, mode)}"
+def latency_precision(record: dict[str, Any]) -> str:
+    """``bf16`` where the latency ran under bf16 autocast (``bench.latency.amp``), else ``fp32``.
+    Like the compile mode, part of a row's key and group: bf16 and fp32 speedups never mix."""
+    metrics = record.get("metrics") or {}
+    if "amp_bf16" in metrics:
+        return BF16 if metrics["amp_bf16"] else FP32
+    latency = ((record.get("config") or {}).get("bench") or {}).get("latency") or {}
+    return BF16 if latency.get("amp") else FP32
+
+
+def mode_heading(mode: Any, precision: Any = FP32) -> str:
+    """What a group's heading adds for its compile mode and precision: nothing for eager fp32
+    (old headings stay)."""
+    text = ""
+    if isinstance(mode, str) and mode != EAGER:
+        text += f", latency {COMPILE_TEXT.get(mode, mode)}"
+    if precision == BF16:
+        text += ", bf16 autocast"
+    return text
 
 
 def _num(v: Any) -> bool:
@@ -148,7 +164,8 @@ def column_title(column: str, titles: dict[str, str]) -> str:
     base, n = split_batch(column)
     if n is not None and base in PER_BATCH:
         return f"{PER_BATCH[base]} (b={n})"
-    return {**titles, **COMPILE_COLUMNS, "latency_mode": "latency"}.get(column, column)
+    names = {**titles, **COMPILE_COLUMNS, "latency_mode": "latency", "latency_precision": "precision"}
+    return names.get(column, column)
 
 
 def base_column(column: str) -> str:
@@ -159,8 +176,9 @@ def base_column(column: str) -> str:
 
 def summary_columns(df: pd.DataFrame) -> list[str]:
     """The sweep summary's latency columns: the speedup at each batch size (the plain speedup
-    where no row says its batch), and the compile mode when the sweep timed more than one."""
-    modes = ["latency_mode"] if "latency_mode" in df and df["latency_mode"].nunique() > 1 else []
+    where no row says its batch), and the compile mode and precision when the sweep timed more
+    than one."""
+    modes = [c for c in ("latency_mode", "latency_precision") if c in df and df[c].nunique() > 1]
     speedups = [f"speedup_b{n}" for n in batches_in(df) if f"speedup_b{n}" in df and df[f"speedup_b{n}"].notna().any()]
     return modes + (speedups or ["speedup"])
 

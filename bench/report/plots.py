@@ -151,7 +151,10 @@ def plot_latency(df: pd.DataFrame, path: Path) -> Path | None:
         labels = sorted(g["label"].unique(), key=lambda s: (base_method(s), len(s), s))  # variants by their method
         width = 0.8 / len(hue_order)
         for k, h in enumerate(hue_order):
-            part = g[g["hue"] == h].set_index("label").reindex(labels)
+            part = g[g["hue"] == h]
+            if "timestamp" in part:  # two configs of one label (say, images from two paths): the newest
+                part = part.sort_values("timestamp").drop_duplicates("label", keep="last")
+            part = part.set_index("label").reindex(labels)
             ys = np.arange(len(labels)) + (k - (len(hue_order) - 1) / 2) * width
             err = None
             if {"speedup_q1", "speedup_q3"} <= set(part.columns):

@@ -21,12 +21,13 @@ import pandas as pd
 from bench.errors import BenchError
 from bench.measure.outcomes import Outcomes, load_outcomes
 from bench.report.labels import model_label
-from bench.report.latency import latency_mode, mode_heading
+from bench.report.latency import latency_mode, latency_precision, mode_heading
 from bench.report.stats import RESAMPLE_UNITS, Bootstrap, bootstrap_for, detectable_delta, discordance, wilson_interval
 
-GROUP_KEYS = ["model", "dataset", "images", "device", "latency_mode"]
+GROUP_KEYS = ["model", "dataset", "images", "device", "latency_mode", "latency_precision"]
 """Rows that may share a table, a ranking or a plot line: never across these (latency_mode:
-eager or compiled, ``bench.latency.compile``; speedups of the two never compare)."""
+eager or compiled, ``bench.latency.compile``; latency_precision: fp32 or bf16 autocast;
+speedups timed differently never compare)."""
 MISSING = "–"
 NO_OUTCOMES = "no per-image outcomes"
 OTHER_IMAGES = "other images than the unreduced row"
@@ -51,6 +52,7 @@ def record_group(record: dict[str, Any]) -> tuple:
         record.get("num_images"),
         record.get("device"),
         latency_mode(record),
+        latency_precision(record),
     )
 
 
@@ -67,9 +69,9 @@ def primary_group(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def group_title(key: tuple) -> str:
-    model, dataset, images, device, *mode = key
+    model, dataset, images, device, *timing = key
     n = MISSING if images is None or (isinstance(images, float) and math.isnan(images)) else int(images)
-    return f"{model} on {dataset} ({n} images), {device or 'unknown device'}" + mode_heading(mode[0] if mode else None)
+    return f"{model} on {dataset} ({n} images), {device or 'unknown device'}" + mode_heading(*timing[:2])
 
 
 # -- computing --------------------------------------------------------------------------------

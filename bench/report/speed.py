@@ -1,9 +1,10 @@
 """Speedup against model size: whether a method's savings grow with the model, per batch size.
 
 At DeiT-Tiny's size a reducer's bookkeeping (gathers, sorts, kernel launches) weighs as much as
-the tokens it saves; at DeiT-Base it should not. One panel per device and batch size, the
-models on the x axis in the order of their unreduced GMACs, one line per method, solid for
-eager and dashed for compiled timings: a method's colour is the same as in every other figure.
+the tokens it saves; at DeiT-Base it should not. One panel per device, precision (fp32 or bf16
+autocast) and batch size, the models on the x axis in the order of their unreduced GMACs, one
+line per method, solid for eager and dashed for compiled timings: a method's colour is the same
+as in every other figure.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.report.latency import BF16, FP32
 from bench.report.style import figure, label_styles, save
 
 BATCH_COLUMN = re.compile(r"^speedup_b(\d+)$")
@@ -40,15 +42,17 @@ def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
     if d["model"].nunique() < 2 or not sizes:
         return None
     models = model_order(df)
-    devices = sorted(d["device"].dropna().unique()) or [None]
-    fig, axes = figure(len(sizes), 5.5 * len(sizes), 4.2 * len(devices), nrows=len(devices))
+    precision = d["latency_precision"] if "latency_precision" in d else pd.Series(FP32, index=d.index)
+    d = d.assign(latency_precision=precision.fillna(FP32))
+    rows = sorted({(str(dev), p) for dev, p in zip(d["device"].fillna(""), d["latency_precision"], strict=True)})
+    fig, axes = figure(len(sizes), 5.5 * len(sizes), 4.2 * len(rows), nrows=len(rows))
     colors, markers = label_styles(d["label"])
-    for row, device in enumerate(devices):
-        on_device = d if device is None else d[d["device"] == device]
+    for row, (device, prec) in enumerate(rows):
+        here = d[(d["device"].fillna("") == device) & (d["latency_precision"] == prec)]
         for col, batch in enumerate(sizes):
             ax = axes[row * len(sizes) + col]
-            _panel(ax, on_device, f"speedup_b{batch}", models, colors, markers)
-            where = "" if device is None else f"{device}, "
+            _panel(ax, here, f"speedup_b{batch}", models, colors, markers)
+            where = (f"{device}, " if device else "") + ("bf16, " if prec == BF16 else "")
             ax.set_title(f"{where}batch {batch}", fontsize=9)
     budgets = sorted({f"{b:.2f}" for b in d["budget"].dropna()})
     title = "Speedup vs model size" + (f" at MACs {', '.join(budgets)}" if budgets else "")
