@@ -42,6 +42,11 @@ not a change to the code, so it does not mark later records ``-dirty``."""
 
 
 def git_commit(repo: Path | None = None) -> str:
+    """The code's commit, ``-dirty`` if tracked files differ from it. ``FATR_GIT_COMMIT``
+    overrides it where the code travels without ``.git`` (``bench.gpu_session`` sets it from
+    the commit it read before the copy)."""
+    if os.environ.get("FATR_GIT_COMMIT"):
+        return os.environ["FATR_GIT_COMMIT"]
     repo = repo or Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)

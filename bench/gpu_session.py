@@ -1,0 +1,374 @@
+"""``python -m bench.gpu_session``: the GPU half of the speed table, packed for a short GPU lease.
+
+A GPU here is lent for minutes at a time, to a machine that starts bare: its Python has torch,
+timm, pandas and pytest but not fvcore or Hydra, no network, and none of ``../shared``. Working
+that out by hand costs the lease, so the session is prepared in advance and run in one call:
+
+- ``prepare`` (here, where the package registry is reachable): builds wheels of the packages
+  the GPU image lacks (:data:`CARRIED`, at the versions installed here, so both machines run the
+  same harness code) into ``.gpu/wheels``, copies the evaluation images into ``.gpu/`` and
+  writes the commit being measured; prints the one command to run there.
+- ``run`` (there): installs the wheels into a private folder, then runs :data:`STEPS` in order,
+  most important first (the CUDA sync-debug tests, then the eager sweeps, then the CUDA-graphs
+  ones, whose compiling is slow), each cut off at the deadline so the whole call ends inside the lease. After
+  every step the run store and the log are copied to ``--out``, so whatever finished comes
+  back even when a later step is cut off.
+- ``merge`` (here): appends the returned records to ``results/speed/runs.jsonl`` (records
+  already there are skipped) and rewrites that folder's leaderboard.
+
+This module imports only the standard library at the top: on the GPU machine it runs before
+the harness's dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+KIT = Path(".gpu")
+"""Everything ``prepare`` writes, git-ignored; the device call carries it (``carry=[".gpu"]``)."""
+DATASET = "imagenet-val-1300"
+TRAVEL_LIMIT_MIB = 62
+"""What a device call may carry is 64 MiB in all (the working tree included); keep a margin."""
+
+CARRIED = (
+    "fvcore",
+    "iopath",
+    "yacs",
+    "termcolor",
+    "hydra-core",
+    "omegaconf",
+    "antlr4-python3-runtime",
+    "timm",
+)
+"""Pure-Python packages the GPU image lacks (fvcore, Hydra and what they need), plus timm so
+that the model code is the version CI tests."""
+
+ALL_METHODS = "fatr,tome,evit,pool,kmedoids,dpcknn,topk,random,pitome,tofu,mctf,ppt,ats,zerotprune,dct,diffrate"
+SPEED_ONLY = (
+    "model.random_init=true",
+    "bench.accuracy=false",
+    "bench.spectral.enabled=false",
+    "bench.scaling.enabled=false",
+    "progress=false",
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of the session: ``args`` after ``python -m``; ``sweep`` marks a ``bench.run``
+    sweep (it gets the shared overrides and writes to the session's run store)."""
+
+    name: str
+    why: str
+    args: tuple[str, ...]
+    sweep: bool = True
+
+
+def _sweep(name: str, why: str, *overrides: str) -> Step:
+    return Step(name, why, ("bench.run", f"method={ALL_METHODS}", *overrides))
+
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        "cuda-tests",
+        "every reducer's forward under torch.cuda.set_sync_debug_mode('error')",
+        ("pytest", "tests/test_compile.py", "-k", "cuda", "-p", "no:cacheprovider"),
+        sweep=False,
+    ),
+    _sweep(
+        "small-base-fp32-eager",
+        "target: the paper's fp32 throughput ratios at DeiT-S and DeiT-B, batch 256",
+        "model=deit_small,deit_base",
+        "bench.latency.compile=eager",
+        "bench.latency.batch_size=[256]",
+    ),
+    _sweep(
+        "tiny-bf16-eager",
+        "the table: DeiT-Tiny bf16 eager, batch 1 and 256",
+        "model=deit_tiny",
+        "bench.latency.amp=true",
+        "bench.latency.compile=eager",
+        "bench.latency.batch_size=[1,256]",
+    ),
+    _sweep(
+        "tiny-bf16-cudagraphs",
+        "target: no reducer slower than unreduced, DeiT-Tiny bf16 batch 256, CUDA graphs",
+        "model=deit_tiny",
+        "bench.latency.amp=true",
+        "bench.latency.compile=cudagraphs",
+        "bench.latency.batch_size=[256]",
+    ),
+    _sweep(
+        "small-base-fp32-cudagraphs",
+        "the table: DeiT-S and DeiT-B fp32 with CUDA graphs, batch 256",
+        "model=deit_small,deit_base",
+        "bench.latency.compile=cudagraphs",
+        "bench.latency.batch_size=[256]",
+    ),
+    _sweep(
+        "tiny-fp32",
+        "the table: DeiT-Tiny fp32, eager and CUDA graphs, batch 1 and 256",
+        "model=deit_tiny",
+        "bench.latency.compile=eager,cudagraphs",
+        "bench.latency.batch_size=[1,256]",
+    ),
+    _sweep(
+        "small-base-bf16",
+        "the table: DeiT-S and DeiT-B bf16, eager and CUDA graphs, batch 1 and 256",
+        "model=deit_small,deit_base",
+        "bench.latency.amp=true",
+        "bench.latency.compile=eager,cudagraphs",
+        "bench.latency.batch_size=[1,256]",
+    ),
+)
+"""Most important first: a lease that ends early has the tests and the targets. The eager steps
+come before the CUDA-graphs ones because each takes a few minutes at most, while compiling
+sixteen reduced models can take the rest of the lease (a cut-off sweep keeps every finished job)."""
+
+
+# -- prepare (here) --------------------------------------------------------------------------------
+
+
+def build_wheels(dest: Path, packages: Sequence[str] = CARRIED) -> list[Path]:
+    """Wheels of ``packages`` at the versions installed here (``pip wheel --no-deps``: a
+    registry wheel where there is one, else built from the sdist; all are pure Python)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in packages]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), *pins],
+        check=True,
+    )
+    return sorted(dest.glob("*.whl"))
+
+
+def tree_mib(paths: Sequence[Path]) -> float:
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 2**20
+
+
+def tracked_mib(repo: Path) -> float:
+    """Size of what travels besides the kit: tracked and untracked, not ignored files."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo,
+        capture_output=True,
+        check=True,
+    ).stdout
+    files = [repo / f for f in out.decode().split("\0") if f]
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+
+
+def copy_files(src: Path, dest: Path) -> None:
+    """The files under ``src`` into ``dest``, contents only: a read-only source (``../shared``
+    is) must not make the kit read-only, or the next ``prepare`` could not replace it."""
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            target = dest / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+
+
+def commit_label(repo: Path) -> str:
+    """The commit as the run store writes it (``bench.store.git_commit``), read here where
+    ``.git`` is: the GPU machine gets the working tree without it."""
+    from bench.store import git_commit
+
+    return git_commit(repo)
+
+
+def prepare(images: Path, repo: Path = Path(".")) -> int:
+    if not images.is_dir():
+        print(f"error: no images at {images} (pass --images PATH, an ImageNet val folder)", file=sys.stderr)
+        return 2
+    kit = repo / KIT
+    if kit.exists():
+        shutil.rmtree(kit)
+    wheels = build_wheels(kit / "wheels")
+    copy_files(images, kit / DATASET)
+    (kit / "commit").write_text(commit_label(repo) + "\n")
+    size = tracked_mib(repo) + tree_mib([kit])
+    print(f"{len(wheels)} wheels and {images} copied into {kit}/; {size:.1f} MiB will travel")
+    if size > TRAVEL_LIMIT_MIB:
+        print(f"error: {size:.1f} MiB is over the {TRAVEL_LIMIT_MIB} MiB a device call may carry", file=sys.stderr)
+        return 2
+    print('then, on the GPU machine (device tool): run(carry=[".gpu"], timeout_s=600,')
+    print('    command="python3 -m bench.gpu_session run --deadline-s 540 --out $OUT")')
+    return 0
+
+
+PROBE = "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+"""First line of the log: the torch build and the GPU the numbers were measured on."""
+
+
+# -- run (there) -----------------------------------------------------------------------------------
+
+
+def install_wheels(wheels: Path, target: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(target),
+            *map(str, sorted(wheels.glob("*.whl"))),
+        ],
+        check=True,
+    )
+
+
+def step_command(
+    step: Step, results_dir: Path, data_root: Path, device: str = "cuda", extra: Sequence[str] = ()
+) -> list[str]:
+    """The step's command line; a sweep's overrides with ``extra`` replacing those of the same
+    key (``method=evit`` narrows every sweep to one method)."""
+    if not step.sweep:
+        return [sys.executable, "-m", *step.args]
+    # data_root stays relative (.gpu/...): a row's identity must not depend on where the GPU
+    # machine put its copy of the tree
+    where = [f"device={device}", f"data.root={data_root}", f"results_dir={results_dir}"]
+    overrides = [*step.args[1:], *SPEED_ONLY, *where]
+    keyed = {o.split("=", 1)[0]: o for o in [*overrides, *extra]}
+    return [sys.executable, "-m", step.args[0], *keyed.values()]
+
+
+def run_until(cmd: Sequence[str], seconds: float, log, env: dict[str, str], grace: float = 15.0) -> str:
+    """Run ``cmd`` (its output into ``log``) for at most ``seconds``: then SIGINT to its process
+    group (a sweep keeps every finished job's record), SIGKILL after ``grace``. Returns what
+    happened, in words."""
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=max(1.0, seconds))
+        return f"exit {rc}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return f"cut off after {seconds:.0f} s"
+
+
+def copy_back(results_dir: Path, log_path: Path, out: Path) -> None:
+    """The run store and the log into ``out``: two files, as the device tool fetches them."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = results_dir / "runs.jsonl"
+    if runs.is_file():
+        shutil.copy2(runs, out / "runs.jsonl")
+    shutil.copy2(log_path, out / "gpu-session.log")
+
+
+def run(
+    deadline_s: float,
+    out: Path,
+    steps: Sequence[str] | None = None,
+    device: str = "cuda",
+    extra: Sequence[str] = (),
+    reserve_s: float = 20.0,
+    min_step_s: float = 30.0,
+) -> int:
+    """Every step in :data:`STEPS` (or those named in ``steps``) while at least ``min_step_s``
+    is left before the deadline less ``reserve_s`` (for copying back); ``device`` other than
+    ``cuda`` only to rehearse the session on the CPU. 0 when every step ran to the end."""
+    start = time.monotonic()
+    chosen = [s for s in STEPS if steps is None or s.name in steps]
+    unknown = set(steps or ()) - {s.name for s in STEPS}
+    if unknown:
+        print(f"error: unknown step(s) {sorted(unknown)}; choose from {[s.name for s in STEPS]}", file=sys.stderr)
+        return 2
+    if not (KIT / "wheels").is_dir() or not (KIT / DATASET).is_dir():
+        print("error: no .gpu kit here: run `python -m bench.gpu_session prepare`, carry .gpu", file=sys.stderr)
+        return 2
+    site = Path("/tmp/fatr-gpu-site")
+    install_wheels(KIT / "wheels", site)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FATR_GIT_COMMIT=(KIT / "commit").read_text().strip())
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path.cwd()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    results_dir = Path("/tmp/fatr-gpu-results")
+    log_path = Path("/tmp/fatr-gpu-session.log")
+    failed = False
+    with log_path.open("w") as log:
+        log.write(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env).stdout)
+        for step in chosen:
+            left = deadline_s - (time.monotonic() - start) - reserve_s
+            if left < min_step_s:
+                print(f"{step.name}: skipped, {left:.0f} s left")
+                log.write(f"== {step.name}: skipped, {left:.0f} s left\n")
+                continue
+            log.write(f"\n== {step.name}: {step.why}\n")
+            cmd = step_command(step, results_dir, KIT / DATASET, device, extra)
+            what = run_until(cmd, left, log, env)
+            failed |= what != "exit 0"
+            print(f"{step.name}: {what} ({time.monotonic() - start:.0f} s in)", flush=True)
+            log.flush()
+            copy_back(results_dir, log_path, out)
+    copy_back(results_dir, log_path, out)
+    return 1 if failed else 0
+
+
+# -- merge (here) ----------------------------------------------------------------------------------
+
+
+def merge(runs_file: Path, results_dir: Path) -> int:
+    """Append the records of ``runs_file`` that ``results_dir`` lacks; rewrite its leaderboard."""
+    if not runs_file.is_file():
+        print(f"error: no run store at {runs_file} (the device call's runs.jsonl)", file=sys.stderr)
+        return 2
+    from bench.leaderboard import write_leaderboard
+    from bench.store import append_record, read_records
+
+    have = {(r.get("config_hash"), r.get("timestamp")) for r in read_records(results_dir)}
+    new = [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()]
+    added = [r for r in new if (r.get("config_hash"), r.get("timestamp")) not in have]
+    for record in added:
+        append_record(results_dir, record)
+    print(f"{len(added)} of {len(new)} records added to {results_dir}")
+    for path in write_leaderboard(results_dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("prepare", help="here: wheels, images and commit into .gpu/")
+    p.add_argument("--images", type=Path, default=Path("../shared/data") / DATASET)
+    r = sub.add_parser("run", help="there: the steps, in order, until the deadline")
+    r.add_argument("--deadline-s", type=float, required=True, help="seconds the whole call may take")
+    r.add_argument("--out", type=Path, required=True, help="where the run store and log go ($OUT)")
+    r.add_argument("--steps", help=f"only these steps, comma-separated, of {','.join(s.name for s in STEPS)}")
+    r.add_argument("--device", default="cuda", help="cpu: rehearse the session here (the CUDA tests skip)")
+    r.add_argument("overrides", nargs="*", help="replace a sweep override of the same key, e.g. method=evit")
+    m = sub.add_parser("merge", help="here: the returned records into results/speed")
+    m.add_argument("runs_file", type=Path)
+    m.add_argument("--results-dir", type=Path, default=Path("results/speed"))
+    args = parser.parse_args(argv)
+    if args.what == "prepare":
+        return prepare(args.images)
+    if args.what == "run":
+        steps = args.steps.split(",") if args.steps else None
+        return run(args.deadline_s, args.out, steps, args.device, args.overrides)
+    return merge(args.runs_file, args.results_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

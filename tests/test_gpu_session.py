@@ -1,0 +1,116 @@
+"""The GPU-lease kit (``python -m bench.gpu_session``): what it runs there, in which order, cut
+off at the deadline with what finished kept, and how the records come back into the speed table.
+The GPU itself is not needed: the steps are rehearsed with stand-in commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench_utils import compose
+
+import bench.leaderboard
+from bench import gpu_session
+from bench.gpu_session import DATASET, KIT, SPEED_ONLY, STEPS, Step, merge, run, run_until, step_command
+from bench.store import git_commit
+
+
+def _first_values(overrides: list[str]) -> list[str]:
+    """One job's overrides of a sweep: the first value of each comma list (not inside brackets)."""
+    out = []
+    for o in overrides:
+        key, value = o.split("=", 1)
+        out.append(f"{key}={value if '[' in value else value.split(',')[0]}")
+    return out
+
+
+def test_the_tests_and_the_issue_targets_come_first_and_every_sweep_composes():
+    names = [s.name for s in STEPS]
+    assert names[:4] == ["cuda-tests", "small-base-fp32-eager", "tiny-bf16-eager", "tiny-bf16-cudagraphs"]
+    assert len(set(names)) == len(names)
+    for step in STEPS:
+        cmd = step_command(step, Path("/tmp/r"), KIT / DATASET)
+        if not step.sweep:
+            assert cmd[1:4] == ["-m", "pytest", "tests/test_compile.py"]
+            continue
+        assert cmd[:3] == [sys.executable, "-m", "bench.run"]
+        overrides = cmd[3:]
+        assert "device=cuda" in overrides and f"data.root={KIT / DATASET}" in overrides
+        assert not Path(str(KIT / DATASET)).is_absolute()  # a row's identity: not where the tree was copied
+        cfg = compose(_first_values(overrides))  # every key exists in the config schema
+        assert cfg.model.random_init and not cfg.bench.accuracy
+
+
+def test_extra_overrides_replace_those_of_the_same_key():
+    step = Step("s", "why", ("bench.run", "method=a,b", "model=deit_tiny", "bench.latency.batch_size=[256]"))
+    cmd = step_command(step, Path("out"), Path(".gpu/x"), device="cpu", extra=["method=evit", "seed=3"])
+    overrides = cmd[3:]
+    assert overrides.count("method=evit") == 1 and not any(o.startswith("method=a") for o in overrides)
+    assert "device=cpu" in overrides and "device=cuda" not in overrides
+    assert "seed=3" in overrides and "results_dir=out" in overrides
+    assert all(o in overrides for o in SPEED_ONLY)
+
+
+def test_a_step_past_the_deadline_is_interrupted(tmp_path):
+    start = time.monotonic()
+    with (tmp_path / "log").open("w") as log:
+        what = run_until([sys.executable, "-c", "import time; time.sleep(60)"], 2.0, log, dict(os.environ), grace=2.0)
+    assert what == "cut off after 2 s" and time.monotonic() - start < 10
+
+
+def test_run_keeps_what_finished_and_says_what_was_cut_or_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / KIT / "wheels").mkdir(parents=True)
+    (tmp_path / KIT / DATASET).mkdir()
+    (tmp_path / KIT / "commit").write_text("abc123\n")
+    monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
+    monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")  # importing torch would eat the deadline
+    quick = Step("quick", "finishes", ("timeit", "-n1", "-r1", "pass"), sweep=False)
+    slow = Step("slow", "cut off", ("timeit", "-n1", "-r1", "import time; time.sleep(60)"), sweep=False)
+    late = Step("late", "no time left", ("timeit", "pass"), sweep=False)
+    monkeypatch.setattr(gpu_session, "STEPS", (quick, slow, late))
+    out = tmp_path / "out"
+    assert run(deadline_s=6.0, out=out, reserve_s=0.0, min_step_s=1.0) == 1
+    said = capsys.readouterr().out
+    assert "quick: exit 0" in said and "slow: cut off" in said and "late: skipped" in said
+    log = (out / "gpu-session.log").read_text()
+    assert "== quick: finishes" in log and "== late: skipped" in log
+
+
+def test_run_refuses_an_unknown_step_or_a_missing_kit(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run(10, tmp_path / "out", steps=["tiny-bf16-cudagraphs", "nope"]) == 2
+    assert "unknown step(s) ['nope']" in capsys.readouterr().err
+    assert run(10, tmp_path / "out") == 2
+    assert "no .gpu kit here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_adds_each_record_once_and_refuses_a_missing_file(tmp_path, monkeypatch, capsys):
+    written = []
+    monkeypatch.setattr(bench.leaderboard, "write_leaderboard", lambda d: written.append(d) or [])
+    returned = tmp_path / "runs.jsonl"
+    records = [{"config_hash": h, "timestamp": t, "method": "a"} for h, t in (("x", "1"), ("y", "1"), ("x", "2"))]
+    returned.write_text("".join(json.dumps(r) + "\n" for r in records))
+    store = tmp_path / "speed"
+    store.mkdir()
+    (store / "runs.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert merge(returned, store) == 0
+    assert merge(returned, store) == 0
+    lines = (store / "runs.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["config_hash"], json.loads(x)["timestamp"]) for x in lines] == [
+        ("x", "1"),
+        ("y", "1"),
+        ("x", "2"),
+    ]
+    assert "2 of 3 records added" in capsys.readouterr().out and written == [store, store]
+    assert merge(tmp_path / "missing.jsonl", store) == 2
+    assert "no run store at" in capsys.readouterr().err
+
+
+def test_the_commit_of_a_tree_copied_without_git_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FATR_GIT_COMMIT", "0123456789ab-dirty")
+    assert git_commit() == "0123456789ab-dirty"
