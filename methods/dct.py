@@ -152,10 +152,11 @@ def dct_phase(n: int, n_out: int, device: torch.device, dtype: torch.dtype, resc
     ``rescale=False`` multiplies it by ``√(n/n_out)`` (the reference's plain inverse)."""
 
     def build() -> Tensor:
-        k = torch.arange(n_out, dtype=torch.float64)
+        # built on the device: a host-to-device copy in a CUDA forward would synchronise
+        k = torch.arange(n_out, dtype=torch.float64, device=device)
         angle = k * (math.pi / (2 * n_out) - math.pi / (2 * n))
         magnitude = n_out / n if rescale else math.sqrt(n_out / n)
-        return torch.polar(torch.full_like(angle, magnitude), angle).to(device=device, dtype=dtype)
+        return torch.polar(torch.full_like(angle, magnitude), angle).to(dtype=dtype)
 
     return _cached(("phase", n, n_out, device, dtype, rescale), build)
 
@@ -191,11 +192,11 @@ def overlap_matrix(n: int, n_out: int, device: torch.device, dtype: torch.dtype)
     of input cell ``j`` output cell ``m`` covers. Rows sum to ``n/n_out``, columns to 1."""
 
     def build() -> Tensor:
-        m = torch.arange(n_out, dtype=torch.float64)[:, None]
-        j = torch.arange(n, dtype=torch.float64)[None, :]
+        m = torch.arange(n_out, dtype=torch.float64, device=device)[:, None]
+        j = torch.arange(n, dtype=torch.float64, device=device)[None, :]
         # in units of 1/(n·n_out): cell m is [m·n, (m+1)·n), cell j is [j·n_out, (j+1)·n_out)
         inter = (torch.minimum((m + 1) * n, (j + 1) * n_out) - torch.maximum(m * n, j * n_out)).clamp_min(0)
-        return (inter / n_out).to(device=device, dtype=dtype)
+        return (inter / n_out).to(dtype=dtype)
 
     return _cached(("overlap", n, n_out, device, dtype), build)
 

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 import methods.kmedoids as kmedoids_module
 import methods.prune as prune_module
 from bench.budget import solve_budget
+from bench.measure.flops import fvcore_macs
 from fatr import FATR
 from fatr.reducer import DC_EMPTY, DC_SLOTS
 from methods import apply_reducer
@@ -181,6 +182,20 @@ def test_cuda_fatr_with_learned_omega_has_no_sync():
             model(x)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted({n for n, _ in CASES}))
+def test_cuda_model_counts_the_macs_the_cpu_model_counts(name):
+    """fvcore's trace turns shapes into CPU tensors; a reducer that computes with one
+    (``clamp_max(n - 1)``) broke the count of a CUDA model before it was traced on a CPU copy."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    apply_reducer(model, build_reducer(name))
+    x = torch.randn(1, 3, 224, 224)
+    on_cpu = fvcore_macs(model, x)
+    assert fvcore_macs(model.cuda(), x.cuda()) == on_cpu
+    assert next(model.parameters()).is_cuda  # counted on a copy
 
 
 # -- 3. decisions unchanged -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ within 2% for every method.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -111,7 +112,13 @@ NO_MAC_OPS = [
 
 
 def fvcore_macs(model: nn.Module, images: torch.Tensor) -> int:
-    """MACs of one forward of ``images`` (per the whole batch) as fvcore traces them."""
+    """MACs of one forward of ``images`` (per the whole batch) as fvcore traces them.
+
+    Traced on a CPU copy of a model that lives elsewhere: MACs depend on shapes alone, and
+    tracing turns every shape into a CPU tensor, which a reducer computing with one on CUDA
+    (``idx.clamp_max(n - 1)``) cannot mix with its device's tensors."""
+    if images.device.type != "cpu":
+        model, images = copy.deepcopy(model).cpu(), images.cpu()
     with warnings.catch_warnings():  # fvcore's import trips torch.jit.script deprecation notices
         warnings.simplefilter("ignore", FutureWarning)
         from fvcore.nn import FlopCountAnalysis
