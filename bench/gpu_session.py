@@ -287,15 +287,16 @@ def run(
     reserve_s: float = 20.0,
     min_step_s: float = 30.0,
 ) -> int:
-    """Every step in :data:`STEPS` (or those named in ``steps``) while at least ``min_step_s``
+    """Every step in :data:`STEPS` (or those named in ``steps``, in that order) while at least ``min_step_s``
     is left before the deadline less ``reserve_s`` (for copying back); ``device`` other than
     ``cuda`` only to rehearse the session on the CPU. 0 when every step ran to the end."""
     start = time.monotonic()
-    chosen = [s for s in STEPS if steps is None or s.name in steps]
-    unknown = set(steps or ()) - {s.name for s in STEPS}
+    by_name = {s.name: s for s in STEPS}
+    unknown = set(steps or ()) - set(by_name)
     if unknown:
         print(f"error: unknown step(s) {sorted(unknown)}; choose from {[s.name for s in STEPS]}", file=sys.stderr)
         return 2
+    chosen = list(STEPS) if steps is None else [by_name[name] for name in steps]
     if not (KIT / "wheels").is_dir() or not (KIT / DATASET).is_dir():
         print("error: no .gpu kit here: run `python -m bench.gpu_session prepare`, carry .gpu", file=sys.stderr)
         return 2
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="there: the steps, in order, until the deadline")
     r.add_argument("--deadline-s", type=float, required=True, help="seconds the whole call may take")
     r.add_argument("--out", type=Path, required=True, help="where the run store and log go ($OUT)")
-    r.add_argument("--steps", help=f"only these steps, comma-separated, of {','.join(s.name for s in STEPS)}")
+    names = ",".join(s.name for s in STEPS)
+    r.add_argument("--steps", help=f"only these steps, in this order (comma-separated), of {names}")
     r.add_argument("--device", default="cuda", help="cpu: rehearse the session here (the CUDA tests skip)")
     r.add_argument("overrides", nargs="*", help="replace a sweep override of the same key, e.g. method=evit")
     m = sub.add_parser("merge", help="here: the returned records into results/speed")

@@ -80,6 +80,20 @@ def test_run_keeps_what_finished_and_says_what_was_cut_or_skipped(tmp_path, monk
     assert "== quick: finishes" in log and "== late: skipped" in log
 
 
+def test_run_takes_the_named_steps_in_the_order_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / KIT / "wheels").mkdir(parents=True)
+    (tmp_path / KIT / DATASET).mkdir()
+    (tmp_path / KIT / "commit").write_text("abc123\n")
+    monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
+    monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")
+    first, second = (Step(n, n, ("timeit", "-n1", "-r1", "pass"), sweep=False) for n in ("first", "second"))
+    monkeypatch.setattr(gpu_session, "STEPS", (first, second))
+    assert run(deadline_s=60.0, out=tmp_path / "out", steps=["second", "first"], reserve_s=0.0) == 0
+    said = capsys.readouterr().out
+    assert said.index("second: exit 0") < said.index("first: exit 0")
+
+
 def test_run_refuses_an_unknown_step_or_a_missing_kit(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run(10, tmp_path / "out", steps=["tiny-bf16-cudagraphs", "nope"]) == 2
