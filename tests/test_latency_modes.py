@@ -256,6 +256,10 @@ def test_a_compiled_model_that_disagrees_with_eager_or_fails_is_said(vit, images
         "the reduced model: compiled (compile) top-1 agrees with eager on"
     )
     assert "latency_compile_note_unreduced" in pair.metrics and pair.metrics["compile_seconds"] > 0
+    assert "computes something else" in pair.metrics["latency_compile_note"]
+    random = compile_pair(vit, copy.deepcopy(vit), images, [3], "compile", random_weights=True)
+    assert "random weights, whose logits are nearly tied" in random.metrics["latency_compile_note"]
+    assert "computes something else" not in random.metrics["latency_compile_note"]
 
     def broken(m, **kw):
         raise RuntimeError("no C++ compiler\nmore")
@@ -354,3 +358,22 @@ def test_a_model_timed_in_inference_mode_still_trains(name):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), eager)
+
+
+def test_cuda_graph_timings_record_no_peak_memory(vit, quiet_machine):
+    """A CUDA-graph replay allocates nothing (its pool was reserved when it was recorded), so a
+    forward's peak cannot be read: None in the record, a dash in the leaderboard, never 0."""
+    timer, clock = _scripted([[(10.0, 20.0)] * 5])
+    x = torch.randn(2, 3, 32, 32)
+    section = LatencyConfig(warmup=1, iters=5, tolerance=None, max_seconds=None, max_iters=100)
+    graphs = TimedPair(vit, copy.deepcopy(vit), compiled=False, graphs=True)
+    m = measure_batches(graphs, x, [2], section, False, timer, clock)
+    assert m["peak_mem_mb"] is None and m["peak_mem_mb_baseline"] is None and m["peak_mem_mb_b2"] is None
+    timer, clock = _scripted([[(10.0, 20.0)] * 5])
+    assert measure_batches(TimedPair(vit, copy.deepcopy(vit)), x, [2], section, False, timer, clock)["peak_mem_mb"] > 0
+
+    stored = _record("pool", "t1", {"batch_size": [2]}, "cudagraphs", **_timed([2], mode="cudagraphs"), peak_mem_mb=0.0)
+    df = table([stored])
+    assert "peak_mem_mb" not in df.columns  # the old records' 0.0 is not shown
+    eager = _record("pool", "t2", {"batch_size": [2]}, **_timed([2]), peak_mem_mb=5.0)
+    assert table([eager])["peak_mem_mb"].tolist() == [5.0]

@@ -90,6 +90,9 @@ class Subject:
     other timings carry it (:func:`bench.measure.cache.latency_key`)."""
     reference_key: ReferenceKey
     """Keys the unreduced reference kept in this process."""
+    random_weights: bool = False
+    """``model.random_init``: logits of random weights are nearly tied, so a compiled model's
+    top-1 agreement with eager says little (its note says so)."""
     keep_block: int | None = None
     """The unreduced model's accuracy pass keeps the tokens entering this block (the reduced
     model's first reduction), so the reduced pass can start there (bench/measure/shared_prefix.py)."""
@@ -126,6 +129,7 @@ def subject_of(
         threads=lat.threads,
         latency_compile=(lat.compile or "eager") if lat.enabled else "eager",  # what ran
         reference_key=ReferenceKey.of(cfg.model, cfg.data, device),
+        random_weights=bool(cfg.model.random_init),
         keep_block=keep_block,
     )
 
