@@ -269,6 +269,108 @@ def run_until(cmd: Sequence[str], seconds: float, log, env: dict[str, str], grac
         return f"cut off after {seconds:.0f} s"
 
 
+WARM_ONLY = (
+    "bench.latency.iters=1",
+    "bench.latency.tolerance=null",
+    "bench.latency.max_seconds=1",
+    "bench.latency.warmup=1",
+)
+"""A warm-up job compiles and runs once; its timings are thrown away (see :func:`warm_commands`)."""
+WARM_DIR = Path("/tmp/fatr-gpu-warm")
+WARM_SHARE = 0.5
+"""At most this share of the time left goes to warming a compiled step's caches."""
+
+
+def _override(cmd: Sequence[str], key: str) -> str | None:
+    values = [o.split("=", 1)[1] for o in cmd if o.startswith(f"{key}=")]
+    return values[-1] if values else None
+
+
+def warm_commands(
+    step: Step, data_root: Path, device: str = "cuda", extra: Sequence[str] = (), warm_dir: Path = WARM_DIR
+) -> list[list[str]]:
+    """For a compiled sweep, one command per method that compiles that method's models (every
+    model of the step, its compiled modes only) into inductor's on-disk caches, each into a
+    scratch store of its own; none for an eager sweep or a non-sweep step.
+
+    Why: a cold inductor compile of one reduced model took about 100 s on the H200's 16 cores,
+    most of it one process's single-threaded lowering, so a serial sweep of sixteen methods
+    does not fit a lease. Run in parallel first, the compiles fill the caches that the timed
+    sweep then reads (its ``compile s`` is then a warm-cache compile). Their timings, taken
+    while the others compile, are discarded with the scratch store: every published number
+    comes from the serial sweep."""
+    if not step.sweep:
+        return []
+    cmd = step_command(step, warm_dir, data_root, device, extra)
+    modes = [m for m in (_override(cmd, "bench.latency.compile") or "eager").split(",") if m != "eager"]
+    if not modes:
+        return []
+    methods = (_override(cmd, "method") or "").split(",")
+    return [
+        step_command(
+            step,
+            warm_dir / method,
+            data_root,
+            device,
+            [*extra, f"method={method}", f"bench.latency.compile={','.join(modes)}", *WARM_ONLY],
+        )
+        for method in methods
+        if method
+    ]
+
+
+def run_parallel(
+    cmds: Sequence[Sequence[str]], seconds: float, log_dir: Path, env: dict[str, str], jobs: int, grace: float = 15.0
+) -> tuple[int, int]:
+    """``cmds`` at most ``jobs`` at a time (each one's output in ``log_dir/<i>.log``) until all
+    ended or ``seconds`` passed (then the rest are interrupted, as :func:`run_until` does).
+    Returns (how many exited 0, how many there were)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    waiting = list(enumerate(cmds))
+    running: list[tuple[subprocess.Popen, object]] = []
+    ok = 0
+    end = time.monotonic() + seconds
+    while (waiting or running) and time.monotonic() < end:
+        while waiting and len(running) < jobs:
+            i, cmd = waiting.pop(0)
+            log = (log_dir / f"{i}.log").open("w")
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            running.append((proc, log))
+        for proc, log in list(running):
+            if proc.poll() is not None:
+                ok += proc.returncode == 0
+                log.close()
+                running.remove((proc, log))
+        time.sleep(0.2)
+    for proc, _ in running:
+        os.killpg(proc.pid, signal.SIGINT)
+    for proc, log in running:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    return ok, len(cmds)
+
+
+def warm_caches(cmds: Sequence[Sequence[str]], seconds: float, log, env: dict[str, str]) -> str:
+    """:func:`run_parallel` over ``cmds``, one per CPU at most, inductor's compile workers
+    shared out among them (``compile_threads`` is not part of inductor's cache key); says
+    what happened, in words, into ``log`` too."""
+    cpus = os.cpu_count() or 1
+    jobs = max(1, min(len(cmds), cpus))
+    warm_env = dict(env, TORCHINDUCTOR_COMPILE_THREADS=str(max(2, 2 * cpus // jobs)))
+    start = time.monotonic()
+    ok, n = run_parallel(cmds, seconds, WARM_DIR / "logs", warm_env, jobs)
+    what = f"warmed: {ok} of {n} methods compiled in {time.monotonic() - start:.0f} s ({jobs} at a time)"
+    log.write(f"{what}\n")
+    log.flush()
+    return what
+
+
 def copy_back(results_dir: Path, log_path: Path, out: Path) -> None:
     """The run store and the log into ``out``: two files, as the device tool fetches them."""
     out.mkdir(parents=True, exist_ok=True)
@@ -286,10 +388,13 @@ def run(
     extra: Sequence[str] = (),
     reserve_s: float = 20.0,
     min_step_s: float = 30.0,
+    warm_first: bool = True,
 ) -> int:
     """Every step in :data:`STEPS` (or those named in ``steps``, in that order) while at least ``min_step_s``
     is left before the deadline less ``reserve_s`` (for copying back); ``device`` other than
-    ``cuda`` only to rehearse the session on the CPU. 0 when every step ran to the end."""
+    ``cuda`` only to rehearse the session on the CPU. A compiled sweep first warms inductor's
+    caches in parallel (:func:`warm_commands`; ``warm_first=False``: not). 0 when every step ran
+    to the end."""
     start = time.monotonic()
     by_name = {s.name: s for s in STEPS}
     unknown = set(steps or ()) - set(by_name)
@@ -316,6 +421,10 @@ def run(
                 log.write(f"== {step.name}: skipped, {left:.0f} s left\n")
                 continue
             log.write(f"\n== {step.name}: {step.why}\n")
+            warm = warm_commands(step, KIT / DATASET, device, extra) if warm_first else []
+            if warm:
+                print(f"{step.name}: {warm_caches(warm, left * WARM_SHARE, log, env)}", flush=True)
+                left = deadline_s - (time.monotonic() - start) - reserve_s
             cmd = step_command(step, results_dir, KIT / DATASET, device, extra)
             what = run_until(cmd, left, log, env)
             failed |= what != "exit 0"
@@ -359,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ",".join(s.name for s in STEPS)
     r.add_argument("--steps", help=f"only these steps, in this order (comma-separated), of {names}")
     r.add_argument("--device", default="cuda", help="cpu: rehearse the session here (the CUDA tests skip)")
+    r.add_argument("--no-warm", action="store_true", help="compiled sweeps without the parallel compile warm-up")
     r.add_argument("overrides", nargs="*", help="replace a sweep override of the same key, e.g. method=evit")
     m = sub.add_parser("merge", help="here: the returned records into results/speed")
     m.add_argument("runs_file", type=Path)
@@ -368,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(args.images)
     if args.what == "run":
         steps = args.steps.split(",") if args.steps else None
-        return run(args.deadline_s, args.out, steps, args.device, args.overrides)
+        return run(args.deadline_s, args.out, steps, args.device, args.overrides, warm_first=not args.no_warm)
     return merge(args.runs_file, args.results_dir)
 
 

@@ -128,3 +128,52 @@ def test_merge_adds_each_record_once_and_refuses_a_missing_file(tmp_path, monkey
 def test_the_commit_of_a_tree_copied_without_git_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FATR_GIT_COMMIT", "0123456789ab-dirty")
     assert git_commit() == "0123456789ab-dirty"
+
+
+def test_a_compiled_sweep_is_warmed_one_method_per_process_and_an_eager_one_is_not(tmp_path):
+    by_name = {s.name: s for s in STEPS}
+    data = KIT / DATASET
+    assert gpu_session.warm_commands(by_name["tiny-bf16-eager"], data) == []
+    assert gpu_session.warm_commands(by_name["cuda-tests"], data) == []
+    cmds = gpu_session.warm_commands(by_name["tiny-fp32"], data, warm_dir=tmp_path, extra=["method=evit,pool"])
+    assert [c[3:][[o.split("=")[0] for o in c[3:]].index("method")] for c in cmds] == ["method=evit", "method=pool"]
+    for cmd, method in zip(cmds, ("evit", "pool"), strict=True):
+        overrides = cmd[3:]
+        assert "bench.latency.compile=cudagraphs" in overrides  # the step's eager half needs no warming
+        assert f"results_dir={tmp_path / method}" in overrides  # a scratch store, never the session's
+        assert all(o in overrides for o in gpu_session.WARM_ONLY)
+        assert "bench.latency.batch_size=[1,256]" in overrides and "model=deit_tiny" in overrides
+        compose(_first_values(overrides))  # every key exists
+
+
+def test_parallel_jobs_run_at_most_n_at_a_time_and_are_cut_off_at_the_deadline(tmp_path):
+    stamp = "import time,sys; open(sys.argv[1], 'w').write(str(time.monotonic())); time.sleep(float(sys.argv[2]))"
+    cmds = [[sys.executable, "-c", stamp, str(tmp_path / f"{i}.t"), "1"] for i in range(3)]
+    ok, n = gpu_session.run_parallel(cmds, 30.0, tmp_path / "logs", dict(os.environ), jobs=2)
+    assert (ok, n) == (3, 3)
+    starts = sorted(float((tmp_path / f"{i}.t").read_text()) for i in range(3))
+    assert starts[2] - starts[0] > 0.9  # the third waited for a free slot
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["0.log", "1.log", "2.log"]
+    begin = time.monotonic()
+    slow = [[sys.executable, "-c", stamp, str(tmp_path / "s.t"), "60"], [sys.executable, "-c", "pass"]]
+    assert gpu_session.run_parallel(slow, 3.0, tmp_path / "logs2", dict(os.environ), jobs=2, grace=2.0) == (1, 2)
+    assert time.monotonic() - begin < 15
+
+
+def test_run_warms_a_compiled_step_before_timing_it_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / KIT / "wheels").mkdir(parents=True)
+    (tmp_path / KIT / DATASET).mkdir()
+    (tmp_path / KIT / "commit").write_text("abc123\n")
+    monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
+    monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")
+    monkeypatch.setattr(gpu_session, "WARM_DIR", tmp_path / "warm")
+    step = Step("compiled", "stand-in", ("timeit", "-n1", "-r1", "pass"), sweep=False)
+    monkeypatch.setattr(gpu_session, "STEPS", (step,))
+    monkeypatch.setattr(gpu_session, "warm_commands", lambda *a, **k: [[sys.executable, "-c", "pass"]] * 2)
+    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0) == 0
+    said = capsys.readouterr().out
+    assert said.index("compiled: warmed: 2 of 2 methods compiled") < said.index("compiled: exit 0")
+    assert "warmed: 2 of 2" in (tmp_path / "out" / "gpu-session.log").read_text()
+    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0, warm_first=False) == 0
+    assert "warmed" not in capsys.readouterr().out
