@@ -24,12 +24,13 @@ import pandas as pd
 
 from bench.report.latency import column_title, summary_columns
 from bench.report.significance import GROUP_KEYS, MISSING
+from bench.report.targets import has_target_rows, targets_section
 
 HEADLINE_BUDGET = 0.65
 """The budget of the headline table: the one every measurement is published at."""
 PAPER_FILE = Path(__file__).with_name("paper_reported.csv")
 """What each method's paper reports training-free (model, top-1, GFLOPs, where it says so)."""
-SECTIONS = ("headline", "papers")
+SECTIONS = ("headline", "papers", "speed_targets")
 BLOCK = re.compile(r"(<!-- summary:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /summary:(?P=name) -->)", re.DOTALL)
 
 
@@ -162,11 +163,18 @@ def papers(df: pd.DataFrame, group: tuple | None, path: Path = PAPER_FILE) -> li
 
 def summary_sections(df: pd.DataFrame, group: tuple | None) -> dict[str, str]:
     """Each section's markdown body (the rows of ``group``), keyed by the name its generated blocks use."""
-    return {"headline": "\n".join(headline(df, group)) + "\n", "papers": "\n".join(papers(df, group)) + "\n"}
+    sections = {"headline": "\n".join(headline(df, group)) + "\n", "papers": "\n".join(papers(df, group)) + "\n"}
+    if has_target_rows(df):  # a folder with speed rows at a target's settings
+        sections["speed_targets"] = "\n".join(targets_section(df)) + "\n"
+    return sections
 
 
 def summary_markdown(sections: dict[str, str]) -> str:
-    titles = {"headline": "The headline", "papers": "What the papers report, and what this harness measures"}
+    titles = {
+        "headline": "The headline",
+        "papers": "What the papers report, and what this harness measures",
+        "speed_targets": "Speed targets",
+    }
     out = [
         "# Summary",
         "",
@@ -174,7 +182,7 @@ def summary_markdown(sections: dict[str, str]) -> str:
         "Do not edit by hand; the README and `docs/` quote these sections through generated blocks.",
         "",
     ]
-    for name in SECTIONS:
+    for name in (n for n in SECTIONS if n in sections):
         out += [f"## {titles[name]}", "", f"<!-- summary:{name} -->", sections[name] + f"<!-- /summary:{name} -->", ""]
     return "\n".join(out)
 

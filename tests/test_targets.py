@@ -1,0 +1,86 @@
+"""The speed targets' tables (``bench/report/targets.py``): which rows each target reads, what
+it needs of each method (the paper's ratio where the paper has one), and that a target without
+rows says so instead of vanishing."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from bench.report.summary import summary_markdown, summary_sections
+from bench.report.targets import TARGETS, has_target_rows, paper_ratios, target_lines, targets_section
+
+CPU = "CPU AMD EPYC (2 threads)"
+
+
+def _row(method, model="deit_tiny_patch16_224", device=CPU, mode="eager", precision="fp32", budget=0.65, **cols):
+    return {
+        "method": method,
+        "model": f"{model} (random weights)",
+        "device": device,
+        "latency_mode": mode,
+        "latency_precision": precision,
+        "budget": budget,
+        **cols,
+    }
+
+
+def _target(title_start: str):
+    (t,) = [t for t in TARGETS if t.title.startswith(title_start)]
+    return t
+
+
+def test_the_papers_ratios_are_its_throughputs_over_the_unreduced_models():
+    small = paper_ratios("deit_small")
+    assert small["evit"] == pytest.approx(3742 / 2803) and small["fatr"] == pytest.approx(3659 / 2803)
+    assert set(small) == {"evit", "tome", "diffrate", "fatr"}
+    assert paper_ratios("deit_base")["evit"] == pytest.approx(1338 / 918)
+    assert paper_ratios("deit_tiny") == {}
+
+
+def test_batch_1_eager_needs_more_than_1_and_reads_only_its_own_rows():
+    df = pd.DataFrame(
+        [
+            _row("none", budget=None, speedup_b1=None),
+            _row("fatr", speedup_b1=1.10),
+            _row("tome", speedup_b1=1.00),  # equal is not faster
+            _row("evit", speedup_b1=0.50, mode="compile"),  # another mode: not this target's
+            _row("pool", speedup_b1=0.50, budget=0.5),  # another budget
+            _row("topk", speedup_b1=0.50, device="CPU AMD EPYC (1 thread)"),  # another thread count
+            _row("random", speedup_b1=0.50, model="deit_small_patch16_224"),  # another model
+        ]
+    )
+    lines = target_lines(df, _target("CPU, batch 1, eager"))
+    table = [line for line in lines if line.startswith("| ") and "method" not in line]
+    assert table == ["| fatr | > 1.000 | 1.100 | yes |", "| tome | > 1.000 | 1.000 | **no** |"]
+    assert "1 of 2 methods meet it. Measured on CPU AMD EPYC (2 threads)" in "\n".join(lines)
+
+
+def test_deit_s_needs_the_papers_ratio_or_1_25_and_either_mode_may_meet_it():
+    gpu = "NVIDIA H200"
+    df = pd.DataFrame(
+        [
+            _row("evit", "deit_small_patch16_224", gpu, speedup_b256=1.30),  # paper: 1.335
+            _row("evit", "deit_small_patch16_224", gpu, mode="cudagraphs", speedup_b256=1.40),
+            _row("pool", "deit_small_patch16_224", gpu, speedup_b256=1.26),
+            _row("fatr", "deit_small_patch16_224", gpu, precision="bf16", speedup_b256=2.0),  # bf16: not fp32's
+        ]
+    )
+    lines = target_lines(df, _target("GPU, DeiT-S fp32"))
+    assert "| method | needed | eager | cudagraphs | met |" in lines
+    assert "| evit | ≥ 1.335 | 1.300 | 1.400 | yes |" in lines
+    assert "| pool | ≥ 1.250 | 1.260 | – | yes |" in lines
+    assert not any(line.startswith("| fatr") for line in lines)
+    base = target_lines(df.assign(model="deit_base_patch16_224 (random weights)"), _target("GPU, DeiT-B fp32"))
+    assert not any(line.startswith("| pool") for line in base)  # no target at DeiT-B without a paper ratio
+
+
+def test_a_target_without_rows_says_so_and_a_folder_without_any_gets_no_section():
+    df = pd.DataFrame([_row("fatr", speedup_b1=1.1)])
+    text = "\n".join(targets_section(df))
+    assert text.count("Not measured in this folder.") == len(TARGETS) - 1
+    assert "speed_targets" in summary_sections(df, None)
+    assert "## Speed targets" in summary_markdown(summary_sections(df, None))
+    other = pd.DataFrame([_row("fatr", speedup_b1=1.1, budget=0.5)])
+    assert not has_target_rows(other) and "speed_targets" not in summary_sections(other, None)
+    assert "## Speed targets" not in summary_markdown(summary_sections(other, None))
