@@ -10,12 +10,26 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from bench_utils import compose
 
 import bench.leaderboard
 from bench import gpu_session
 from bench.gpu_session import DATASET, KIT, SPEED_ONLY, STEPS, Step, merge, run, run_until, step_command
 from bench.store import git_commit
+
+
+@pytest.fixture
+def kit(tmp_path, monkeypatch):
+    """A working directory with an (empty) .gpu kit, the wheels' install a no-op and the probe
+    a print: importing torch would eat a short test deadline."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / KIT / "wheels").mkdir(parents=True)
+    (tmp_path / KIT / DATASET).mkdir()
+    (tmp_path / KIT / "commit").write_text("abc123\n")
+    monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
+    monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")
+    return tmp_path
 
 
 def _first_values(overrides: list[str]) -> list[str]:
@@ -61,13 +75,7 @@ def test_a_step_past_the_deadline_is_interrupted(tmp_path):
     assert what == "cut off after 2 s" and time.monotonic() - start < 10
 
 
-def test_run_keeps_what_finished_and_says_what_was_cut_or_skipped(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / KIT / "wheels").mkdir(parents=True)
-    (tmp_path / KIT / DATASET).mkdir()
-    (tmp_path / KIT / "commit").write_text("abc123\n")
-    monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
-    monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")  # importing torch would eat the deadline
+def test_run_keeps_what_finished_and_says_what_was_cut_or_skipped(kit, tmp_path, monkeypatch, capsys):
     quick = Step("quick", "finishes", ("timeit", "-n1", "-r1", "pass"), sweep=False)
     slow = Step("slow", "cut off", ("timeit", "-n1", "-r1", "import time; time.sleep(60)"), sweep=False)
     late = Step("late", "no time left", ("timeit", "pass"), sweep=False)
@@ -80,13 +88,7 @@ def test_run_keeps_what_finished_and_says_what_was_cut_or_skipped(tmp_path, monk
     assert "== quick: finishes" in log and "== late: skipped" in log
 
 
-def test_run_takes_the_named_steps_in_the_order_named(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / KIT / "wheels").mkdir(parents=True)
-    (tmp_path / KIT / DATASET).mkdir()
-    (tmp_path / KIT / "commit").write_text("abc123\n")
-    monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
-    monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")
+def test_run_takes_the_named_steps_in_the_order_named(kit, tmp_path, monkeypatch, capsys):
     first, second = (Step(n, n, ("timeit", "-n1", "-r1", "pass"), sweep=False) for n in ("first", "second"))
     monkeypatch.setattr(gpu_session, "STEPS", (first, second))
     assert run(deadline_s=60.0, out=tmp_path / "out", steps=["second", "first"], reserve_s=0.0) == 0
@@ -160,13 +162,7 @@ def test_parallel_jobs_run_at_most_n_at_a_time_and_are_cut_off_at_the_deadline(t
     assert time.monotonic() - begin < 15
 
 
-def test_run_warms_a_compiled_step_before_timing_it_unless_told_not_to(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / KIT / "wheels").mkdir(parents=True)
-    (tmp_path / KIT / DATASET).mkdir()
-    (tmp_path / KIT / "commit").write_text("abc123\n")
-    monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
-    monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")
+def test_run_warms_a_compiled_step_before_timing_it_unless_told_not_to(kit, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu_session, "WARM_DIR", tmp_path / "warm")
     step = Step("compiled", "stand-in", ("timeit", "-n1", "-r1", "pass"), sweep=False)
     monkeypatch.setattr(gpu_session, "STEPS", (step,))

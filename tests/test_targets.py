@@ -44,6 +44,7 @@ def test_batch_1_eager_needs_more_than_1_and_reads_only_its_own_rows():
             _row("none", budget=None, speedup_b1=None),
             _row("fatr", speedup_b1=1.10),
             _row("tome", speedup_b1=1.00),  # equal is not faster
+            _row("dct", speedup_b1=1.0004),  # 1.000 would read as not faster
             _row("evit", speedup_b1=0.50, mode="compile"),  # another mode: not this target's
             _row("pool", speedup_b1=0.50, budget=0.5),  # another budget
             _row("topk", speedup_b1=0.50, device="CPU AMD EPYC (1 thread)"),  # another thread count
@@ -52,8 +53,12 @@ def test_batch_1_eager_needs_more_than_1_and_reads_only_its_own_rows():
     )
     lines = target_lines(df, _target("CPU, batch 1, eager"))
     table = [line for line in lines if line.startswith("| ") and "method" not in line]
-    assert table == ["| fatr | > 1.000 | 1.100 | yes |", "| tome | > 1.000 | 1.000 | **no** |"]
-    assert "1 of 2 methods meet it. Measured on CPU AMD EPYC (2 threads)" in "\n".join(lines)
+    assert table == [
+        "| fatr | > 1.000 | 1.100 | yes |",
+        "| tome | > 1.000 | 1.000 | **no** |",
+        "| dct | > 1.000 | 1.0004 | yes |",
+    ]
+    assert "2 of 3 methods meet it. Measured on CPU AMD EPYC (2 threads)" in "\n".join(lines)
 
 
 def test_deit_s_needs_the_papers_ratio_or_1_25_and_either_mode_may_meet_it():

@@ -135,6 +135,13 @@ def _met(value: float, needed: float, strict: bool) -> bool:
     return value > needed if strict else value >= needed - 1e-12
 
 
+def _cell(value: float, needed: float, strict: bool) -> str:
+    """Three decimals, or four where three would round across the threshold (0.8996 against
+    0.9 reads 0.900 and would look met)."""
+    text = f"{value:.3f}"
+    return text if _met(float(text), needed, strict) == _met(value, needed, strict) else f"{value:.4f}"
+
+
 def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
     """The markdown of one target: one row per method, one value column per compile mode."""
     ratios = paper_ratios(t.model) if t.needed is None else {}
@@ -157,7 +164,7 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
             continue
         values = [p.loc[p["method"] == method, t.column] for p in parts.values()]
         found = [float(v.iloc[-1]) for v in values if not v.empty and not math.isnan(float(v.iloc[-1]))]
-        cells = [f"{float(v.iloc[-1]):.3f}" if not v.empty else MISSING for v in values]
+        cells = [_cell(float(v.iloc[-1]), needed, t.strict) if not v.empty else MISSING for v in values]
         met = any(_met(v, needed, t.strict) for v in found)
         counted += 1
         met_count += met
