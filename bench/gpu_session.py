@@ -401,6 +401,13 @@ def run(
     if unknown:
         print(f"error: unknown step(s) {sorted(unknown)}; choose from {[s.name for s in STEPS]}", file=sys.stderr)
         return 2
+    if not deadline_s > reserve_s + min_step_s:
+        print(
+            f"error: --deadline-s {deadline_s:g} leaves no step its {min_step_s:g} s after the {reserve_s:g} s kept "
+            "for copying back; give the seconds the device call may take (e.g. 540 for a 600 s call)",
+            file=sys.stderr,
+        )
+        return 2
     chosen = list(STEPS) if steps is None else [by_name[name] for name in steps]
     if not (KIT / "wheels").is_dir() or not (KIT / DATASET).is_dir():
         print("error: no .gpu kit here: run `python -m bench.gpu_session prepare`, carry .gpu", file=sys.stderr)

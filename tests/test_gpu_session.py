@@ -100,8 +100,11 @@ def test_run_refuses_an_unknown_step_or_a_missing_kit(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     assert run(10, tmp_path / "out", steps=["tiny-bf16-cudagraphs", "nope"]) == 2
     assert "unknown step(s) ['nope']" in capsys.readouterr().err
-    assert run(10, tmp_path / "out") == 2
+    assert run(60, tmp_path / "out") == 2
     assert "no .gpu kit here" in capsys.readouterr().err
+    for deadline in (-5, 0, 40):
+        assert run(deadline, tmp_path / "out") == 2
+        assert capsys.readouterr().err.startswith(f"error: --deadline-s {deadline} leaves no step")
     assert not (tmp_path / "out").exists()
 
 
