@@ -153,8 +153,8 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
     devices = sorted({str(d) for p in parts.values() for d in p["device"]})
     commits = sorted({str(c)[:12] for p in parts.values() if "commit" in p for c in p["commit"].dropna()})
     models = sorted({str(m) for p in parts.values() for m in p["model"]})
-    methods = [m for m in dict.fromkeys(m for p in parts.values() for m in p["method"])]
-    header = ["method", "needed", *(f"{mode}" for mode in parts), "met"]
+    methods = list(dict.fromkeys(m for p in parts.values() for m in p["method"]))
+    header = ["method", "needed", *parts, "met"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     met_count = 0
     counted = 0
