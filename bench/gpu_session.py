@@ -260,13 +260,21 @@ def run_until(cmd: Sequence[str], seconds: float, log, env: dict[str, str], grac
         rc = proc.wait(timeout=max(1.0, seconds))
         return f"exit {rc}"
     except subprocess.TimeoutExpired:
+        interrupt([proc], grace)
+        return f"cut off after {seconds:.0f} s"
+
+
+def interrupt(procs: Sequence[subprocess.Popen], grace: float) -> None:
+    """SIGINT to each process group (a sweep keeps every finished job's record), then SIGKILL
+    to those still running after ``grace`` seconds."""
+    for proc in procs:
         os.killpg(proc.pid, signal.SIGINT)
+    for proc in procs:
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        return f"cut off after {seconds:.0f} s"
 
 
 WARM_ONLY = (
@@ -323,7 +331,7 @@ def run_parallel(
     cmds: Sequence[Sequence[str]], seconds: float, log_dir: Path, env: dict[str, str], jobs: int, grace: float = 15.0
 ) -> tuple[int, int]:
     """``cmds`` at most ``jobs`` at a time (each one's output in ``log_dir/<i>.log``) until all
-    ended or ``seconds`` passed (then the rest are interrupted, as :func:`run_until` does).
+    ended or ``seconds`` passed (then the rest are stopped by :func:`interrupt`).
     Returns (how many exited 0, how many there were)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     waiting = list(enumerate(cmds))
@@ -344,14 +352,8 @@ def run_parallel(
                 log.close()
                 running.remove((proc, log))
         time.sleep(0.2)
-    for proc, _ in running:
-        os.killpg(proc.pid, signal.SIGINT)
-    for proc, log in running:
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    interrupt([proc for proc, _ in running], grace)
+    for _, log in running:
         log.close()
     return ok, len(cmds)
 

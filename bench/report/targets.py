@@ -23,13 +23,13 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.latency import BF16, FP32
+from bench.report.significance import MISSING
 
 PAPER_THROUGHPUT = Path(__file__).with_name("paper_throughput.csv")
 """The FATR paper's end-to-end throughput table (img/s, fp32, RTX 4090), quoted."""
 BUDGET = 0.65
 OTHERS_AT_SMALL = 1.25
 """The speedup asked at DeiT-S fp32 of the methods the paper's table lacks."""
-MISSING = "–"
 
 
 @dataclass(frozen=True)
