@@ -58,3 +58,25 @@ def test_speed_sweeps_run_every_eager_size_before_compiling():
     """A table stopped part-way has every model size in at least one mode."""
     modes = [a for _, cmd in commands("results/speed", [], SPEED_SWEEPS) for a in cmd if "latency.compile=" in a]
     assert modes == ["bench.latency.compile=eager"] * 3 + ["bench.latency.compile=compile"] * 3
+
+
+def test_a_device_and_batch_size_never_measured_gets_no_empty_axes(tmp_path, monkeypatch):
+    """The CPU ran batches 1 and 32, the GPU only 256: three panels drawn, the other three say
+    "not measured" instead of showing empty axes."""
+    from bench.report import speed
+
+    cpu = rows({"deit_tiny_patch16_224": 1.26, "deit_small_patch16_224": 4.6})
+    gpu = cpu[cpu["method"] != "none"].assign(device="GPU test", speedup_b1=None, speedup_b32=None, speedup_b256=1.4)
+    drawn = []
+    real_panel = speed._panel
+    monkeypatch.setattr(
+        speed,
+        "_panel",
+        lambda ax, d, column, *a: drawn.append((d["device"].iloc[0], column)) or real_panel(ax, d, column, *a),
+    )
+    assert plot_speed_by_size(pd.concat([cpu, gpu], ignore_index=True), tmp_path / "c.png") is not None
+    assert sorted(drawn) == [
+        ("CPU test (2 threads)", "speedup_b1"),
+        ("CPU test (2 threads)", "speedup_b32"),
+        ("GPU test", "speedup_b256"),
+    ]

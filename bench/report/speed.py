@@ -51,8 +51,15 @@ def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
         here = d[(d["device"].fillna("") == device) & (d["latency_precision"] == prec)]
         for col, batch in enumerate(sizes):
             ax = axes[row * len(sizes) + col]
-            _panel(ax, here, f"speedup_b{batch}", models, colors, markers)
             where = (f"{device}, " if device else "") + ("bf16, " if prec == BF16 else "")
+            column = f"speedup_b{batch}"
+            if column not in here or not here[column].notna().any():  # this device never ran this batch
+                ax.axis("off")
+                ax.text(
+                    0.5, 0.5, f"{where}batch {batch}: not measured", ha="center", fontsize=9, transform=ax.transAxes
+                )
+                continue
+            _panel(ax, here, column, models, colors, markers)
             ax.set_title(f"{where}batch {batch}", fontsize=9)
     budgets = sorted({f"{b:.2f}" for b in d["budget"].dropna()})
     title = "Speedup vs model size" + (f" at MACs {', '.join(budgets)}" if budgets else "")
