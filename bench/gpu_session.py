@@ -55,6 +55,11 @@ CARRIED = (
 that the model code is the version CI tests."""
 
 ALL_METHODS = "fatr,tome,evit,pool,kmedoids,dpcknn,topk,random,pitome,tofu,mctf,ppt,ats,zerotprune,dct,diffrate"
+RESULTS_DIR = Path("/tmp/fatr-gpu-results")
+"""The session's run store on the GPU machine; its ``runs.jsonl`` and ``*.txt`` reports come back."""
+LOG_PATH = Path("/tmp/fatr-gpu-session.log")
+SITE_DIR = Path("/tmp/fatr-gpu-site")
+"""Where the carried wheels are installed on the GPU machine."""
 SPEED_ONLY = (
     "model.random_init=true",
     "bench.accuracy=false",
@@ -108,6 +113,18 @@ STEPS: tuple[Step, ...] = (
         "bench.latency.amp=true",
         "bench.latency.compile=cudagraphs",
         "bench.latency.batch_size=[256]",
+    ),
+    Step(
+        "profile",
+        "where a DeiT-Tiny bf16 batch-256 eager forward spends its GPU time, per method (bench.kernel_profile)",
+        (
+            "bench.kernel_profile",
+            f"--methods=none,{ALL_METHODS}",
+            "--batch=256",
+            "--amp",
+            f"--out={RESULTS_DIR / 'profile-deit-tiny-bf16-b256.txt'}",
+        ),
+        sweep=False,
     ),
     _sweep(
         "small-base-fp32-cudagraphs",
@@ -295,7 +312,7 @@ def _override(cmd: Sequence[str], key: str) -> str | None:
 
 
 def warm_commands(
-    step: Step, data_root: Path, device: str = "cuda", extra: Sequence[str] = (), warm_dir: Path = WARM_DIR
+    step: Step, data_root: Path, device: str = "cuda", extra: Sequence[str] = (), warm_dir: Path | None = None
 ) -> list[list[str]]:
     """For a compiled sweep, one command per method that compiles that method's models (every
     model of the step, its compiled modes only) into inductor's on-disk caches, each into a
@@ -309,6 +326,7 @@ def warm_commands(
     comes from the serial sweep."""
     if not step.sweep:
         return []
+    warm_dir = WARM_DIR if warm_dir is None else warm_dir
     cmd = step_command(step, warm_dir, data_root, device, extra)
     modes = [m for m in (_override(cmd, "bench.latency.compile") or "eager").split(",") if m != "eager"]
     if not modes:
@@ -374,11 +392,14 @@ def warm_caches(cmds: Sequence[Sequence[str]], seconds: float, log, env: dict[st
 
 
 def copy_back(results_dir: Path, log_path: Path, out: Path) -> None:
-    """The run store and the log into ``out``: two files, as the device tool fetches them."""
+    """The run store, the reports (``*.txt``) and the log into ``out``: plain files, as the
+    device tool fetches them."""
     out.mkdir(parents=True, exist_ok=True)
     runs = results_dir / "runs.jsonl"
     if runs.is_file():
         shutil.copy2(runs, out / "runs.jsonl")
+    for report in sorted(results_dir.glob("*.txt")):
+        shutil.copy2(report, out / report.name)
     shutil.copy2(log_path, out / "gpu-session.log")
 
 
@@ -414,12 +435,13 @@ def run(
     if not (KIT / "wheels").is_dir() or not (KIT / DATASET).is_dir():
         print("error: no .gpu kit here: run `python -m bench.gpu_session prepare`, carry .gpu", file=sys.stderr)
         return 2
-    site = Path("/tmp/fatr-gpu-site")
+    site = SITE_DIR
     install_wheels(KIT / "wheels", site)
     env = dict(os.environ, PYTHONUNBUFFERED="1", FATR_GIT_COMMIT=(KIT / "commit").read_text().strip())
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path.cwd()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    results_dir = Path("/tmp/fatr-gpu-results")
-    log_path = Path("/tmp/fatr-gpu-session.log")
+    results_dir = RESULTS_DIR
+    log_path = LOG_PATH
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     failed = False
     with log_path.open("w") as log:
         log.write(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env).stdout)

@@ -14,8 +14,20 @@ import pytest
 from bench_utils import compose
 
 import bench.leaderboard
-from bench import gpu_session
-from bench.gpu_session import DATASET, KIT, SPEED_ONLY, STEPS, Step, merge, run, run_until, step_command
+from bench import gpu_session, kernel_profile
+from bench.gpu_session import (
+    ALL_METHODS,
+    DATASET,
+    KIT,
+    RESULTS_DIR,
+    SPEED_ONLY,
+    STEPS,
+    Step,
+    merge,
+    run,
+    run_until,
+    step_command,
+)
 from bench.store import git_commit
 
 
@@ -29,6 +41,9 @@ def kit(tmp_path, monkeypatch):
     (tmp_path / KIT / "commit").write_text("abc123\n")
     monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
     monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")
+    # the session's fixed /tmp paths, private to this test (tests run in parallel)
+    for name in ("RESULTS_DIR", "LOG_PATH", "SITE_DIR", "WARM_DIR"):
+        monkeypatch.setattr(gpu_session, name, tmp_path / "session" / name.lower())
     return tmp_path
 
 
@@ -47,6 +62,11 @@ def test_the_tests_and_the_issue_targets_come_first_and_every_sweep_composes():
     assert len(set(names)) == len(names)
     for step in STEPS:
         cmd = step_command(step, Path("/tmp/r"), KIT / DATASET)
+        if step.name == "profile":  # its arguments are ones bench.kernel_profile accepts
+            assert cmd[1:3] == ["-m", "bench.kernel_profile"]
+            args = kernel_profile.parser().parse_args(cmd[3:])
+            assert args.out.parent == RESULTS_DIR and set(args.methods.split(",")) == {"none", *ALL_METHODS.split(",")}
+            continue
         if not step.sweep:
             assert cmd[1:4] == ["-m", "pytest", "tests/test_compile.py"]
             continue
