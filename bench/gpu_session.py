@@ -387,6 +387,10 @@ def warm_caches(cmds: Sequence[Sequence[str]], seconds: float, log, env: dict[st
     ok, n = run_parallel(cmds, seconds, WARM_DIR / "logs", warm_env, jobs)
     what = f"warmed: {ok} of {n} methods compiled in {time.monotonic() - start:.0f} s ({jobs} at a time)"
     log.write(f"{what}\n")
+    for i in range(len(cmds)):  # each job's last lines: a warm-up that failed says why in the log that comes back
+        job_log = WARM_DIR / "logs" / f"{i}.log"
+        tail = job_log.read_text(errors="replace").splitlines()[-3:] if job_log.is_file() else ["(no log)"]
+        log.write("".join(f"  warm-up {i}: {line[:200]}\n" for line in tail))
     log.flush()
     return what
 
@@ -411,12 +415,12 @@ def run(
     extra: Sequence[str] = (),
     reserve_s: float = 20.0,
     min_step_s: float = 30.0,
-    warm_first: bool = True,
+    warm_first: bool = False,
 ) -> int:
     """Every step in :data:`STEPS` (or those named in ``steps``, in that order) while at least ``min_step_s``
     is left before the deadline less ``reserve_s`` (for copying back); ``device`` other than
-    ``cuda`` only to rehearse the session on the CPU. A compiled sweep first warms inductor's
-    caches in parallel (:func:`warm_commands`; ``warm_first=False``: not). 0 when every step ran
+    ``cuda`` only to rehearse the session on the CPU. With ``warm_first`` a compiled sweep
+    first warms inductor's caches in parallel (:func:`warm_commands`). 0 when every step ran
     to the end."""
     start = time.monotonic()
     by_name = {s.name: s for s in STEPS}
@@ -499,7 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     names = ",".join(s.name for s in STEPS)
     r.add_argument("--steps", help=f"only these steps, in this order (comma-separated), of {names}")
     r.add_argument("--device", default="cuda", help="cpu: rehearse the session here (the CUDA tests skip)")
-    r.add_argument("--no-warm", action="store_true", help="compiled sweeps without the parallel compile warm-up")
+    r.add_argument(
+        "--warm",
+        action="store_true",
+        help="compile every method in parallel before a compiled sweep (on the H200 lease it finished none in 208 s)",
+    )
     r.add_argument("overrides", nargs="*", help="replace a sweep override of the same key, e.g. method=evit")
     m = sub.add_parser("merge", help="here: the returned records into results/speed")
     m.add_argument("runs_file", type=Path)
@@ -509,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(args.images)
     if args.what == "run":
         steps = args.steps.split(",") if args.steps else None
-        return run(args.deadline_s, args.out, steps, args.device, args.overrides, warm_first=not args.no_warm)
+        return run(args.deadline_s, args.out, steps, args.device, args.overrides, warm_first=args.warm)
     return merge(args.runs_file, args.results_dir)
 
 

@@ -185,14 +185,15 @@ def test_parallel_jobs_run_at_most_n_at_a_time_and_are_cut_off_at_the_deadline(t
     assert time.monotonic() - begin < 15
 
 
-def test_run_warms_a_compiled_step_before_timing_it_unless_told_not_to(kit, tmp_path, monkeypatch, capsys):
+def test_run_warms_a_compiled_step_before_timing_it_only_when_told_to(kit, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu_session, "WARM_DIR", tmp_path / "warm")
     step = Step("compiled", "stand-in", ("timeit", "-n1", "-r1", "pass"), sweep=False)
     monkeypatch.setattr(gpu_session, "STEPS", (step,))
     monkeypatch.setattr(gpu_session, "warm_commands", lambda *a, **k: [[sys.executable, "-c", "pass"]] * 2)
-    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0) == 0
+    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0, warm_first=True) == 0
     said = capsys.readouterr().out
     assert said.index("compiled: warmed: 2 of 2 methods compiled") < said.index("compiled: exit 0")
-    assert "warmed: 2 of 2" in (tmp_path / "out" / "gpu-session.log").read_text()
-    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0, warm_first=False) == 0
+    log = (tmp_path / "out" / "gpu-session.log").read_text()
+    assert "warmed: 2 of 2" in log and "warm-up 1: $ " in log  # each job's last lines come back
+    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0) == 0
     assert "warmed" not in capsys.readouterr().out
