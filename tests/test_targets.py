@@ -58,7 +58,10 @@ def test_batch_1_eager_needs_more_than_1_and_reads_only_its_own_rows():
         "| tome | > 1.000 | 1.000 | **no** |",
         "| dct | > 1.000 | 1.0004 | yes |",
     ]
-    assert "2 of 3 methods meet it. Measured on CPU AMD EPYC (2 threads)" in "\n".join(lines)
+    assert (
+        "2 of 3 methods meet it (4 more not measured at these settings: evit, pool, random, topk). "
+        "Measured on CPU AMD EPYC (2 threads)"
+    ) in "\n".join(lines)
 
 
 def test_deit_s_needs_the_papers_ratio_or_1_25_and_either_mode_may_meet_it():
@@ -78,6 +81,9 @@ def test_deit_s_needs_the_papers_ratio_or_1_25_and_either_mode_may_meet_it():
     assert not any(line.startswith("| fatr") for line in lines)
     base = target_lines(df.assign(model="deit_base_patch16_224 (random weights)"), _target("GPU, DeiT-B fp32"))
     assert not any(line.startswith("| pool") for line in base)  # no target at DeiT-B without a paper ratio
+    # pool has no target at DeiT-B, so it is not "not measured" there either; fatr's rows are bf16
+    assert "0 of 1 methods meet it (1 more not measured at these settings: fatr). Measured" in "\n".join(base)
+    assert "(1 more not measured at these settings: fatr)" in "\n".join(lines)  # its rows are bf16
 
 
 def test_a_target_without_rows_says_so_and_a_folder_without_any_gets_no_section():

@@ -170,9 +170,13 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
         met_count += met
         sign = ">" if t.strict else "≥"
         lines.append("| " + " | ".join([method, f"{sign} {needed:.3f}", *cells, "yes" if met else "**no**"]) + " |")
+    others = set(df["method"].astype(str)) - set(methods) - {"none"}
+    unmeasured = sorted(m for m in others if _needed(t, m, ratios) is not None)  # rows elsewhere, none here
     lines += [
         "",
-        f"{met_count} of {counted} methods meet it. Measured on {', '.join(devices)}; {', '.join(models)}; "
+        f"{met_count} of {counted} methods meet it"
+        + (f" ({len(unmeasured)} more not measured at these settings: {', '.join(unmeasured)})" if unmeasured else "")
+        + f". Measured on {', '.join(devices)}; {', '.join(models)}; "
         + (f"commits {', '.join(commits)}; " if commits else "")
         + f"column `{t.column}` of the leaderboard"
         + ("; a method meets it in any of the modes shown" if len(parts) > 1 else "")
