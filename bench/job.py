@@ -25,7 +25,7 @@ from bench.errors import BenchError, record_skip
 from bench.measure.accuracy import accuracy_job, accuracy_metrics, cached_predictions
 from bench.measure.cache import MeasurementCache, unreduced_cache
 from bench.measure.flops import flops_job
-from bench.measure.latency import latency_job, unreduced_latency
+from bench.measure.latency import latency_job, mark_busy_batches, slower_than_usual, timing_settings, unreduced_latency
 from bench.measure.outcomes import Outcomes, outcomes_of, save_outcomes
 from bench.measure.packed_linear import packed_linear_kernels
 from bench.measure.phases import PhaseClock
@@ -200,6 +200,22 @@ def baseline(cfg: Config, model: nn.Module, data: ImageSet, device: torch.device
     return _BASELINES[key]
 
 
+def _flag_slow_machine(
+    cfg: Config, metrics: dict[str, Any], device: torch.device, finetuned: Finetuned | None, method: str
+) -> None:
+    """Mark the latency busy where the unreduced model ran much slower than the run store's
+    fastest record at the same settings (:func:`bench.measure.latency.slower_than_usual`): a
+    contended host that neither the load average nor the timings' spread shows."""
+    if "latency_batches" not in metrics:
+        return
+    this = {"model": cfg.model.name, "device": device_name(device), "config": job_identity(cfg, finetuned)}
+    reasons = slower_than_usual(metrics, timing_settings(this), read_records(cfg.results_dir))
+    mark_busy_batches(metrics, reasons)
+    if reasons:
+        why = "; ".join(f"batch {n}: {r}" for n, r in reasons.items())
+        say(f"warning: {method}: latency measured on a slower machine than usual ({why})")
+
+
 def _stored_baseline(cfg: Config, base_cfg: Config) -> dict[str, Any] | None:
     """With ``resume=true``, the metrics of the newest stored unreduced record for these settings
     (if it holds what the reduced jobs compare against)."""
@@ -313,6 +329,7 @@ def run_job(cfg: Config | DictConfig) -> dict[str, Any] | None:
     hits_before = len(base.cache.hits) if base.cache else 0
     metrics, preds = measure(cfg, model, reducer, data, device, base, clock)
     metrics["seconds_by_phase"] = clock.record()
+    _flag_slow_machine(cfg, metrics, device, finetuned, method)
     if base.cache and base.cache.hits[hits_before:]:
         metrics["from_cache"] = sorted(set(base.cache.hits[hits_before:]))
     base_seconds = base.seconds if not base.recorded else 0.0

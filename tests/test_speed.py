@@ -453,3 +453,57 @@ def test_the_config_routes_hydra_logging_through_the_bar_safe_handler():
     cfg = compose_with_hydra([])
     for group in ("hydra_logging", "job_logging"):
         assert cfg.hydra[group].handlers.console["class"] == "bench.terminal.BarSafeHandler"
+
+
+# -- a machine slower than usual ------------------------------------------------------------------
+
+
+def _timed(ms_by_batch: dict[int, float], model="deit_tiny_patch16_224", mode="eager", commit="abc1234", busy=()):
+    metrics = {"latency_batches": sorted(ms_by_batch)}
+    for n, ms in ms_by_batch.items():
+        metrics[f"latency_ms_baseline_b{n}"] = ms
+        metrics[f"latency_busy_b{n}"] = n in busy
+    config = {"bench": {"latency": {"compile": mode, "amp": False, "threads": None}}, "model": {"img_size": None}}
+    return {"model": model, "device": "CPU X (2 threads)", "config": config, "metrics": metrics, "git_commit": commit}
+
+
+def test_an_unreduced_timing_far_above_the_stores_fastest_at_the_same_settings_is_slower_than_usual():
+    now = _timed({1: 25.0, 32: 600.0})
+    settings = latency_module.timing_settings(now)
+    store = [
+        _timed({1: 17.5, 32: 580.0}, commit="8ee6f06"),
+        _timed({1: 12.0, 32: 300.0}, busy=(1, 32)),  # busy records are no yardstick
+        _timed({1: 5.0, 32: 100.0}, mode="compile"),  # nor other settings
+        _timed({1: 5.0, 32: 100.0}, model="deit_small_patch16_224"),
+        {"model": "deit_tiny_patch16_224", "metrics": "not a dict"},
+    ]
+    reasons = latency_module.slower_than_usual(now["metrics"], settings, store)
+    assert reasons == {
+        1: "unreduced 25.0 ms, 43% slower than the fastest recorded here at these settings (17.5 ms, 8ee6f06)"
+    }  # batch 32 is 3% over: usual
+    assert latency_module.slower_than_usual(now["metrics"], settings, []) == {}  # a first run has no yardstick
+    metrics = {**now["metrics"], "latency_busy": True, "latency_busy_reason": "batch 32: spread 12%"}
+    metrics["latency_busy_b32"], metrics["latency_busy_reason_b32"] = True, "spread 12%"
+    latency_module.mark_busy_batches(metrics, reasons)
+    assert metrics["latency_busy"] and metrics["latency_busy_b1"]
+    assert metrics["latency_busy_reason"] == f"batch 1: {reasons[1]}; batch 32: spread 12%"
+
+
+def test_a_job_on_a_machine_slower_than_its_store_remembers_is_flagged_busy(tmp_path, monkeypatch, capsys):
+    root = image_folder(tmp_path / "val")
+    results = tmp_path / "results"
+    overrides = ["method=evit", f"data.root={root}", f"results_dir={results}", *FAST, "bench.scaling.enabled=false"]
+    _forget_this_process()
+    first = job_module.run_job(compose(overrides))
+    _forget_this_process()
+    assert not first["metrics"]["latency_busy_b2"] or "slower" not in first["metrics"]["latency_busy_reason_b2"]
+    fast = read_records(results)[-1]  # the same settings, timed 10x faster: today's machine is slow next to it
+    fast["metrics"] = {**fast["metrics"], "latency_ms_baseline_b2": first["metrics"]["latency_ms_baseline_b2"] / 10}
+    fast["metrics"]["latency_busy_b2"] = False
+    (results / "runs.jsonl").write_text(json.dumps(fast) + "\n")
+    second = job_module.run_job(compose(overrides))
+    _forget_this_process()
+    m = second["metrics"]
+    assert m["latency_busy"] and m["latency_busy_b2"]
+    assert "slower than the fastest recorded here" in m["latency_busy_reason"]
+    assert "latency measured on a slower machine than usual" in capsys.readouterr().err

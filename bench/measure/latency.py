@@ -20,11 +20,12 @@ compiled models' top-1 is checked against eager on the largest batch's images.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -252,6 +253,67 @@ def describe_busy(device: torch.device, load: float | None, spread: float, what:
     if spread > BUSY_SPREAD:
         reasons.append(f"{what} spread {spread:.0%}")
     return "; ".join(reasons) or None
+
+
+SLOWER_THAN_USUAL = 0.25
+"""An unreduced forward this much slower than the fastest one recorded at the same settings means
+the machine is not in its usual state: on the project's shared 2-core VM, on days when its host
+is contended, every forward is 30-45% slower with neither a high load average nor a wide spread
+of timings, and the reducers' many small operators suffer more than the unreduced model's large
+ones, so speedups fall too (batch 1 most)."""
+
+
+def timing_settings(record: dict[str, Any]) -> tuple:
+    """What an unreduced forward's latency depends on besides the machine's state: the model,
+    the device, the compile mode, the precision, the thread count and the image size."""
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    bench = config.get("bench") if isinstance(config.get("bench"), dict) else {}
+    lat = bench.get("latency") if isinstance(bench.get("latency"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    mode = lat.get("compile") or "eager"
+    precision = bool(lat.get("amp"))
+    return (record.get("model"), record.get("device"), mode, precision, lat.get("threads"), model.get("img_size"))
+
+
+def slower_than_usual(metrics: dict[str, Any], settings: tuple, records: Iterable[dict[str, Any]]) -> dict[int, str]:
+    """Per batch size, why this job's unreduced timing says the machine is slower than usual:
+    more than :data:`SLOWER_THAN_USUAL` over the fastest unreduced timing of the ``records``
+    (earlier ones of the run store) at the same :func:`timing_settings`, busy ones left out."""
+    sizes = metrics.get("latency_batches") or []
+    fastest: dict[int, tuple[float, str]] = {}
+    for r in records:
+        m = r.get("metrics")
+        if not isinstance(m, dict) or timing_settings(r) != settings:
+            continue
+        for n in sizes:
+            ms = m.get(f"latency_ms_baseline_b{n}")
+            if isinstance(ms, (int, float)) and ms > 0 and not m.get(f"latency_busy_b{n}"):
+                fastest[n] = min(fastest.get(n, (math.inf, "")), (float(ms), str(r.get("git_commit") or "")[:7]))
+    reasons = {}
+    for n in sizes:
+        now = metrics.get(f"latency_ms_baseline_b{n}")
+        if n in fastest and isinstance(now, (int, float)) and now > (1 + SLOWER_THAN_USUAL) * fastest[n][0]:
+            ms, commit = fastest[n]
+            reasons[n] = (
+                f"unreduced {now:.1f} ms, {now / ms - 1:.0%} slower than the fastest recorded here at these "
+                f"settings ({ms:.1f} ms{', ' + commit if commit else ''})"
+            )
+    return reasons
+
+
+def mark_busy_batches(metrics: dict[str, Any], reasons: dict[int, str]) -> None:
+    """Add ``reasons`` (by batch size) to the busy flags of ``metrics``, as :func:`merge_batches`
+    words them."""
+    if not reasons:
+        return
+    sizes = metrics["latency_batches"]
+    for n, why in reasons.items():
+        old = metrics.get(f"latency_busy_reason_b{n}")
+        metrics[f"latency_busy_b{n}"] = True
+        metrics[f"latency_busy_reason_b{n}"] = f"{old}; {why}" if old else why
+    busy = [(n, metrics[f"latency_busy_reason_b{n}"]) for n in sizes if metrics.get(f"latency_busy_b{n}")]
+    metrics["latency_busy"] = True
+    metrics["latency_busy_reason"] = "; ".join(why if len(sizes) == 1 else f"batch {n}: {why}" for n, why in busy)
 
 
 def measure_latency(
