@@ -122,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError("--methods names no method")
         if not 0 < args.macs_ratio <= 1:
             raise BenchError(f"--macs-ratio must be in (0, 1], got {args.macs_ratio}")
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise BenchError(f"--device {args.device} is not a device; use cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BenchError(f"--device {args.device} but CUDA is not available here")
         name = (

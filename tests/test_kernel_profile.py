@@ -37,9 +37,10 @@ def test_a_report_names_the_setting_and_each_method_with_its_reducer_share(tmp_p
         (["--batch=0"], "must be at least 1"),
         (["--methods=,"], "names no method"),
         (["--macs-ratio=1.5"], "--macs-ratio must be in (0, 1]"),
+        (["--device=foo"], "--device foo is not a device"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys):
-    assert kernel_profile.main([*argv, "--device=cpu", "--iters=1"]) == 2
+    assert kernel_profile.main(["--device=cpu", "--iters=1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
