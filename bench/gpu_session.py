@@ -474,7 +474,9 @@ def run(
 
 
 def merge(runs_file: Path, results_dir: Path) -> int:
-    """Append the records of ``runs_file`` that ``results_dir`` lacks; rewrite its leaderboard."""
+    """Append the records of ``runs_file`` that ``results_dir`` lacks; rewrite its leaderboard;
+    copy the reports that came back with it (``*.txt``, e.g. the kernel profile) into
+    ``results_dir/profiles``, replacing older ones of the same name (git keeps those)."""
     if not runs_file.is_file():
         print(f"error: no run store at {runs_file} (the device call's runs.jsonl)", file=sys.stderr)
         return 2
@@ -487,6 +489,10 @@ def merge(runs_file: Path, results_dir: Path) -> int:
     for record in added:
         append_record(results_dir, record)
     print(f"{len(added)} of {len(new)} records added to {results_dir}")
+    for report in sorted(runs_file.parent.glob("*.txt")):
+        (results_dir / "profiles").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(report, results_dir / "profiles" / report.name)
+        print(results_dir / "profiles" / report.name)
     for path in write_leaderboard(results_dir):
         print(path)
     return 0

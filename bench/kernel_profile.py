@@ -26,6 +26,7 @@ from bench.budget import solve_budget
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config
 from bench.models import load_model
+from bench.store import git_commit
 from methods import TokenReducer, apply_reducer
 
 CONF = Path(__file__).parent / "conf"
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype = "bf16 autocast" if args.amp else "fp32"
         text = [
             f"# Operator profile: {args.model} (random weights), batch {args.batch}, {dtype}, eager, "
-            f"MACs ratio {args.macs_ratio}\n\ndevice: {name}; torch {torch.__version__}\n"
+            f"MACs ratio {args.macs_ratio}\n\ndevice: {name}; torch {torch.__version__}; commit {git_commit()}\n"
         ]
         x = torch.randn(args.batch, 3, 224, 224, device=device)
         for method in methods:

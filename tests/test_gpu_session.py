@@ -146,6 +146,9 @@ def test_merge_adds_each_record_once_and_refuses_a_missing_file(tmp_path, monkey
         ("x", "2"),
     ]
     assert "2 of 3 records added" in capsys.readouterr().out and written == [store, store]
+    (tmp_path / "profile-x.txt").write_text("# Operator profile\n")  # a report that came back with the store
+    assert merge(returned, store) == 0
+    assert (store / "profiles" / "profile-x.txt").read_text() == "# Operator profile\n"
     assert merge(tmp_path / "missing.jsonl", store) == 2
     assert "no run store at" in capsys.readouterr().err
 
