@@ -29,7 +29,8 @@ from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
 from bench.measure.latency import StopRule, busy_reason, measure_latency, relative_spread
 from bench.measure.phases import PhaseClock, time_table
 from bench.measure.scaling import analytic_gmacs, at_resolution, scaling_metrics
-from bench.store import read_records
+from bench.store import device_name, read_records
+from bench.validate import read_config
 from methods.identity import NoReduction
 
 # -- the measurement cache ----------------------------------------------------------------------
@@ -489,21 +490,21 @@ def test_an_unreduced_timing_far_above_the_stores_fastest_at_the_same_settings_i
     assert metrics["latency_busy_reason"] == f"batch 1: {reasons[1]}; batch 32: spread 12%"
 
 
-def test_a_job_on_a_machine_slower_than_its_store_remembers_is_flagged_busy(tmp_path, monkeypatch, capsys):
+def test_a_job_on_a_machine_slower_than_its_store_remembers_is_flagged_busy(tmp_path, capsys):
     root = image_folder(tmp_path / "val")
     results = tmp_path / "results"
+    results.mkdir()
     overrides = ["method=evit", f"data.root={root}", f"results_dir={results}", *FAST, "bench.scaling.enabled=false"]
+    cfg = compose(overrides)
+    # an earlier record at the same settings whose unreduced forward took a microsecond: today's is far slower
+    identity = job_module.job_identity(read_config(cfg))
+    earlier = {"model": cfg.model.name, "device": device_name(torch.device("cpu")), "config": identity}
+    earlier["metrics"] = {"latency_ms_baseline_b2": 0.001, "latency_busy_b2": False}
+    (results / "runs.jsonl").write_text(json.dumps({**earlier, "method": "evit", "git_commit": "fast123"}) + "\n")
     _forget_this_process()
-    first = job_module.run_job(compose(overrides))
+    record = job_module.run_job(cfg)
     _forget_this_process()
-    assert not first["metrics"]["latency_busy_b2"] or "slower" not in first["metrics"]["latency_busy_reason_b2"]
-    fast = read_records(results)[-1]  # the same settings, timed 10x faster: today's machine is slow next to it
-    fast["metrics"] = {**fast["metrics"], "latency_ms_baseline_b2": first["metrics"]["latency_ms_baseline_b2"] / 10}
-    fast["metrics"]["latency_busy_b2"] = False
-    (results / "runs.jsonl").write_text(json.dumps(fast) + "\n")
-    second = job_module.run_job(compose(overrides))
-    _forget_this_process()
-    m = second["metrics"]
+    m = record["metrics"]
     assert m["latency_busy"] and m["latency_busy_b2"]
-    assert "slower than the fastest recorded here" in m["latency_busy_reason"]
+    assert "slower than the fastest recorded here at these settings (0.0 ms, fast123)" in m["latency_busy_reason"]
     assert "latency measured on a slower machine than usual" in capsys.readouterr().err
