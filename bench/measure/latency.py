@@ -20,7 +20,6 @@ compiled models' top-1 is checked against eager on the largest batch's images.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import sys
@@ -256,11 +255,13 @@ def describe_busy(device: torch.device, load: float | None, spread: float, what:
 
 
 SLOWER_THAN_USUAL = 0.25
-"""An unreduced forward this much slower than the fastest one recorded at the same settings means
-the machine is not in its usual state: on the project's shared 2-core VM, on days when its host
-is contended, every forward is 30-45% slower with neither a high load average nor a wide spread
-of timings, and the reducers' many small operators suffer more than the unreduced model's large
-ones, so speedups fall too (batch 1 most)."""
+"""An unreduced forward this much slower than the median of those recorded at the same settings
+means the machine is not in its usual state: on the project's shared 2-core VM, on days when its
+host is contended, every forward is 30-45% slower with neither a high load average nor a wide
+spread of timings, and the reducers' many small operators suffer more than the unreduced model's
+large ones, so speedups fall too (batch 1 most). The median, not the fastest: on quiet days
+batch-1 timings of one sweep still range over 15-35% (against the fastest, a fifth of such
+rows were flagged; against the median, 0-6%, and nearly every row of the contended sweeps)."""
 
 
 def timing_settings(record: dict[str, Any]) -> tuple:
@@ -277,10 +278,11 @@ def timing_settings(record: dict[str, Any]) -> tuple:
 
 def slower_than_usual(metrics: dict[str, Any], settings: tuple, records: Iterable[dict[str, Any]]) -> dict[int, str]:
     """Per batch size, why this job's unreduced timing says the machine is slower than usual:
-    more than :data:`SLOWER_THAN_USUAL` over the fastest unreduced timing of the ``records``
-    (earlier ones of the run store) at the same :func:`timing_settings`, busy ones left out."""
+    more than :data:`SLOWER_THAN_USUAL` over the median unreduced timing of the ``records``
+    (earlier ones of the run store) at the same :func:`timing_settings`, busy ones left out;
+    at least three of them, or there is no usual to speak of."""
     sizes = metrics.get("latency_batches") or []
-    fastest: dict[int, tuple[float, str]] = {}
+    earlier: dict[int, list[float]] = {n: [] for n in sizes}
     for r in records:
         m = r.get("metrics")
         if not isinstance(m, dict) or timing_settings(r) != settings:
@@ -288,15 +290,17 @@ def slower_than_usual(metrics: dict[str, Any], settings: tuple, records: Iterabl
         for n in sizes:
             ms = m.get(f"latency_ms_baseline_b{n}")
             if isinstance(ms, (int, float)) and ms > 0 and not m.get(f"latency_busy_b{n}"):
-                fastest[n] = min(fastest.get(n, (math.inf, "")), (float(ms), str(r.get("git_commit") or "")[:7]))
+                earlier[n].append(float(ms))
     reasons = {}
     for n in sizes:
         now = metrics.get(f"latency_ms_baseline_b{n}")
-        if n in fastest and isinstance(now, (int, float)) and now > (1 + SLOWER_THAN_USUAL) * fastest[n][0]:
-            ms, commit = fastest[n]
+        if len(earlier[n]) < 3 or not isinstance(now, (int, float)):
+            continue
+        usual = statistics.median(earlier[n])
+        if now > (1 + SLOWER_THAN_USUAL) * usual:
             reasons[n] = (
-                f"unreduced {now:.1f} ms, {now / ms - 1:.0%} slower than the fastest recorded here at these "
-                f"settings ({ms:.1f} ms{', ' + commit if commit else ''})"
+                f"unreduced {now:.1f} ms, {now / usual - 1:.0%} slower than the median of the "
+                f"{len(earlier[n])} recorded here at these settings ({usual:.1f} ms)"
             )
     return reasons
 
