@@ -204,7 +204,7 @@ def _flag_slow_machine(
     cfg: Config, metrics: dict[str, Any], device: torch.device, finetuned: Finetuned | None, method: str
 ) -> None:
     """Mark the latency busy where the unreduced model ran much slower than the run store's
-    fastest record at the same settings (:func:`bench.measure.latency.slower_than_usual`): a
+    earlier records at the same settings usually did (:func:`bench.measure.latency.slower_than_usual`): a
     contended host that neither the load average nor the timings' spread shows."""
     if "latency_batches" not in metrics:
         return

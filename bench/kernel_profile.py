@@ -26,19 +26,19 @@ from bench.budget import solve_budget
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config
 from bench.models import load_model
+from bench.report.labels import METHOD_CONF
 from bench.store import git_commit
 from methods import TokenReducer, apply_reducer
 
-CONF = Path(__file__).parent / "conf"
 REDUCE_RANGE = "reducer.reduce"
 
 
 def reduced_model(method: str, model_name: str, macs_ratio: float) -> tuple[torch.nn.Module, TokenReducer]:
     """``model_name`` (random weights) with ``method``'s reducer at ``macs_ratio``; every call
     to the reducer's ``reduce`` is wrapped in the profiler range :data:`REDUCE_RANGE`."""
-    path = CONF / "method" / f"{method}.yaml"
+    path = METHOD_CONF / f"{method}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+        known = sorted(p.stem for p in METHOD_CONF.glob("*.yaml"))
         raise BenchError(f"unknown method {method!r}; choose from {', '.join(known)}")
     model = load_model(model_name, random_init=True)
     reducer = build_reducer_from_config(OmegaConf.load(path))

@@ -317,7 +317,13 @@ def mark_busy_batches(metrics: dict[str, Any], reasons: dict[int, str]) -> None:
         metrics[f"latency_busy_reason_b{n}"] = f"{old}; {why}" if old else why
     busy = [(n, metrics[f"latency_busy_reason_b{n}"]) for n in sizes if metrics.get(f"latency_busy_b{n}")]
     metrics["latency_busy"] = True
-    metrics["latency_busy_reason"] = "; ".join(why if len(sizes) == 1 else f"batch {n}: {why}" for n, why in busy)
+    metrics["latency_busy_reason"] = busy_summary(sizes, busy)
+
+
+def busy_summary(sizes: list[int], busy: list[tuple[int, str]]) -> str:
+    """One record's busy reason from ``(batch size, reason)`` pairs: each reason prefixed with
+    its batch where the record timed more than one (``sizes``)."""
+    return "; ".join(why if len(sizes) == 1 else f"batch {n}: {why}" for n, why in busy)
 
 
 def measure_latency(
@@ -788,9 +794,7 @@ def merge_batches(per_batch: dict[int, dict[str, Any]]) -> dict[str, Any]:
     out["latency_batches"] = sizes
     busy = [(n, per_batch[n]["latency_busy_reason"]) for n in sizes if per_batch[n]["latency_busy"]]
     out["latency_busy"] = bool(busy)
-    out["latency_busy_reason"] = (
-        "; ".join(why if len(sizes) == 1 else f"batch {n}: {why}" for n, why in busy) if busy else None
-    )
+    out["latency_busy_reason"] = busy_summary(sizes, busy) if busy else None
     out["latency_seconds"] = sum(per_batch[n]["latency_seconds"] for n in sizes)
     if all("latency_recompiles" in per_batch[n] for n in sizes):
         out["latency_recompiles"] = sum(per_batch[n]["latency_recompiles"] for n in sizes)
