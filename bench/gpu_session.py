@@ -88,7 +88,13 @@ STEPS: tuple[Step, ...] = (
     Step(
         "cuda-tests",
         "every reducer's forward under torch.cuda.set_sync_debug_mode('error')",
-        ("pytest", "tests/test_compile.py", "-k", "cuda", "-p", "no:cacheprovider"),
+        ("pytest", "tests/test_compile.py", "-k", "cuda and not inductor", "-p", "no:cacheprovider"),
+        sweep=False,
+    ),
+    Step(
+        "cuda-inductor",
+        "inductor compiles every reducer's steps for CUDA (Triton lowers sorts and scans the CPU does not)",
+        ("pytest", "tests/test_compile.py", "-k", "cuda_inductor", "-p", "no:cacheprovider", "--durations=5"),
         sweep=False,
     ),
     _sweep(

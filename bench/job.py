@@ -261,6 +261,7 @@ def _record(
         "device": device_name(device),
         "allocator": keep_freed_memory(),
         "linear_kernels": packed_linear_kernels(device),
+        "torch": torch.__version__,
         "git_commit": git_commit(),
         "timestamp": now_iso(),
         "seconds": seconds,

@@ -40,7 +40,15 @@ def pooled_grid(h: int, w: int, target: int) -> tuple[int, int]:
         a, b = hw
         return abs(a * b - target), round(abs(math.log(a / b) - aspect), 9), -(a * b), a
 
-    return min(((a, b) for a in range(1, h + 1) for b in range(1, w + 1)), key=key)
+    # A plain loop, not ``min(..., key=key)``: dynamo before torch 2.14 breaks the graph at a
+    # builtin called with ``key=``, and this runs inside the compiled forward.
+    best, best_key = (h, w), key((h, w))
+    for a in range(1, h + 1):
+        for b in range(1, w + 1):
+            k = key((a, b))
+            if k < best_key:
+                best, best_key = (a, b), k
+    return best
 
 
 def pool_groups(grid: tuple[int, int], out: tuple[int, int], device: torch.device) -> torch.Tensor:

@@ -58,7 +58,13 @@ def _first_values(overrides: list[str]) -> list[str]:
 
 def test_the_tests_and_the_issue_targets_come_first_and_every_sweep_composes():
     names = [s.name for s in STEPS]
-    assert names[:4] == ["cuda-tests", "small-base-fp32-eager", "tiny-bf16-eager", "tiny-bf16-cudagraphs"]
+    assert names[:5] == [
+        "cuda-tests",
+        "cuda-inductor",
+        "small-base-fp32-eager",
+        "tiny-bf16-eager",
+        "tiny-bf16-cudagraphs",
+    ]
     assert len(set(names)) == len(names)
     for step in STEPS:
         cmd = step_command(step, Path("/tmp/r"), KIT / DATASET)

@@ -273,6 +273,27 @@ def test_a_compiled_model_that_disagrees_with_eager_or_fails_is_said(vit, images
     )
 
 
+def test_a_graph_break_fails_the_compile_instead_of_timing_a_partly_eager_model(vit, images):
+    """torch 2.11's dynamo broke pooling's graph at ``min(..., key=...)``: the blocks after the
+    break were compiled one token count at a time until the recompile limit, then ran eager, and
+    the row looked like a compiled one. Now a graph break is the compile failing, in one line."""
+    with pytest.raises(BenchError) as e:
+        compile_pair(_Breaking(vit), copy.deepcopy(vit), images, [1], "compile")
+    message = str(e.value)
+    assert message.startswith("bench.latency.compile=compile: compiling the reduced model failed (")
+    assert "\n" not in message and message.endswith("use bench.latency.compile=eager")
+
+
+class _Breaking(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return self.inner(x)
+
+
 class _Negated(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()

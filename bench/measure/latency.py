@@ -650,7 +650,9 @@ def _compile_one(
     calls = 3 if mode in GPU_ONLY_MODES else 1
     t0 = time.perf_counter()
     try:
-        compiled = torch.compile(model, dynamic=False, **options)
+        # fullgraph: a graph break would leave part of the forward eager (and a block compiled per
+        # token count until dynamo's recompile limit, then eager), timed as if compiled.
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, **options)
         runner = _StepMarked(compiled) if mode in GPU_ONLY_MODES else compiled
         top1 = torch.empty(0, dtype=torch.long)
         with _inference(), _autocast(x.device, amp):
