@@ -253,7 +253,12 @@ def initial_state(x: Tensor, num_prefix: int, patch_grid: tuple[int, int], trace
     b, n, _ = x.shape
     num_patches = n - num_prefix
     size = torch.ones(b, n, device=x.device, dtype=torch.float32)
-    pos = torch.arange(-num_prefix, num_patches, device=x.device).clamp_min(-1).expand(b, -1)
+    # -1s then 0..P-1 by a cat, not ``arange(-prefix, P).clamp_min(-1)``: inductor (torch 2.11)
+    # turned that clamp into a sympy Max of index expressions, which its CUDA concatenation of
+    # ``pos[:, :prefix]`` with merged positions could not compare (every grouping reducer failed
+    # to compile for the GPU).
+    prefix = torch.full((num_prefix,), -1, device=x.device, dtype=torch.long)
+    pos = torch.cat([prefix, torch.arange(num_patches, device=x.device)]).expand(b, -1)
     source = None
     if trace_source:
         source = torch.zeros(b, n, num_patches, device=x.device, dtype=torch.float32)
