@@ -401,15 +401,21 @@ def warm_caches(cmds: Sequence[Sequence[str]], seconds: float, log, env: dict[st
     return what
 
 
-def copy_back(results_dir: Path, log_path: Path, out: Path) -> None:
+def copy_back(results_dir: Path, log_path: Path, out: Path, since: float = 0.0, jobs: Path = Path("outputs")) -> None:
     """The run store, the reports (``*.txt``) and the log into ``out``: plain files, as the
-    device tool fetches them."""
+    device tool fetches them. The tracebacks jobs saved since ``since`` (a failed compile's,
+    a bug's) go to ``out/tracebacks``, named by their job folder: the session log has only
+    each failure's one line, and the machine is gone when the call ends."""
     out.mkdir(parents=True, exist_ok=True)
     runs = results_dir / "runs.jsonl"
     if runs.is_file():
         shutil.copy2(runs, out / "runs.jsonl")
     for report in sorted(results_dir.glob("*.txt")):
         shutil.copy2(report, out / report.name)
+    for saved in sorted(jobs.glob("**/*traceback.txt")) if jobs.is_dir() else ():
+        if saved.stat().st_mtime >= since:
+            (out / "tracebacks").mkdir(exist_ok=True)
+            shutil.copy2(saved, out / "tracebacks" / f"{saved.parent.parent.name}-{saved.parent.name}-{saved.name}")
     shutil.copy2(log_path, out / "gpu-session.log")
 
 
@@ -429,6 +435,7 @@ def run(
     first warms inductor's caches in parallel (:func:`warm_commands`). 0 when every step ran
     to the end."""
     start = time.monotonic()
+    since = time.time()
     by_name = {s.name: s for s in STEPS}
     unknown = set(steps or ()) - set(by_name)
     if unknown:
@@ -471,8 +478,8 @@ def run(
             failed |= what != "exit 0"
             print(f"{step.name}: {what} ({time.monotonic() - start:.0f} s in)", flush=True)
             log.flush()
-            copy_back(results_dir, log_path, out)
-    copy_back(results_dir, log_path, out)
+            copy_back(results_dir, log_path, out, since)
+    copy_back(results_dir, log_path, out, since)
     return 1 if failed else 0
 
 

@@ -122,6 +122,25 @@ def test_run_takes_the_named_steps_in_the_order_named(kit, tmp_path, monkeypatch
     assert said.index("second: exit 0") < said.index("first: exit 0")
 
 
+def test_run_brings_back_the_tracebacks_its_jobs_saved(kit, tmp_path, monkeypatch):
+    """A failed compile's one line says what; the traceback the job saved says where, and the
+    machine is gone after the call. Older ones (an earlier call's) stay behind."""
+    old = tmp_path / "outputs" / "multirun" / "earlier" / "0_pool" / "compile-traceback.txt"
+    old.parent.mkdir(parents=True)
+    old.write_text("old")
+    os.utime(old, (1.0, 1.0))
+    job = tmp_path / "outputs" / "multirun" / "sweep" / "2_kmedoids"
+    code = f"import pathlib; pathlib.Path({str(job)!r}).mkdir(parents=True); "
+    code += f"pathlib.Path({str(job / 'compile-traceback.txt')!r}).write_text('Traceback: lowering')"
+    failing = Step("failing", "saves a traceback", ("-c", code), sweep=False)
+    monkeypatch.setattr(gpu_session, "STEPS", (failing,))
+    monkeypatch.setattr(gpu_session, "step_command", lambda step, *a, **k: [sys.executable, *step.args])
+    out = tmp_path / "out"
+    assert run(deadline_s=60.0, out=out, reserve_s=0.0) == 0
+    assert [p.name for p in (out / "tracebacks").iterdir()] == ["sweep-2_kmedoids-compile-traceback.txt"]
+    assert (out / "tracebacks" / "sweep-2_kmedoids-compile-traceback.txt").read_text() == "Traceback: lowering"
+
+
 def test_run_refuses_an_unknown_step_or_a_missing_kit(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run(10, tmp_path / "out", steps=["tiny-bf16-cudagraphs", "nope"]) == 2

@@ -284,6 +284,22 @@ def test_a_graph_break_fails_the_compile_instead_of_timing_a_partly_eager_model(
     assert "\n" not in message and message.endswith("use bench.latency.compile=eager")
 
 
+def test_a_failed_compile_in_a_job_saves_its_traceback_and_says_where(vit, images, tmp_path, monkeypatch):
+    def broken(m, **kw):
+        raise ValueError("The argument '-1 + ((0))' is not comparable.")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(latency_module, "job_output_dir", lambda: tmp_path)
+    with pytest.raises(BenchError) as e:
+        compile_pair(vit, copy.deepcopy(vit), images, [1], "cudagraphs")
+    saved = tmp_path / "compile-traceback.txt"
+    assert str(e.value) == (
+        "bench.latency.compile=cudagraphs: compiling the reduced model failed (ValueError: The argument "
+        f"'-1 + ((0))' is not comparable.; traceback in {saved}); use bench.latency.compile=eager"
+    )
+    assert "Traceback" in saved.read_text() and "in broken" in saved.read_text()
+
+
 class _Breaking(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()

@@ -24,9 +24,11 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bench.config import LatencyConfig
-from bench.errors import BenchError
+from bench.errors import BenchError, job_output_dir
 from bench.finite import check_finite_output
 from bench.models import model_without_reducer
 from bench.terminal import say
@@ -665,13 +667,29 @@ def _compile_one(
         raise
     except Exception as e:  # noqa: BLE001 - a backend failure is one line, not a traceback
         first = (str(e).strip().splitlines() or [""])[0][:200]
+        saved = _save_compile_traceback()
         raise BenchError(
-            f"bench.latency.compile={mode}: compiling {what} failed ({type(e).__name__}: {first}); "
-            "use bench.latency.compile=eager"
+            f"bench.latency.compile={mode}: compiling {what} failed ({type(e).__name__}: {first}"
+            f"{f'; traceback in {saved}' if saved else ''}); use bench.latency.compile=eager"
         ) from None
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return runner, time.perf_counter() - t0, top1
+
+
+def _save_compile_traceback() -> Path | None:
+    """The compiler's whole traceback in the job's folder (``compile-traceback.txt``), called
+    while its exception is handled: the one line says what failed, this says where (inductor's
+    errors point deep into its lowering). None outside a Hydra job."""
+    out = job_output_dir()
+    if out is None:
+        return None
+    path = out / "compile-traceback.txt"
+    try:
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return None
+    return path
 
 
 def _agreement(compiled: Tensor, eager: Tensor, n: int) -> float:
