@@ -123,6 +123,7 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "dataset": Path(r.get("data_root", "")).name,
             "images": r.get("num_images"),
             "device": r.get("device"),
+            "torch": r.get("torch"),  # records from before it was recorded: None
             "latency_mode": latency_mode(r),
             "latency_precision": latency_precision(r),
             "method": r.get("method"),

@@ -86,6 +86,20 @@ def test_deit_s_needs_the_papers_ratio_or_1_25_and_either_mode_may_meet_it():
     assert "(1 more not measured at these settings: fatr)" in "\n".join(lines)  # its rows are bf16
 
 
+def test_the_torch_that_measured_is_named_where_records_carry_it():
+    """The lent GPU's torch is not CI's (2.11 there, 2.14 here): a compiled row is that
+    torch's compiler's. Records from before the field have none, and are not named."""
+    gpu = "NVIDIA H200"
+    rows = [
+        _row("evit", device=gpu, mode="cudagraphs", precision="bf16", speedup_b256=1.2, torch="2.11.0+cu130"),
+        _row("tome", device=gpu, mode="cudagraphs", precision="bf16", speedup_b256=0.9, torch=None),
+    ]
+    text = "\n".join(target_lines(pd.DataFrame(rows), _target("GPU, DeiT-Tiny bf16")))
+    assert "Measured on NVIDIA H200; deit_tiny_patch16_224 (random weights); torch 2.11.0+cu130 (where recorded);" in text
+    text = "\n".join(target_lines(pd.DataFrame(rows[1:]), _target("GPU, DeiT-Tiny bf16")))
+    assert "torch" not in text
+
+
 def test_a_target_without_rows_says_so_and_a_folder_without_any_gets_no_section():
     df = pd.DataFrame([_row("fatr", speedup_b1=1.1)])
     text = "\n".join(targets_section(df))

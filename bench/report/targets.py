@@ -152,6 +152,7 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
         return [*lines, "Not measured in this folder.", ""]
     devices = sorted({str(d) for p in parts.values() for d in p["device"]})
     commits = sorted({str(c)[:12] for p in parts.values() if "commit" in p for c in p["commit"].dropna()})
+    torches = sorted({str(v) for p in parts.values() if "torch" in p for v in p["torch"].dropna()})
     models = sorted({str(m) for p in parts.values() for m in p["model"]})
     methods = list(dict.fromkeys(m for p in parts.values() for m in p["method"]))
     header = ["method", "needed", *parts, "met"]
@@ -178,6 +179,7 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
         + (f" ({len(unmeasured)} more not measured at these settings: {', '.join(unmeasured)})" if unmeasured else "")
         + f". Measured on {', '.join(devices)}; {', '.join(models)}; "
         + (f"commits {', '.join(commits)}; " if commits else "")
+        + (f"torch {', '.join(torches)} (where recorded); " if torches else "")
         + f"column `{t.column}` of the leaderboard"
         + ("; a method meets it in any of the modes shown" if len(parts) > 1 else "")
         + ".",
