@@ -382,12 +382,12 @@ def run_parallel(
     return ok, len(cmds)
 
 
-def warm_caches(cmds: Sequence[Sequence[str]], seconds: float, log, env: dict[str, str]) -> str:
+def warm_caches(cmds: Sequence[Sequence[str]], seconds: float, log, env: dict[str, str], jobs: int = 4) -> str:
     """:func:`run_parallel` over ``cmds``, one per CPU at most, inductor's compile workers
     shared out among them (``compile_threads`` is not part of inductor's cache key); says
     what happened, in words, into ``log`` too."""
     cpus = os.cpu_count() or 1
-    jobs = max(1, min(len(cmds), cpus))
+    jobs = max(1, min(len(cmds), cpus, jobs))
     warm_env = dict(env, TORCHINDUCTOR_COMPILE_THREADS=str(max(2, 2 * cpus // jobs)))
     start = time.monotonic()
     ok, n = run_parallel(cmds, seconds, WARM_DIR / "logs", warm_env, jobs)
@@ -427,13 +427,13 @@ def run(
     extra: Sequence[str] = (),
     reserve_s: float = 20.0,
     min_step_s: float = 30.0,
-    warm_first: bool = False,
+    warm_jobs: int = 0,
 ) -> int:
     """Every step in :data:`STEPS` (or those named in ``steps``, in that order) while at least ``min_step_s``
     is left before the deadline less ``reserve_s`` (for copying back); ``device`` other than
-    ``cuda`` only to rehearse the session on the CPU. With ``warm_first`` a compiled sweep
-    first warms inductor's caches in parallel (:func:`warm_commands`). 0 when every step ran
-    to the end."""
+    ``cuda`` only to rehearse the session on the CPU. With ``warm_jobs`` > 0 a compiled sweep
+    first warms inductor's caches, that many methods at a time (:func:`warm_commands`). 0 when
+    every step ran to the end."""
     start = time.monotonic()
     since = time.time()
     by_name = {s.name: s for s in STEPS}
@@ -447,6 +447,9 @@ def run(
             "for copying back; give the seconds the device call may take (e.g. 540 for a 600 s call)",
             file=sys.stderr,
         )
+        return 2
+    if warm_jobs < 0:
+        print(f"error: --warm {warm_jobs}: give how many methods compile at a time (1 or more)", file=sys.stderr)
         return 2
     chosen = list(STEPS) if steps is None else [by_name[name] for name in steps]
     if not (KIT / "wheels").is_dir() or not (KIT / DATASET).is_dir():
@@ -469,9 +472,9 @@ def run(
                 log.write(f"== {step.name}: skipped, {left:.0f} s left\n")
                 continue
             log.write(f"\n== {step.name}: {step.why}\n")
-            warm = warm_commands(step, KIT / DATASET, device, extra) if warm_first else []
+            warm = warm_commands(step, KIT / DATASET, device, extra) if warm_jobs > 0 else []
             if warm:
-                print(f"{step.name}: {warm_caches(warm, left * WARM_SHARE, log, env)}", flush=True)
+                print(f"{step.name}: {warm_caches(warm, left * WARM_SHARE, log, env, warm_jobs)}", flush=True)
                 left = deadline_s - (time.monotonic() - start) - reserve_s
             cmd = step_command(step, results_dir, KIT / DATASET, device, extra)
             what = run_until(cmd, left, log, env)
@@ -524,8 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="cuda", help="cpu: rehearse the session here (the CUDA tests skip)")
     r.add_argument(
         "--warm",
-        action="store_true",
-        help="compile every method in parallel before a compiled sweep (on the H200 lease it finished none in 208 s)",
+        type=int,
+        nargs="?",
+        const=4,
+        default=0,
+        metavar="N",
+        help="compile the methods N at a time (default 4) before a compiled sweep, to fill inductor's caches "
+        "(sixteen at a time finished none in 208 s on the H200 lease; fewer is untried)",
     )
     r.add_argument("overrides", nargs="*", help="replace a sweep override of the same key, e.g. method=evit")
     m = sub.add_parser("merge", help="here: the returned records into results/speed")
@@ -536,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(args.images)
     if args.what == "run":
         steps = args.steps.split(",") if args.steps else None
-        return run(args.deadline_s, args.out, steps, args.device, args.overrides, warm_first=args.warm)
+        return run(args.deadline_s, args.out, steps, args.device, args.overrides, warm_jobs=args.warm)
     return merge(args.runs_file, args.results_dir)
 
 

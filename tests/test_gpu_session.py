@@ -150,6 +150,8 @@ def test_run_refuses_an_unknown_step_or_a_missing_kit(tmp_path, monkeypatch, cap
     for deadline in (-5, 0, 40):
         assert run(deadline, tmp_path / "out") == 2
         assert capsys.readouterr().err.startswith(f"error: --deadline-s {deadline} leaves no step")
+    assert run(60, tmp_path / "out", warm_jobs=-1) == 2
+    assert capsys.readouterr().err == "error: --warm -1: give how many methods compile at a time (1 or more)\n"
     assert not (tmp_path / "out").exists()
 
 
@@ -218,9 +220,10 @@ def test_run_warms_a_compiled_step_before_timing_it_only_when_told_to(kit, tmp_p
     step = Step("compiled", "stand-in", ("timeit", "-n1", "-r1", "pass"), sweep=False)
     monkeypatch.setattr(gpu_session, "STEPS", (step,))
     monkeypatch.setattr(gpu_session, "warm_commands", lambda *a, **k: [[sys.executable, "-c", "pass"]] * 2)
-    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0, warm_first=True) == 0
+    assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0, warm_jobs=1) == 0
     said = capsys.readouterr().out
     assert said.index("compiled: warmed: 2 of 2 methods compiled") < said.index("compiled: exit 0")
+    assert "(1 at a time)" in said
     log = (tmp_path / "out" / "gpu-session.log").read_text()
     assert "warmed: 2 of 2" in log and "warm-up 1: $ " in log  # each job's last lines come back
     assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0) == 0

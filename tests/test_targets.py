@@ -95,7 +95,9 @@ def test_the_torch_that_measured_is_named_where_records_carry_it():
         _row("tome", device=gpu, mode="cudagraphs", precision="bf16", speedup_b256=0.9, torch=None),
     ]
     text = "\n".join(target_lines(pd.DataFrame(rows), _target("GPU, DeiT-Tiny bf16")))
-    assert "Measured on NVIDIA H200; deit_tiny_patch16_224 (random weights); torch 2.11.0+cu130 (where recorded);" in text
+    assert (
+        "Measured on NVIDIA H200; deit_tiny_patch16_224 (random weights); torch 2.11.0+cu130 (where recorded);" in text
+    )
     text = "\n".join(target_lines(pd.DataFrame(rows[1:]), _target("GPU, DeiT-Tiny bf16")))
     assert "torch" not in text
 
