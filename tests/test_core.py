@@ -443,3 +443,21 @@ def test_empty_slots_are_masked_out_of_attention(images, prop_attn):
         leaky = apply_reducer(tiny_vit(), EmptyLastSlot(flag=False))(images)
     torch.testing.assert_close(empty, dropped, rtol=1e-4, atol=1e-4)
     assert (leaky - dropped).abs().max() > 1e-3
+
+
+def test_token_state_replace_is_dataclasses_replace():
+    """The fast copy gives what ``dataclasses.replace`` gives: every field carried over (the
+    ``extra`` dict shared, as there), the changed ones replaced, an unknown name refused."""
+    import dataclasses
+
+    from methods.tokens import initial_state
+
+    state = initial_state(torch.randn(2, 5, 3), 1, (2, 2), trace_source=True)
+    state.extra["k"] = 1
+    x = torch.zeros(2, 5, 3)
+    got, want = state.replace(x=x, reduced=True), dataclasses.replace(state, x=x, reduced=True)
+    for f in dataclasses.fields(state):
+        assert getattr(got, f.name) is getattr(want, f.name), f.name
+    assert got is not state and state.x is not x and not state.reduced
+    with pytest.raises(TypeError, match="no field"):
+        state.replace(tokens=x)
