@@ -120,16 +120,24 @@ class TokenState:
         ``dataclasses.replace`` under ``torch.compile``."""
         if torch.compiler.is_compiling():
             return dataclasses.replace(self, **changes)
-        unknown = changes.keys() - _STATE_FIELDS
+        unknown = changes.keys() - _field_names(type(self))
         if unknown:
-            raise TypeError(f"TokenState has no field(s) {sorted(unknown)}")
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
         return new
 
 
-_STATE_FIELDS = frozenset(f.name for f in dataclasses.fields(TokenState))
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    """The dataclass fields of ``cls`` (a subclass of :class:`TokenState` may add some)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 class TokenReducer(nn.Module):

@@ -52,8 +52,8 @@ def _search_grid(h: int, w: int, target: int) -> tuple[int, int]:
         a, b = hw
         return abs(a * b - target), round(abs(math.log(a / b) - aspect), 9), -(a * b), a
 
-    # A plain loop, not ``min(..., key=key)``: dynamo before torch 2.14 breaks the graph at a
-    # builtin called with ``key=``, and this runs inside the compiled forward.
+    # A plain loop, not ``min(..., key=key)``: torch 2.11's dynamo breaks the graph at a builtin
+    # called with ``key=`` (2.14's does not), and this is traced in the compiled forward.
     best, best_key = (h, w), key((h, w))
     for a in range(1, h + 1):
         for b in range(1, w + 1):

@@ -253,10 +253,10 @@ def initial_state(x: Tensor, num_prefix: int, patch_grid: tuple[int, int], trace
     b, n, _ = x.shape
     num_patches = n - num_prefix
     size = torch.ones(b, n, device=x.device, dtype=torch.float32)
-    # -1s then 0..P-1 by a cat, not ``arange(-prefix, P).clamp_min(-1)``: inductor (torch 2.11)
-    # turned that clamp into a sympy Max of index expressions, which its CUDA concatenation of
-    # ``pos[:, :prefix]`` with merged positions could not compare (every grouping reducer failed
-    # to compile for the GPU).
+    # -1s then 0..P-1 by a cat, not ``arange(-prefix, P).clamp_min(-1)``: inductor turned that
+    # clamp into a sympy Max of index expressions, which its pointwise concatenation (CUDA's;
+    # the CPU's only when forced) of ``pos[:, :prefix]`` with merged positions could not compare:
+    # every grouping reducer failed to compile for the GPU (tests/test_compile.py forces it).
     prefix = torch.full((num_prefix,), -1, device=x.device, dtype=torch.long)
     pos = torch.cat([prefix, torch.arange(num_patches, device=x.device)]).expand(b, -1)
     source = None

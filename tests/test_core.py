@@ -450,6 +450,7 @@ def test_token_state_replace_is_dataclasses_replace():
     ``extra`` dict shared, as there), the changed ones replaced, an unknown name refused."""
     import dataclasses
 
+    from methods.base import TokenState
     from methods.tokens import initial_state
 
     state = initial_state(torch.randn(2, 5, 3), 1, (2, 2), trace_source=True)
@@ -459,5 +460,13 @@ def test_token_state_replace_is_dataclasses_replace():
     for f in dataclasses.fields(state):
         assert getattr(got, f.name) is getattr(want, f.name), f.name
     assert got is not state and state.x is not x and not state.reduced
-    with pytest.raises(TypeError, match="no field"):
+    with pytest.raises(TypeError, match="TokenState has no field"):
         state.replace(tokens=x)
+
+    @dataclasses.dataclass
+    class Tagged(TokenState):
+        tag: str = ""
+
+    tagged = Tagged(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, tag="a")
+    retagged = tagged.replace(tag="b", x=x)
+    assert type(retagged) is Tagged and retagged.tag == "b" and retagged.x is x and tagged.tag == "a"
