@@ -122,7 +122,7 @@ class SweepSummary(Callback):
                 print(f"\nno summary: {type(e).__name__}: {e}", file=sys.stderr)
             skipped = self.marked(SKIP_FILE)
             if skipped:
-                print(f"\n{len(skipped)} job(s) skipped, already recorded (resume=true):")
+                print(f"\n{len(skipped)} job(s) skipped, already recorded (resume):")
                 for job, text in skipped:
                     print(f"  {job}: {text}")
             leaderboard_ok = self.regenerate()

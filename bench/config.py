@@ -139,7 +139,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    resume: bool = False
+    resume: Any = False
+    """false, true (skip configs already recorded) or ``busy`` (skip them unless their latest
+    record's latency was measured on a busy machine): typed in :mod:`bench.validate`."""
     results_dir: str = "results/local"
     device: str = "auto"
     seed: int = 0

@@ -296,9 +296,11 @@ def run_job(cfg: Config | DictConfig) -> dict[str, Any] | None:
     cfg, finetuned = resolve_finetuned(cfg)  # a bench.finetune checkpoint: its base model + trained state
     torch.manual_seed(cfg.seed)
     digest = config_hash(job_identity(cfg, finetuned))
-    if cfg.resume and digest in recorded_hashes(cfg.results_dir):
-        say(f"[skip] {cfg.method.name}: already recorded ({digest}); resume=true", err=False)
-        record_skip(f"{cfg.method.name}: already recorded ({digest})")
+    redo_busy = cfg.resume == "busy"
+    if cfg.resume and digest in recorded_hashes(cfg.results_dir, redo_busy=redo_busy):
+        said = f"already recorded ({digest}){', not busy' if redo_busy else ''}"
+        say(f"[skip] {cfg.method.name}: {said}; resume={str(cfg.resume).lower()}", err=False)
+        record_skip(f"{cfg.method.name}: {said}")
         return None
     method = cfg.method.name
     t_start = time.perf_counter()

@@ -197,5 +197,11 @@ def read_run_records(results_dir: str | Path) -> list[dict[str, Any]]:
     return good
 
 
-def recorded_hashes(results_dir: str | Path) -> set[str]:
-    return {r["config_hash"] for r in read_records(results_dir) if "config_hash" in r}
+def recorded_hashes(results_dir: str | Path, redo_busy: bool = False) -> set[str]:
+    """The configs ``results_dir`` holds a record of; with ``redo_busy`` only those whose latest
+    record's latency was not measured on a busy machine (``resume=busy``: a sweep rerun on a
+    host that is quiet only at times fills in what a busy spell spoiled)."""
+    latest = {r["config_hash"]: r for r in read_records(results_dir) if "config_hash" in r}
+    if not redo_busy:
+        return set(latest)
+    return {h for h, r in latest.items() if not (r.get("metrics") or {}).get("latency_busy")}

@@ -86,6 +86,12 @@ def flag(key: str, v: Any) -> str | None:
     return None if isinstance(v, bool) else f"{key} must be true or false, got {v!r}"
 
 
+def resume_mode(key: str, v: Any) -> str | None:
+    if isinstance(v, bool) or v == "busy":
+        return None
+    return f"{key} must be true, false or busy (redo the jobs whose latest record is busy), got {v!r}"
+
+
 def resolutions(key: str, v: Any) -> str | None:
     if not isinstance(v, list) or not v or not all(_is_int(s) and s > 0 for s in v):
         return f"{key} must be a non-empty list of positive integers, got {v!r}"
@@ -100,7 +106,8 @@ BEFORE_SOURCES: dict[str, Check] = {
     "data.batch_size": integer(1),
     "data.limit": integer(1, nullable=True),
     "seed": integer(0),
-    **dict.fromkeys(("resume", "progress", "cache", "bench.accuracy", "bench.flops", "bench.latency.amp"), flag),
+    "resume": resume_mode,
+    **dict.fromkeys(("progress", "cache", "bench.accuracy", "bench.flops", "bench.latency.amp"), flag),
     **dict.fromkeys(("bench.latency.enabled", "bench.spectral.enabled", "bench.scaling.enabled"), flag),
 }
 """The settings checked first, in this order, before the weights and the latency modes."""

@@ -29,7 +29,7 @@ from bench.config import (
 from bench.errors import BenchError
 from bench.job import MEASUREMENTS, job_identity
 from bench.store import config_hash
-from bench.validate import config_error, read_config
+from bench.validate import config_error, read_config, validate_settings
 
 PUBLISHED = REPO / "results" / "runs.jsonl"
 
@@ -163,7 +163,6 @@ def test_each_measurement_gets_its_own_typed_section():
         ("bench.latency.max_seconds=abc", "bench.latency.max_seconds must be a number in (0, inf] or null, got 'abc'"),
         ("data.limit=2.5", "data.limit must be an integer >= 1 or null, got 2.5"),
         ("model.img_size=[1]", "model.img_size must be an integer >= 1 or null, got [1]"),
-        ("resume=abc", "resume must be true or false, got 'abc'"),
         ("bench.spectral.enabled=maybe", "bench.spectral.enabled must be true or false, got 'maybe'"),
         ("bench.scaling.resolutions=abc", "bench.scaling.resolutions must be a non-empty list of positive integers, "
          "got 'abc'"),
@@ -174,6 +173,15 @@ def test_a_value_of_the_wrong_type_is_refused_with_the_settings_message(override
     with pytest.raises(ConfigCompositionException) as e:
         compose(["method=tome", override])
     assert str(config_error(e.value)) == message
+
+
+def test_resume_is_true_false_or_busy():
+    """``resume`` is typed by its check, not the schema (it takes a word as well as a flag)."""
+    for value in (True, False, "busy"):
+        validate_settings(read_config(compose(["method=tome", f"resume={str(value).lower()}"])))
+    with pytest.raises(BenchError) as e:
+        validate_settings(read_config(compose(["method=tome", "resume=abc"])))
+    assert str(e.value) == "resume must be true, false or busy (redo the jobs whose latest record is busy), got 'abc'"
 
 
 def test_an_unknown_setting_or_group_option_is_named_and_a_malformed_override_is_left_to_hydra():

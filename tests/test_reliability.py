@@ -564,7 +564,7 @@ def test_resume_neither_remeasures_nor_reappends_the_unreduced_record_and_lists_
     out = run_cli(["method=tome,evit", "resume=true", *args], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [r["method"] for r in read_records(tmp_path / "results")] == ["none", "tome", "evit"]
-    assert "1 job(s) skipped, already recorded (resume=true):" in out.stdout
+    assert "1 job(s) skipped, already recorded (resume):" in out.stdout
     assert "0_tome: tome: already recorded" in out.stdout
     evit = read_records(tmp_path / "results")[-1]["metrics"]
     stored_base = read_records(tmp_path / "results")[0]["metrics"]

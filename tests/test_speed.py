@@ -511,3 +511,18 @@ def test_a_job_on_a_machine_slower_than_its_store_remembers_is_flagged_busy(tmp_
     assert m["latency_busy"] and m["latency_busy_b2"]
     assert "slower than the median of the 3 recorded here at these settings (0.0 ms)" in m["latency_busy_reason"]
     assert "latency measured on a slower machine than usual" in capsys.readouterr().err
+
+
+def test_resume_busy_redoes_only_the_configs_whose_latest_record_is_busy(tmp_path):
+    """``resume=busy``: a sweep rerun on a host that is quiet at times fills in what a busy spell
+    spoiled, and leaves what was measured quietly alone (the latest record of a config counts)."""
+    from bench.store import append_record, recorded_hashes
+
+    def rec(h, busy, t):
+        return {"config_hash": h, "timestamp": t, "metrics": {"latency_busy": busy}}
+
+    for r in (rec("quiet", False, "1"), rec("spoiled", True, "1"), rec("fixed", True, "1"), rec("fixed", False, "2")):
+        append_record(tmp_path, r)
+    append_record(tmp_path, {"config_hash": "no_latency", "timestamp": "1", "metrics": {"top1": 80.0}})
+    assert recorded_hashes(tmp_path) == {"quiet", "spoiled", "fixed", "no_latency"}
+    assert recorded_hashes(tmp_path, redo_busy=True) == {"quiet", "fixed", "no_latency"}
