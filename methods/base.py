@@ -10,6 +10,7 @@ method pays exactly the same overhead for the same work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,15 +130,10 @@ class TokenState:
         return new
 
 
-_FIELD_NAMES: dict[type, frozenset[str]] = {}
-
-
+@functools.cache
 def _field_names(cls: type) -> frozenset[str]:
     """The dataclass fields of ``cls`` (a subclass of :class:`TokenState` may add some)."""
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
-    return names
+    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 class TokenReducer(nn.Module):

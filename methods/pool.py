@@ -14,7 +14,6 @@ pooling block pools the pooled grid. Prefix tokens are copied in front untouched
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -34,18 +33,13 @@ def known_grid(info: ModelInfo | None, num_patches: int) -> tuple[int, int] | No
     return (s, s) if s * s == num_patches else None
 
 
+@shape_constant(maxsize=1024)
 def pooled_grid(h: int, w: int, target: int) -> tuple[int, int]:
     """The h' x w' grid (h' <= h, w' <= w) with h'·w' closest to ``target`` (see module doc).
 
     Every reduction block asks again, and the search costs ~150 µs in Python (14x14), about 1%
-    of a DeiT-Tiny forward at batch 1 per block: cached, except while ``torch.compile`` traces
-    (the graph keeps the answer as a constant)."""
-    if torch.compiler.is_compiling():
-        return _search_grid(h, w, target)
-    return _cached_grid(h, w, target)
-
-
-def _search_grid(h: int, w: int, target: int) -> tuple[int, int]:
+    of a DeiT-Tiny forward at batch 1 per block: cached (:func:`methods.tokens.shape_constant`;
+    traced while ``torch.compile`` traces, the graph keeping the answer as a constant)."""
     aspect = math.log(h / w)
 
     def key(hw: tuple[int, int]) -> tuple[int, float, int, int]:
@@ -61,9 +55,6 @@ def _search_grid(h: int, w: int, target: int) -> tuple[int, int]:
             if k < best_key:
                 best, best_key = (a, b), k
     return best
-
-
-_cached_grid = functools.lru_cache(maxsize=1024)(_search_grid)
 
 
 @shape_constant()

@@ -248,17 +248,23 @@ def empty_slot_bias(size: Tensor) -> Tensor:
     return torch.zeros_like(size).masked_fill(size == 0, float("-inf"))[:, None, None, :]
 
 
+@shape_constant()
+def initial_positions(num_prefix: int, num_patches: int, device: torch.device) -> Tensor:
+    """``pos`` before the first block: -1 for the prefix tokens, then 0..P-1. Built by a cat,
+    not ``arange(-prefix, P).clamp_min(-1)``: inductor turned that clamp into a sympy Max of
+    index expressions, which its pointwise concatenation (CUDA's; the CPU's only when forced) of
+    ``pos[:, :prefix]`` with merged positions could not compare, and every grouping reducer
+    failed to compile for the GPU (``tests/test_compile.py`` forces it)."""
+    prefix = torch.full((num_prefix,), -1, device=device, dtype=torch.long)
+    return torch.cat([prefix, torch.arange(num_patches, device=device)])
+
+
 def initial_state(x: Tensor, num_prefix: int, patch_grid: tuple[int, int], trace_source: bool) -> TokenState:
     """State before the first block: every patch token has size 1 and its own position."""
     b, n, _ = x.shape
     num_patches = n - num_prefix
     size = torch.ones(b, n, device=x.device, dtype=torch.float32)
-    # -1s then 0..P-1 by a cat, not ``arange(-prefix, P).clamp_min(-1)``: inductor turned that
-    # clamp into a sympy Max of index expressions, which its pointwise concatenation (CUDA's;
-    # the CPU's only when forced) of ``pos[:, :prefix]`` with merged positions could not compare:
-    # every grouping reducer failed to compile for the GPU (tests/test_compile.py forces it).
-    prefix = torch.full((num_prefix,), -1, device=x.device, dtype=torch.long)
-    pos = torch.cat([prefix, torch.arange(num_patches, device=x.device)]).expand(b, -1)
+    pos = initial_positions(num_prefix, num_patches, x.device).expand(b, -1)
     source = None
     if trace_source:
         source = torch.zeros(b, n, num_patches, device=x.device, dtype=torch.float32)

@@ -183,7 +183,7 @@ def test_cuda_forward_has_no_sync(name, knob):
 def test_cuda_inductor_compiles_every_reduction_step(name):
     """Inductor lowers some operators to Triton only on CUDA (sorts, scans, scatters), so a
     reducer that compiles on the CPU can still fail to compile there, and a GPU's torch is not
-    CI's (torch 2.11 on the lent H200: K-Medoids and DPC-kNN did). The first and the last
+    CI's (torch 2.11 on the lent H200). The first and the last
     reduction step of the budget-solved reducer, each compiled alone under bf16 autocast as the
     GPU sweeps run it (the whole model takes a hundred seconds a method), give the eager step's
     shapes and nearly all of its decisions (rounding may flip a near tie)."""
