@@ -23,16 +23,21 @@ operator is ``M = s · C_T'ᵀ · C_T[:T']`` (``T'×T``), applied to every chann
   ``√(T/T')`` per step (×1.41 over the reference's whole schedule): the LayerNorms undo that
   inside each branch, but it shifts the balance between the residual stream and what the
   branches add to it.
-- **How it is computed.** Not as a matrix: the symmetric extension ``[x, flip(x)]`` (length
-  ``2T``) has the DFT ``Y_k = 2·e^{iπk/2T}·X_k`` (``X`` the unnormalised DCT-II), so the whole
-  step is one ``rfft`` of length ``2T``, the first ``T'`` bins times a constant phase
-  ``(T'/T)·e^{iπk(1/2T' − 1/2T)}``, and one ``irfft`` of length ``2T'`` whose first ``T'``
-  samples are the result (:func:`dct_resample`). ``O(C·T log T)`` instead of ``T'·T·C`` for a
-  dense ``M``, and ``O(T)`` memory where ``M`` at 4096 px would take gigabytes. The phase
-  vectors (the only constants) are built once per ``(T, T', device, dtype)`` and cached
-  (:func:`dct_phase`); a cached constant enters a ``torch.compile`` graph as an input, so it
-  is neither rebuilt per forward nor a graph break. :func:`dct_resample_matrix` builds ``M``
-  explicitly (float64), for tests and analysis.
+- **How it is computed.** Two routes to the same ``M`` (equal to rounding, tested), chosen by
+  the sequence length (:func:`dct_resample`). Up to :data:`DENSE_MAX_TOKENS` tokens (every
+  block of a 224-px model): ``M`` itself, one matrix product with a cached float32 copy
+  (:func:`dct_operator`); at that size ``T'·T·C`` multiply-adds in one well-threaded kernel
+  beat the FFT's few (on the project's 2-core CPU a 196-token step is several times faster,
+  at batch 1 and 32 alike, timed in one process). Above it, where ``M`` grows as ``T²`` (gigabytes at
+  4096 px) and the FFT's ``O(C·T log T)`` wins (from about 600 tokens on that CPU): the
+  symmetric extension ``[x, flip(x)]`` (length ``2T``) has the DFT ``Y_k = 2·e^{iπk/2T}·X_k``
+  (``X`` the unnormalised DCT-II), so the step is one ``rfft`` of length ``2T``, the first
+  ``T'`` bins times a constant phase ``(T'/T)·e^{iπk(1/2T' − 1/2T)}``, and one ``irfft`` of
+  length ``2T'`` whose first ``T'`` samples are the result (:func:`dct_resample_fft`). The
+  constants (operators, phase vectors) are built once per ``(T, T', device, dtype)`` and
+  cached; a cached constant enters a ``torch.compile`` graph as an input, so it is neither
+  rebuilt per forward nor a graph break. :func:`dct_resample_matrix` builds ``M`` in float64,
+  for tests and analysis.
 - **2-D variant** (``mode="2d"``, not in the reference): the patch tokens are the ``h×w``
   grid they are (``state.grid``), the same resampling runs along the rows and along the
   columns (a separable 2-D DCT keeping the low ``h'×w'`` block, inverted at ``h'×w'``), and
@@ -87,14 +92,14 @@ Deviations from the reference, and why:
    against prefix tokens);
 6. ``keep_rate`` instead of the reference's ``merge_num``, so the budget can be solved as for
    the other methods; ``blocks`` restricts the schedule to some blocks (the reference: all);
-7. cost: both compute the DCT by FFT (Makhoul's reordering in the reference, the symmetric
-   extension here: the same transform). The harness counts matmul MACs (``overhead_macs``)
-   and fvcore counts an FFT as 0, so this reducer declares 0. Its FFTs are ``O(C·T log T)``:
-   by the usual ``~1.25·N·log2 N`` multiply-adds per real FFT of length ``N``, about 14 M
-   per image over the default schedule, roughly 1% of DeiT-Tiny's 1.26 G (a dense ``M``
-   would be ``T'·T·C``, about three times that), and negligible next to attention at high
-   resolution. Under inductor the complex multiply falls back to eager kernels (a warning),
-   the result is the same.
+7. cost: the reference computes the DCT by FFT (Makhoul's reordering); this module by a
+   dense product up to :data:`DENSE_MAX_TOKENS` tokens and by FFT (the symmetric extension)
+   above: the same transform. The reducer declares 0 ``overhead_macs``, as for an FFT (which
+   fvcore counts as 0): by the usual ``~1.25·N·log2 N`` multiply-adds per real FFT of length
+   ``N`` the FFTs are about 14 M per image over the default schedule, roughly 1% of
+   DeiT-Tiny's 1.26 G; the dense products are ``T'·T·C``, about three times that (3%),
+   which the latency columns include. Under inductor the FFT route's complex multiply falls
+   back to eager kernels (a warning), the result is the same.
 """
 
 from __future__ import annotations
@@ -114,20 +119,20 @@ MODES = ("1d", "2d")
 # -- the transform ---------------------------------------------------------------------------------
 
 
-def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Tensor:
     """The orthonormal DCT-II matrix ``C_n`` (``n×n``; rows are frequencies): ``c = C_n x``."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    i = torch.arange(n, dtype=torch.float64)[None, :]
+    k = torch.arange(n, dtype=torch.float64, device=device)[:, None]
+    i = torch.arange(n, dtype=torch.float64, device=device)[None, :]
     c = torch.cos(math.pi * k * (2 * i + 1) / (2 * n)) * math.sqrt(2.0 / n)
     c[0] = c[0] / math.sqrt(2.0)
     return c.to(dtype)
 
 
-def dct_resample_matrix(n: int, n_out: int, scaled: bool = True) -> Tensor:
+def dct_resample_matrix(n: int, n_out: int, scaled: bool = True, device: torch.device | None = None) -> Tensor:
     """The step as a dense float64 operator ``M`` (``n_out×n``): keep the first ``n_out``
     orthonormal DCT-II coefficients of length ``n``, invert at length ``n_out``; ``scaled``
     multiplies by ``√(n_out/n)`` (this module), ``False`` is the reference's plain inverse."""
-    m = dct_matrix(n_out).T @ dct_matrix(n)[:n_out]
+    m = dct_matrix(n_out, device=device).T @ dct_matrix(n, device=device)[:n_out]
     return m * math.sqrt(n_out / n) if scaled else m
 
 
@@ -161,20 +166,57 @@ def dct_phase(n: int, n_out: int, device: torch.device, dtype: torch.dtype, resc
     return _cached(("phase", n, n_out, device, dtype, rescale), build)
 
 
-def dct_resample(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> Tensor:
-    """``M`` of :func:`dct_resample_matrix` applied along ``dim`` of ``x`` (length ``n`` →
-    ``n_out``), by FFT: ``rfft`` of the symmetric extension, the first ``n_out`` bins times
-    :func:`dct_phase`, ``irfft`` of length ``2·n_out``, its first ``n_out`` samples. Computed
-    in float32 at least, returned in ``x``'s dtype. ``rescale=False``: the reference's plain
-    truncated inverse, ``√(n/n_out)`` times larger.
+DENSE_MAX_TOKENS = 512
+"""Longest sequence :func:`dct_resample` resamples with the dense operator (at most 1 MiB in
+float32); longer ones go by FFT. On the project's CPU the two cost the same near 500 tokens."""
 
-    The transforms run along the last axis: the symmetric extension is a copy anyway, and made
-    with the token axis last it is contiguous along the transform, which the CPU FFT runs 1.7×
-    faster at batch 32 than along a strided axis (bit for bit the same result)."""
+
+def dct_operator(n: int, n_out: int, device: torch.device, dtype: torch.dtype, rescale: bool = True) -> Tensor:
+    """:func:`dct_resample_matrix` in ``dtype`` on ``device``, cached (built in float64)."""
+
+    def build() -> Tensor:
+        # built on the device, as the phases are: a host-to-device copy would synchronise
+        return dct_resample_matrix(n, n_out, scaled=rescale, device=device).to(dtype=dtype)
+
+    return _cached(("operator", n, n_out, device, dtype, rescale), build)
+
+
+def _check_lengths(x: Tensor, n_out: int, dim: int) -> tuple[int, int]:
     dim = dim % x.dim()
     n = int(x.shape[dim])
     if not 1 <= n_out <= n:
         raise ValueError(f"dct_resample: cannot resample {n} tokens to {n_out}")
+    return dim, n
+
+
+def dct_resample(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> Tensor:
+    """``M`` of :func:`dct_resample_matrix` applied along ``dim`` of ``x`` (length ``n`` →
+    ``n_out``): as one product with the dense operator up to :data:`DENSE_MAX_TOKENS` tokens,
+    by FFT above (:func:`dct_resample_fft`). Computed in float32 at least, returned in
+    ``x``'s dtype. ``rescale=False``: the reference's plain truncated inverse, ``√(n/n_out)``
+    times larger."""
+    dim, n = _check_lengths(x, n_out, dim)
+    if n_out == n:
+        return x
+    if n > DENSE_MAX_TOKENS:
+        return dct_resample_fft(x, n_out, dim, rescale)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    m = dct_operator(n, n_out, x.device, compute, rescale)
+    if dim == x.dim() - 1:
+        return torch.matmul(x.to(compute), m.T).to(x.dtype)
+    out = torch.matmul(m, x.to(compute).movedim(dim, -2))
+    return out.movedim(-2, dim).to(x.dtype)
+
+
+def dct_resample_fft(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> Tensor:
+    """:func:`dct_resample` by FFT, in ``O(n log n)`` time and ``O(n)`` memory: ``rfft`` of
+    the symmetric extension, the first ``n_out`` bins times :func:`dct_phase`, ``irfft`` of
+    length ``2·n_out``, its first ``n_out`` samples.
+
+    The transforms run along the last axis: the symmetric extension is a copy anyway, and made
+    with the token axis last it is contiguous along the transform, which the CPU FFT runs 1.7×
+    faster at batch 32 than along a strided axis (bit for bit the same result)."""
+    dim, n = _check_lengths(x, n_out, dim)
     if n_out == n:
         return x
     compute = torch.promote_types(x.dtype, torch.float32)

@@ -19,10 +19,13 @@ from methods import ReducerConfigError, apply_reducer, reduction_context
 from methods.dct import (
     _CONSTANTS,
     DCT,
+    DENSE_MAX_TOKENS,
     dct_matrix,
+    dct_operator,
     dct_phase,
     dct_plan,
     dct_resample,
+    dct_resample_fft,
     dct_resample_matrix,
     merge_schedule,
     overlap_matrix,
@@ -53,17 +56,33 @@ def test_dct_matrix_is_orthonormal_dct_ii():
     torch.testing.assert_close(c[3], cosine(3, 7) * math.sqrt(2 / 7))
 
 
+@pytest.mark.parametrize("route", [dct_resample, dct_resample_fft], ids=["dense", "fft"])
 @pytest.mark.parametrize("n,n_out", [(196, 188), (196, 98), (64, 33), (7, 4), (8, 1), (5, 5)])
-def test_fft_resampling_is_the_truncated_scaled_dct(n, n_out):
-    """The FFT route equals ``√(T'/T)·C_T'ᵀ·C_T[:T']`` applied to every channel, in float64
-    (to rounding) and float32 (to float32 precision), along any axis."""
+def test_both_routes_are_the_truncated_scaled_dct(route, n, n_out):
+    """The dense and the FFT route each equal ``√(T'/T)·C_T'ᵀ·C_T[:T']`` applied to every
+    channel, in float64 (to rounding) and float32 (to float32 precision), along any axis."""
     m = dct_resample_matrix(n, n_out)
     x = torch.randn(3, n, 5, dtype=F64, generator=torch.Generator().manual_seed(n))
     want = torch.einsum("ot,btc->boc", m, x)
-    torch.testing.assert_close(dct_resample(x, n_out, dim=1), want, rtol=0, atol=1e-12)
-    torch.testing.assert_close(dct_resample(x.float(), n_out, dim=1).double(), want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(route(x, n_out, dim=1), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(route(x.float(), n_out, dim=1).double(), want, rtol=0, atol=2e-5)
     xt = x.transpose(1, 2).contiguous()  # the same along the last axis
-    torch.testing.assert_close(dct_resample(xt, n_out, dim=-1), want.transpose(1, 2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(route(xt, n_out, dim=-1), want.transpose(1, 2), rtol=0, atol=1e-12)
+    grid = x.reshape(3, n, 1, 5).expand(3, n, 2, 5)  # and along a middle axis of a 4-D grid
+    torch.testing.assert_close(route(grid, n_out, dim=1), want[:, :, None].expand(3, n_out, 2, 5), rtol=0, atol=1e-12)
+
+
+def test_short_sequences_take_the_dense_operator_and_long_ones_the_fft():
+    """The dense operator (a cached float32 matrix, one product) up to DENSE_MAX_TOKENS, where
+    it is the faster route on a CPU; the FFT above, where the operator grows as T²."""
+    gen = torch.Generator().manual_seed(0)
+    short = torch.randn(2, DENSE_MAX_TOKENS, 3, generator=gen)
+    op = dct_operator(DENSE_MAX_TOKENS, 300, short.device, torch.float32)
+    assert op is dct_operator(DENSE_MAX_TOKENS, 300, short.device, torch.float32)
+    assert torch.equal(dct_resample(short, 300), torch.matmul(op, short))
+    long = torch.randn(2, DENSE_MAX_TOKENS + 1, 3, generator=gen)
+    assert torch.equal(dct_resample(long, 300), dct_resample_fft(long, 300))
+    assert not any(k[:2] == ("operator", DENSE_MAX_TOKENS + 1) for k in _CONSTANTS)
 
 
 def test_a_constant_sequence_stays_the_same_constant():
@@ -318,8 +337,26 @@ def test_forward_is_one_graph(images, kw):
         got = torch.compile(model, fullgraph=True, backend=backend)(images)  # a graph break raises
     assert torch.equal(got, want)
     assert len(graphs) == 1
-    assert "fft_rfft" in graphs[0]
+    assert "matmul" in graphs[0]
     assert "polar" not in graphs[0] and "cos" not in graphs[0], "the DCT constants were rebuilt in the graph"
+
+
+def test_the_fft_route_is_one_graph_too():
+    """A long sequence (a high-resolution model) compiles through the FFT route without
+    rebuilding its phases in the graph."""
+    x = torch.randn(1, DENSE_MAX_TOKENS + 4, 3, generator=torch.Generator().manual_seed(0))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    want = dct_resample(x, 400)
+    torch._dynamo.reset()
+    got = torch.compile(lambda t: dct_resample(t, 400), fullgraph=True, backend=backend)(x)
+    assert torch.equal(got, want)
+    assert len(graphs) == 1 and "fft_rfft" in graphs[0]
+    assert "polar" not in graphs[0], "the DCT phases were rebuilt in the graph"
 
 
 # -- bad knobs -----------------------------------------------------------------------------------
