@@ -203,9 +203,19 @@ def dct_resample(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> T
     compute = torch.promote_types(x.dtype, torch.float32)
     m = dct_operator(n, n_out, x.device, compute, rescale)
     if dim == x.dim() - 1:
-        return torch.matmul(x.to(compute), m.T).to(x.dtype)
-    out = torch.matmul(m, x.to(compute).movedim(dim, -2))
+        return _full_precision_matmul(x.to(compute), m.T).to(x.dtype)
+    out = _full_precision_matmul(m, x.to(compute).movedim(dim, -2))
     return out.movedim(-2, dim).to(x.dtype)
+
+
+def _full_precision_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in the operands' own dtype: under autocast (``bench.latency.amp``) a matmul
+    would run in bf16, where the FFT route and this module's float32 promise do not."""
+    device = a.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return torch.matmul(a, b)
+    return torch.matmul(a, b)
 
 
 def dct_resample_fft(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> Tensor:

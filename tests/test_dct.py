@@ -341,6 +341,20 @@ def test_forward_is_one_graph(images, kw):
     assert "polar" not in graphs[0] and "cos" not in graphs[0], "the DCT constants were rebuilt in the graph"
 
 
+def test_the_dense_route_stays_in_float32_under_autocast():
+    """bf16 autocast (``bench.latency.amp``) would run a plain matmul in bf16; the dense route
+    computes in float32 as the FFT route does, so both give what they give without autocast."""
+    x = torch.randn(2, 196, 24, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        want = dct_resample(xd, 150)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = dct_resample(xd, 150)
+            grid = dct_resample(xd.view(2, 14, 14, 24), 9, dim=1)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(grid, dct_resample(xd.view(2, 14, 14, 24), 9, dim=1))
+
+
 def test_the_fft_route_is_one_graph_too():
     """A long sequence (a high-resolution model) compiles through the FFT route without
     rebuilding its phases in the graph."""
