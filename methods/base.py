@@ -221,6 +221,13 @@ class TokenReducer(nn.Module):
         """Multiply-accumulates the reducer itself spends in ``block`` (matmuls only)."""
         return 0
 
+    def overhead_macs_per_block(self, num_prefix: int, num_patches: int, depth: int, dim: int, heads: int) -> list[int]:
+        """:meth:`overhead_macs` of every block for an input of ``num_patches`` patches, as the
+        analytic MACs count asks for them. Override this one instead when a step's cost depends
+        on more than its block and its input count (DCT's on the length it resamples to)."""
+        counts = self.token_counts(num_prefix, num_patches, depth)
+        return [self.overhead_macs(block, n_in, dim, heads) for block, (n_in, _) in enumerate(counts)]
+
 
 def check_block_indices(blocks: Sequence[int], depth: int, what: str = "reduction block") -> None:
     """Reject block indices the model does not have, naming the valid range."""

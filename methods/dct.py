@@ -94,12 +94,11 @@ Deviations from the reference, and why:
    the other methods; ``blocks`` restricts the schedule to some blocks (the reference: all);
 7. cost: the reference computes the DCT by FFT (Makhoul's reordering); this module by a
    dense product up to :data:`DENSE_MAX_TOKENS` tokens and by FFT (the symmetric extension)
-   above: the same transform. The reducer declares 0 ``overhead_macs``, as for an FFT (which
-   fvcore counts as 0): by the usual ``~1.25·N·log2 N`` multiply-adds per real FFT of length
-   ``N`` the FFTs are about 14 M per image over the default schedule, roughly 1% of
-   DeiT-Tiny's 1.26 G; the dense products are ``T'·T·C``, about three times that (3%),
-   which the latency columns include. Under inductor the FFT route's complex multiply falls
-   back to eager kernels (a warning), the result is the same.
+   above: the same transform. The dense products are matmuls, so they are counted
+   (:meth:`DCT.overhead_macs_per_block`, ``T'·T·C`` per step) and budgets pay for them; an
+   FFT counts 0, in fvcore as here (by the usual ``~1.25·N·log2 N`` multiply-adds per real
+   FFT of length ``N``, a fraction of the dense count). Under inductor the FFT route's
+   complex multiply falls back to eager kernels (a warning), the result is the same.
 """
 
 from __future__ import annotations
@@ -202,20 +201,35 @@ def dct_resample(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> T
         return dct_resample_fft(x, n_out, dim, rescale)
     compute = torch.promote_types(x.dtype, torch.float32)
     m = dct_operator(n, n_out, x.device, compute, rescale)
-    if dim == x.dim() - 1:
-        return _full_precision_matmul(x.to(compute), m.T).to(x.dtype)
-    out = _full_precision_matmul(m, x.to(compute).movedim(dim, -2))
-    return out.movedim(-2, dim).to(x.dtype)
-
-
-def _full_precision_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in the operands' own dtype: under autocast (``bench.latency.amp``) a matmul
-    would run in bf16, where the FFT route and this module's float32 promise do not."""
-    device = a.device.type
+    device = x.device.type
     if torch.is_autocast_enabled(device):
+        # autocast (bench.latency.amp) would run the product in bf16, where the FFT route and
+        # this module's float32 promise do not
         with torch.autocast(device, enabled=False):
-            return torch.matmul(a, b)
-    return torch.matmul(a, b)
+            return _apply_operator(m, x.to(compute), dim).to(x.dtype)
+    return _apply_operator(m, x.to(compute), dim).to(x.dtype)
+
+
+def _apply_operator(m: Tensor, x: Tensor, dim: int) -> Tensor:
+    """``m`` (``n_out×n``) applied along ``dim`` of ``x``: one batched product on ``x`` viewed
+    as ``(before, n, after)`` (no copy for the token axis of a token tensor, nor for either axis
+    of a contiguous grid), whose operand shapes give fvcore the true multiply-accumulates
+    (``torch.matmul`` with a 2-D ``m`` counts one batch element only)."""
+    n_out, n = m.shape
+    if dim == x.dim() - 1:
+        return x @ m.T
+    before, after = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :])
+    out = torch.bmm(m.expand(before, n_out, n), x.reshape(before, n, after))
+    return out.view(*x.shape[:dim], n_out, *x.shape[dim + 1 :])
+
+
+def dense_resample_macs(n: int, n_out: int, others: int) -> int:
+    """Multiply-accumulates of :func:`dct_resample` along an axis of length ``n`` with
+    ``others`` elements across the other axes: ``n_out·n·others`` on the dense route, 0 when
+    nothing changes or on the FFT route (which fvcore, like the harness, counts as 0)."""
+    if n_out == n or n > DENSE_MAX_TOKENS:
+        return 0
+    return n_out * n * others
 
 
 def dct_resample_fft(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> Tensor:
@@ -500,3 +514,18 @@ class DCT(TokenReducer):
         for n_in, out in self.plan(self._start_grid(num_patches), depth):
             counts.append((num_prefix + n_in, num_prefix + out[0] * out[1]))
         return counts
+
+    def overhead_macs_per_block(self, num_prefix: int, num_patches: int, depth: int, dim: int, heads: int) -> list[int]:
+        """The dense route's products (:func:`dense_resample_macs`): ``T'·T·C`` in 1-D; in 2-D
+        ``h'·h·w·C`` along the rows, then ``w'·w·h'·C`` along the columns. The source map's
+        products, which only analysis runs trace, are not counted."""
+        macs = []
+        grid = self._start_grid(num_patches)
+        for n_in, out in self.plan(grid, depth):
+            if self.mode == "2d":
+                (h, w), (ho, wo) = grid, out
+                macs.append(dense_resample_macs(h, ho, w * dim) + dense_resample_macs(w, wo, ho * dim))
+            else:
+                macs.append(dense_resample_macs(n_in, out[0], dim))
+            grid = out
+        return macs

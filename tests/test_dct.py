@@ -13,7 +13,7 @@ from helpers import patch_sizes, run_capturing
 
 from bench.budget import match_budget
 from bench.errors import BenchError
-from bench.measure.flops import VitShape, analytic_macs
+from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
 from bench.measure.spectral_metrics import scatter_to_grid
 from methods import ReducerConfigError, apply_reducer, reduction_context
 from methods.dct import (
@@ -307,6 +307,31 @@ def test_budget_is_met_on_deit_tiny(deit_tiny_random, mode, ratio):
     assert analytic_macs(shape, sol.reducer, 196) == sol.macs
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation, inside fvcore
+@pytest.mark.parametrize("mode", ["1d", "2d"])
+def test_dense_products_are_counted_as_fvcore_counts_them(mode):
+    """The dense route's matmuls are MACs the analytic count (and so every budget) includes:
+    fvcore and the count agree on a model whose first 1-D blocks resample more than
+    DENSE_MAX_TOKENS tokens (by FFT, 0 MACs in both) and whose later blocks fewer (dense); in
+    2-D every axis (24 patches) is short, so every step is dense."""
+    model = tiny_vit(img_size=96, depth=4)  # 24x24 = 576 patches
+    reducer = DCT(keep_rate=0.3, mode=mode)
+    apply_reducer(model, reducer)
+    per_block = reducer.overhead_macs_per_block(1, 576, 4, 48, 3)
+    counts = reducer.token_counts(1, 576, 4)
+    assert counts[0][0] - 1 > DENSE_MAX_TOKENS and counts[-1][0] - 1 <= DENSE_MAX_TOKENS
+    assert (per_block[0] == 0) == (mode == "1d") and all(m > 0 for m in per_block[1:])
+    image = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    counted = fvcore_macs(model, image)
+    analytic = analytic_macs(VitShape.of(model), reducer, 576)
+    assert abs(counted / analytic - 1) < 0.01, (counted, analytic)
+    dense = sum(per_block)  # fvcore saw (nearly) all of them: without them the counts differ
+    assert counted - (analytic - dense) > 0.9 * dense, (counted, analytic, dense)
+    none = tiny_vit(img_size=96, depth=4)
+    apply_reducer(none, DCT(keep_rate=1.0, mode=mode))
+    assert sum(none.token_reducer.overhead_macs_per_block(1, 576, 4, 48, 3)) == 0
+
+
 def test_token_counts_match_a_deit_tiny_forward(deit_tiny_random):
     """The counts the MACs come from, against a real 224-px forward (both modes)."""
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -337,7 +362,7 @@ def test_forward_is_one_graph(images, kw):
         got = torch.compile(model, fullgraph=True, backend=backend)(images)  # a graph break raises
     assert torch.equal(got, want)
     assert len(graphs) == 1
-    assert "matmul" in graphs[0]
+    assert "bmm" in graphs[0]
     assert "polar" not in graphs[0] and "cos" not in graphs[0], "the DCT constants were rebuilt in the graph"
 
 

@@ -116,7 +116,9 @@ def fvcore_macs(model: nn.Module, images: torch.Tensor) -> int:
 
     Traced on a CPU copy of a model that lives elsewhere: MACs depend on shapes alone, and
     tracing turns every shape into a CPU tensor, which a reducer computing with one on CUDA
-    (``idx.clamp_max(n - 1)``) cannot mix with its device's tensors."""
+    (``idx.clamp_max(n - 1)``) cannot mix with its device's tensors. One untraced forward
+    first: constants a reducer builds once and caches (DCT's operators are matrix products)
+    are not part of what a forward costs."""
     if images.device.type != "cpu":
         model, images = copy.deepcopy(model).cpu(), images.cpu()
     with warnings.catch_warnings():  # fvcore's import trips torch.jit.script deprecation notices
@@ -126,6 +128,7 @@ def fvcore_macs(model: nn.Module, images: torch.Tensor) -> int:
     handles = {op: _zero for op in NO_MAC_OPS}
     handles["aten::scaled_dot_product_attention"] = sdpa_macs
     with torch.no_grad():
+        model(images)
         analysis = FlopCountAnalysis(model, images).set_op_handle(**handles)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
@@ -171,10 +174,10 @@ def analytic_macs(shape: VitShape, reducer: TokenReducer, num_patches: int) -> i
     c = shape.dim
     total = num_patches * c * shape.in_chans * shape.patch
     counts = reducer.token_counts(shape.num_prefix, num_patches, shape.depth)
-    for block, (n_in, n_out) in enumerate(counts):
+    for n_in, n_out in counts:
         total += 4 * n_in * c * c + 2 * n_in * n_in * c
         total += 2 * n_out * c * shape.mlp_hidden
-        total += reducer.overhead_macs(block, n_in, c, shape.heads)
+    total += sum(reducer.overhead_macs_per_block(shape.num_prefix, num_patches, shape.depth, c, shape.heads))
     return total + shape.num_head_layers * c * shape.num_classes
 
 
