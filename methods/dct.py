@@ -27,17 +27,17 @@ operator is ``M = s · C_T'ᵀ · C_T[:T']`` (``T'×T``), applied to every chann
   the sequence length (:func:`dct_resample`). Up to :data:`DENSE_MAX_TOKENS` tokens (every
   block of a 224-px model): ``M`` itself, one matrix product with a cached float32 copy
   (:func:`dct_operator`); at that size ``T'·T·C`` multiply-adds in one well-threaded kernel
-  beat the FFT's few (on the project's 2-core CPU a 196-token step is several times faster,
-  at batch 1 and 32 alike, timed in one process). Above it, where ``M`` grows as ``T²`` (gigabytes at
-  4096 px) and the FFT's ``O(C·T log T)`` wins (from about 600 tokens on that CPU): the
-  symmetric extension ``[x, flip(x)]`` (length ``2T``) has the DFT ``Y_k = 2·e^{iπk/2T}·X_k``
-  (``X`` the unnormalised DCT-II), so the step is one ``rfft`` of length ``2T``, the first
-  ``T'`` bins times a constant phase ``(T'/T)·e^{iπk(1/2T' − 1/2T)}``, and one ``irfft`` of
-  length ``2T'`` whose first ``T'`` samples are the result (:func:`dct_resample_fft`). The
-  constants (operators, phase vectors) are built once per ``(T, T', device, dtype)`` and
-  cached; a cached constant enters a ``torch.compile`` graph as an input, so it is neither
-  rebuilt per forward nor a graph break. :func:`dct_resample_matrix` builds ``M`` in float64,
-  for tests and analysis.
+  beat the FFT's few (on the project's 2-core CPU a 196-token step is several times faster, at
+  batch 1 and 32 alike, timed in one process). Above it, where ``M`` grows as ``T²``
+  (gigabytes at 4096 px) and the FFT's ``O(C·T log T)`` wins (from about 600 tokens on that
+  CPU): the symmetric extension ``[x, flip(x)]`` (length ``2T``) has the DFT
+  ``Y_k = 2·e^{iπk/2T}·X_k`` (``X`` the unnormalised DCT-II), so the step is one ``rfft`` of length
+  ``2T``, the first ``T'`` bins times a constant phase ``(T'/T)·e^{iπk(1/2T' − 1/2T)}``, and
+  one ``irfft`` of length ``2T'`` whose first ``T'`` samples are the result
+  (:func:`dct_resample_fft`). The constants (operators, phase vectors) are built once per
+  ``(T, T', device, dtype)`` and cached; a cached constant enters a ``torch.compile`` graph as
+  an input, so it is neither rebuilt per forward nor a graph break.
+  :func:`dct_resample_matrix` builds ``M`` in float64, for tests and analysis.
 - **2-D variant** (``mode="2d"``, not in the reference): the patch tokens are the ``h×w``
   grid they are (``state.grid``), the same resampling runs along the rows and along the
   columns (a separable 2-D DCT keeping the low ``h'×w'`` block, inverted at ``h'×w'``), and
