@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -167,7 +168,13 @@ def dct_phase(n: int, n_out: int, device: torch.device, dtype: torch.dtype, resc
 
 DENSE_MAX_TOKENS = 512
 """Longest sequence :func:`dct_resample` resamples with the dense operator (at most 1 MiB in
-float32); longer ones go by FFT. On the project's CPU the two cost the same near 500 tokens."""
+float32); longer ones go by FFT. On the project's CPU the two cost the same near 500-600 tokens."""
+
+
+def takes_dense_route(n: int) -> bool:
+    """Whether :func:`dct_resample` applies the dense operator to a sequence of ``n`` (the
+    one routing rule, which :func:`dense_resample_macs` counts by)."""
+    return n <= DENSE_MAX_TOKENS
 
 
 def dct_operator(n: int, n_out: int, device: torch.device, dtype: torch.dtype, rescale: bool = True) -> Tensor:
@@ -197,17 +204,16 @@ def dct_resample(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> T
     dim, n = _check_lengths(x, n_out, dim)
     if n_out == n:
         return x
-    if n > DENSE_MAX_TOKENS:
+    if not takes_dense_route(n):
         return dct_resample_fft(x, n_out, dim, rescale)
     compute = torch.promote_types(x.dtype, torch.float32)
     m = dct_operator(n, n_out, x.device, compute, rescale)
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        # autocast (bench.latency.amp) would run the product in bf16, where the FFT route and
-        # this module's float32 promise do not
-        with torch.autocast(device, enabled=False):
-            return _apply_operator(m, x.to(compute), dim).to(x.dtype)
-    return _apply_operator(m, x.to(compute), dim).to(x.dtype)
+    # autocast (bench.latency.amp) would run the product in bf16, where the FFT route and this
+    # module's float32 promise do not
+    full_precision = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+    with full_precision:
+        return _apply_operator(m, x.to(compute), dim).to(x.dtype)
 
 
 def _apply_operator(m: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -227,7 +233,7 @@ def dense_resample_macs(n: int, n_out: int, others: int) -> int:
     """Multiply-accumulates of :func:`dct_resample` along an axis of length ``n`` with
     ``others`` elements across the other axes: ``n_out·n·others`` on the dense route, 0 when
     nothing changes or on the FFT route (which fvcore, like the harness, counts as 0)."""
-    if n_out == n or n > DENSE_MAX_TOKENS:
+    if n_out == n or not takes_dense_route(n):
         return 0
     return n_out * n * others
 
