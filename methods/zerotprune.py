@@ -198,12 +198,25 @@ def token_importance(
 def sub_attention(attn: Tensor, idx: Tensor) -> Tensor:
     """Attention among the tokens ``idx`` (B, M) only, rows renormalised (B, H, M, M): the
     softmax over those keys alone, since a softmax restricted to a subset is the full one
-    rescaled."""
+    rescaled.
+
+    The kept rows of every head are copied with one ``index_select`` on the (B·H·N)-row view,
+    their index being ``idx`` plus each head's cached row offset (:func:`_head_rows`): building
+    the per-head index with ``repeat_interleave`` dispatched several operators of its own, an
+    eighth to a fifth of this function's time at batch 1 on the project's 2-core CPU. The same
+    values are copied."""
     b, h, n, _ = attn.shape
     m = idx.shape[1]
-    rows = batch_gather(attn.flatten(0, 1), idx.repeat_interleave(h, dim=0)).view(b, h, m, n)
-    sub = rows.gather(3, idx[:, None, None, :].expand(b, h, m, m))
+    rows = (idx[:, None, :] + _head_rows(int(b), int(h), int(n), idx.device)).reshape(-1)
+    picked = attn.reshape(b * h * n, n).index_select(0, rows).view(b, h, m, n)
+    sub = picked.gather(3, idx[:, None, None, :].expand(b, h, m, m))
     return sub / sub.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
+
+
+@shape_constant()
+def _head_rows(b: int, h: int, n: int, device: torch.device) -> Tensor:
+    """``(B, H, 1)``: the first row of each (image, head) attention map in the (B·H·N)-row view."""
+    return torch.arange(0, b * h * n, n, device=device).view(b, h, 1)
 
 
 # -- S-stage: importance-guided partition, matching on keys --------------------------------------------
@@ -217,9 +230,9 @@ def similarity_prune(importance: Tensor, keys: Tensor, r: int) -> Tensor:
     b, t = importance.shape
     order = importance.argsort(dim=-1, stable=True)  # least important first
     half = t // 2
-    set_a, set_b = order[:, :half], order[:, half:]
-    unit = unit_rows(keys.float())
-    edge = (batch_gather(unit, set_a) @ batch_gather(unit, set_b).transpose(1, 2)).amax(dim=-1)
+    set_a = order[:, :half]
+    ranked = batch_gather(unit_rows(keys.float()), order)  # both sets in one copy: A rows, then B rows
+    edge = (ranked[:, :half] @ ranked[:, half:].transpose(1, 2)).amax(dim=-1)
     dropped = set_a.gather(1, edge.argsort(dim=-1, descending=True, stable=True)[:, :r])
     pos = token_range(0, t, importance.device).expand(b, -1)
     # dropped positions move past the end, so sorting puts the kept ones first, in token order
@@ -243,7 +256,7 @@ def zerotprune_step(
     t = int(n) - p
     if r_s > 0:
         pre = token_importance(attn, p, PRE_RANK_ITERS, var_range, cls_boost)
-        keys = state.keys.transpose(1, 2).reshape(b, n, -1)[:, p:]
+        keys = state.keys[:, :, p:].transpose(1, 2).reshape(b, t, -1)  # patch tokens' keys, heads concatenated
         kept = similarity_prune(pre[:, p:], keys, r_s)  # patch positions, token order
     else:
         kept = token_range(0, t, attn.device).expand(b, -1)
