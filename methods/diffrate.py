@@ -167,12 +167,16 @@ def rank_tokens(score: Tensor, num_prefix: int, dead: Tensor | None = None) -> T
     return cand.argsort(dim=-1, descending=True) + num_prefix
 
 
-def match(x: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
-    """For each token at ``src`` (B, S): its most cosine-similar token among ``dst`` (B, M), as
-    ``(similarity, position in dst)``, each (B, S). The metric is detached, as the reference's."""
-    metric = unit_rows(x.detach().float())
-    sim = batch_gather(metric, src) @ batch_gather(metric, dst).transpose(-1, -2)
-    return sim.max(dim=-1)
+def match(x: Tensor, candidates: Tensor, merged: int) -> tuple[Tensor, Tensor]:
+    """For each token at ``candidates[:, merged:]`` (the sources): its most cosine-similar token
+    among ``candidates[:, :merged]`` (the destinations), as ``(similarity, position among the
+    destinations)``, each (B, K - merged). The metric is detached, as the reference's.
+
+    Only the candidates' rows are copied (one gather for both sets) and normalised, not every
+    token's: pruned tokens take no part. Each row is normalised by itself, so the similarities
+    are the same bits as normalising all tokens first."""
+    unit = unit_rows(batch_gather(x.detach(), candidates).float())
+    return (unit[:, merged:] @ unit[:, :merged].transpose(-1, -2)).max(dim=-1)
 
 
 def diffrate_step(state: TokenState, kept: int, merged: int, prop_attn: str) -> TokenState:
@@ -187,7 +191,7 @@ def diffrate_step(state: TokenState, kept: int, merged: int, prop_attn: str) -> 
         out = keep_tokens(state, idx)
         return out.replace(extra={**state.extra, ATTN_SIZE: batch_gather(attn_size, idx)})
     dst, src = order[:, :merged], order[:, merged:kept]
-    sim, to = match(state.x, src, dst)
+    sim, to = match(state.x, order[:, :kept], merged)
     b = state.x.shape[0]
     group = torch.full(state.size.shape, -1, dtype=torch.long, device=state.x.device)
     group.scatter_(1, pre, torch.arange(p, device=group.device).expand(b, -1))
@@ -579,9 +583,7 @@ class DiffRate(TokenReducer):
         mid = min(live, kept)
         merged = int(expected_kept(self.merge_logits[block], self.candidates).item())
         if merged < mid:
-            dst = torch.arange(p, p + merged, device=x.device).expand(b, -1)
-            src = torch.arange(p + merged, p + mid, device=x.device).expand(b, -1)
-            sim, to = match(x, src, dst)
+            sim, to = match(x, torch.arange(p, p + mid, device=x.device).expand(b, -1), merged)
             x_dst = x[:, p : p + merged]
             sums = x_dst.scatter_add(1, to[..., None].expand(-1, -1, x.shape[-1]), x[:, p + merged : p + mid])
             count = torch.ones(b, merged, device=x.device, dtype=x.dtype).scatter_add(

@@ -410,3 +410,22 @@ def test_the_trainer_adds_the_search_penalty_to_the_loss():
         assert run._reducer_loss() is penalty
     run.student = SimpleNamespace(token_reducer=SimpleNamespace())
     assert run._reducer_loss() == 0.0
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_matching_normalises_only_the_candidates_with_the_same_bits(batch):
+    """``match`` copies and normalises only the kept tokens' rows (pruned tokens take no part);
+    the similarities and partners must be the bits of normalising every token first."""
+    from methods.diffrate import match
+    from methods.tokens import batch_gather, unit_rows
+
+    g = torch.Generator().manual_seed(batch)
+    for scale in (1e-3, 1.0, 40.0):
+        x = torch.randn(batch, 197, 192, generator=g) * scale
+        order = torch.stack([torch.randperm(196, generator=g) + 1 for _ in range(batch)])
+        kept, merged = 170, 140
+        unit = unit_rows(x)
+        src, dst = batch_gather(unit, order[:, merged:kept]), batch_gather(unit, order[:, :merged])
+        want = (src @ dst.transpose(1, 2)).max(-1)
+        got = match(x, order[:, :kept], merged)
+        assert torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
