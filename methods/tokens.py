@@ -24,7 +24,7 @@ def flat_rows(idx: Tensor, n: int) -> Tensor:
     b = idx.shape[0]
     if b == 1:
         return idx.reshape(-1)
-    return (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
+    return (idx + row_offsets(int(b), int(n), idx.device)).reshape(-1)
 
 
 def expanded_index(idx: Tensor, shape: torch.Size) -> Tensor:
@@ -98,6 +98,13 @@ def shape_constant(maxsize: int = 256) -> Callable[[Callable[..., T]], Callable[
 def token_range(start: int, stop: int, device: torch.device) -> Tensor:
     """``torch.arange(start, stop)`` (int64), shared by every block (:func:`shape_constant`)."""
     return torch.arange(start, stop, device=device)
+
+
+@shape_constant()
+def row_offsets(b: int, n: int, device: torch.device) -> Tensor:
+    """``(B, 1)``: ``i·n`` in row ``i``, the first row of each of ``B`` blocks of ``n`` rows in a
+    flattened view (:func:`flat_rows`), shared by every block and forward (:func:`shape_constant`)."""
+    return torch.arange(0, b * n, n, device=device)[:, None]
 
 
 def unit_rows(x: Tensor) -> Tensor:

@@ -93,7 +93,15 @@ import torch
 from torch import Tensor
 
 from methods.base import ATTN, KEYS, ModelInfo, ReducerConfigError, TokenReducer, TokenState
-from methods.tokens import batch_gather, keep_tokens, prefix_index, shape_constant, token_range, unit_rows
+from methods.tokens import (
+    batch_gather,
+    keep_tokens,
+    prefix_index,
+    row_offsets,
+    shape_constant,
+    token_range,
+    unit_rows,
+)
 
 WPR_ITERS = (30, 5, 1)
 """WPR iterations in the first three blocks, the middle blocks and the last three blocks."""
@@ -201,22 +209,16 @@ def sub_attention(attn: Tensor, idx: Tensor) -> Tensor:
     rescaled.
 
     The kept rows of every head are copied with one ``index_select`` on the (B·H·N)-row view,
-    their index being ``idx`` plus each head's cached row offset (:func:`_head_rows`): building
-    the per-head index with ``repeat_interleave`` dispatched several operators of its own, an
-    eighth to a fifth of this function's time at batch 1 on the project's 2-core CPU. The same
-    values are copied."""
+    their index being ``idx`` plus each (image, head) map's cached first row
+    (:func:`methods.tokens.row_offsets`): building the per-head index with
+    ``repeat_interleave`` dispatched several operators of its own, an eighth to a fifth of this
+    function's time at batch 1 on the project's 2-core CPU. The same values are copied."""
     b, h, n, _ = attn.shape
     m = idx.shape[1]
-    rows = (idx[:, None, :] + _head_rows(int(b), int(h), int(n), idx.device)).reshape(-1)
+    rows = (idx[:, None, :] + row_offsets(int(b * h), int(n), idx.device).view(b, h, 1)).reshape(-1)
     picked = attn.reshape(b * h * n, n).index_select(0, rows).view(b, h, m, n)
     sub = picked.gather(3, idx[:, None, None, :].expand(b, h, m, m))
     return sub / sub.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
-
-
-@shape_constant()
-def _head_rows(b: int, h: int, n: int, device: torch.device) -> Tensor:
-    """``(B, H, 1)``: the first row of each (image, head) attention map in the (B·H·N)-row view."""
-    return torch.arange(0, b * h * n, n, device=device).view(b, h, 1)
 
 
 # -- S-stage: importance-guided partition, matching on keys --------------------------------------------
