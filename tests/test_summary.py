@@ -114,3 +114,37 @@ def test_numbers_quoted_in_readme_and_docs_match_the_store(published_sections):
     assert {k: v for k, v in stale.items() if v} == {}, "run python -m bench.leaderboard results --docs"
     quoted = {name for p in documents(REPO) if p.is_file() for name in read_sections(p)}
     assert "headline" in quoted and quoted <= set(SECTIONS)
+
+
+def test_headline_says_what_an_empty_speed_cell_means():
+    """A batch size some rows were never timed at shows `–`, and the line under the table says
+    why and where every method is timed at it; with every cell filled it says nothing of it."""
+    group = ("m", "d", 100, "cpu", "eager", "fp32")
+    rows = [
+        _row("none", None, 80.0),
+        _row(
+            "tome",
+            0.65,
+            79.0,
+            d_unreduced=-1.0,
+            latency_ms_b1=9.0,
+            speedup_b1=1.1,
+            latency_ms_b32=90.0,
+            speedup_b32=1.4,
+        ),
+        _row(
+            "fatr",
+            0.65,
+            78.0,
+            d_unreduced=-2.0,
+            latency_ms_b1=None,
+            speedup_b1=None,
+            latency_ms_b32=80.0,
+            speedup_b32=1.5,
+        ),
+    ]
+    text = "\n".join(headline(pd.DataFrame(rows), group))
+    assert "`–` under speedup (b=1):" in text and "results/speed/" in text
+    assert "speedup (b=32):" not in text
+    rows[2].update(latency_ms_b1=8.0, speedup_b1=1.2)
+    assert "`–` under" not in "\n".join(headline(pd.DataFrame(rows), group))

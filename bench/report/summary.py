@@ -114,9 +114,23 @@ def headline(df: pd.DataFrame, group: tuple | None) -> list[str]:
     lines += [
         "",
         "vs best: `best`, `tied` (the paired interval of the difference to the best includes 0) or `below`. "
-        "Speedups: median of per-iteration ratios against the unreduced model, timed in alternation.",
+        "Speedups: median of per-iteration ratios against the unreduced model, timed in alternation."
+        + untimed_note(rows[rows["method"] != "none"], speed),
     ]
     return lines
+
+
+def untimed_note(rows: pd.DataFrame, speed: list[str]) -> str:
+    """Why a speed cell is empty, when one is: each row's latency comes from the run that last
+    timed it, and runs from before batch-size lists timed one batch only."""
+    empty = [c for c in speed if rows[c].isna().any()]
+    if not empty:
+        return ""
+    titles = ", ".join(column_title(c, {"speedup": "speedup"}) for c in empty)
+    return (
+        f" `–` under {titles}: the run that last timed that row did not time that batch size; "
+        "the speed table (`results/speed/`) times every method at batch 1 and the batch default."
+    )
 
 
 def paper_rows(path: Path = PAPER_FILE) -> list[dict[str, str]]:
