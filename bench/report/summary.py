@@ -122,13 +122,14 @@ def headline(df: pd.DataFrame, group: tuple | None) -> list[str]:
 
 def untimed_note(rows: pd.DataFrame, speed: list[str]) -> str:
     """Why a speed cell is empty, when one is: each row's latency comes from the run that last
-    timed it, and runs from before batch-size lists timed one batch only."""
+    timed it, and runs from before batch-size lists timed one batch only (a row no run timed is
+    empty too)."""
     empty = [c for c in speed if rows[c].isna().any()]
     if not empty:
         return ""
     titles = ", ".join(column_title(c, {"speedup": "speedup"}) for c in empty)
     return (
-        f" `–` under {titles}: the run that last timed that row did not time that batch size; "
+        f" `–` under {titles}: no run timed that row at that batch size; "
         "the speed table (`results/speed/`) times every method at batch 1 and the batch default."
     )
 
