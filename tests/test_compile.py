@@ -27,6 +27,7 @@ import methods.kmedoids as kmedoids_module
 import methods.prune as prune_module
 from bench.budget import solve_budget
 from bench.measure.flops import fvcore_macs
+from bench.measure.latency import compile_pair
 from fatr import FATR
 from fatr.reducer import DC_EMPTY, DC_SLOTS
 from methods import apply_reducer
@@ -156,6 +157,36 @@ def test_inductor_compiles_a_merge_with_the_gpus_concatenation(images):
     with torch.no_grad(), torch._inductor.config.patch(force_pointwise_cat=True, compile_threads=1):
         want = model(images)
         got = _compiled(model, "inductor")(images)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_the_cpp_wrapper_mode_compiles_both_models_with_inductors_cpp_wrapper(images):
+    """``bench.latency.compile=cpp-wrapper`` end to end on the harness's own path: both models
+    compiled by inductor with its C++ wrapper (the reduced one calls ATen's sort and gather from
+    generated C++), compiled and eager top-1 agreeing, the outputs eager's."""
+    model = tiny_vit(depth=2)
+    apply_reducer(model, build_reducer("zerotprune", r=[3, 2]))
+    reference = tiny_vit(depth=2)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = model(images)
+    seen = []
+    real = torch.compile
+
+    def spying(m, **kw):
+        seen.append(kw)
+        return real(m, **kw)
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp, torch._inductor.config.patch(compile_threads=1):
+        mp.setattr(torch, "compile", spying)
+        pair = compile_pair(model, reference, images, [len(images)], "cpp-wrapper")
+        with torch.no_grad():
+            got = pair.model(images)
+    assert [kw.get("options") for kw in seen] == [{"cpp_wrapper": True}] * 2
+    assert all(kw.get("backend") == "inductor" and kw.get("fullgraph") for kw in seen)
+    assert pair.metrics["latency_compile_agreement"] == pair.metrics["latency_compile_agreement_unreduced"] == 100.0
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 

@@ -365,7 +365,8 @@ def test_bad_latency_settings_are_one_line_each_and_record_nothing(tmp_path):
         f"error: {lists} [1, 0]",
         f"error: {lists} []",
         f"error: {lists} [-3]",
-        "error: bench.latency.compile must be one of eager, compile, max-autotune, cudagraphs, got 'turbo'",
+        "error: bench.latency.compile must be one of eager, compile, max-autotune, cudagraphs, cpp-wrapper, "
+        "got 'turbo'",
         "error: bench.latency.compile=cudagraphs needs a CUDA device (CUDA graphs), but this job runs on cpu; "
         "use bench.latency.compile=compile or max-autotune there",
     }

@@ -86,6 +86,24 @@ def test_deit_s_needs_the_papers_ratio_or_1_25_and_either_mode_may_meet_it():
     assert "(1 more not measured at these settings: fatr)" in "\n".join(lines)  # its rows are bf16
 
 
+def test_cpu_compiled_reads_inductors_python_and_cpp_wrappers_each_in_its_column():
+    df = pd.DataFrame(
+        [
+            _row("pitome", mode="compile", speedup_b1=1.19),
+            _row("pitome", mode="cpp-wrapper", speedup_b1=1.23),
+            _row("tome", mode="compile", speedup_b1=1.25),
+            _row("mctf", mode="cpp-wrapper", speedup_b1=1.15),
+            _row("evit", mode="max-autotune", speedup_b1=2.0),  # not a mode of this target
+        ]
+    )
+    lines = target_lines(df, _target("CPU, batch 1, compiled"))
+    assert "| method | needed | compile | cpp-wrapper | met |" in lines
+    assert "| pitome | ≥ 1.200 | 1.190 | 1.230 | yes |" in lines
+    assert "| tome | ≥ 1.200 | 1.250 | – | yes |" in lines
+    assert "| mctf | ≥ 1.200 | – | 1.150 | **no** |" in lines
+    assert not any(line.startswith("| evit") for line in lines)
+
+
 def test_the_torch_that_measured_is_named_where_records_carry_it():
     """The lent GPU's torch is not CI's (2.11 there, 2.14 here): a compiled row is that
     torch's compiler's. Records from before the field have none, and are not named."""

@@ -17,17 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from bench.measure.latency import PER_BATCH_KEYS
+from bench.measure.latency import COMPILE_TEXT, PER_BATCH_KEYS
 
 EAGER = "eager"
 FP32, BF16 = "fp32", "bf16"
-COMPILE_TEXT = {
-    EAGER: "eager",
-    "compile": "torch.compile (inductor)",
-    "max-autotune": "torch.compile (inductor, max-autotune)",
-    "cudagraphs": "torch.compile (inductor, reduce-overhead: CUDA graphs)",
-}
-"""How each ``bench.latency.compile`` mode is named in headings and settings lines."""
 
 PER_BATCH = {
     "latency_ms": "ms/batch",
