@@ -368,7 +368,7 @@ def test_bad_latency_settings_are_one_line_each_and_record_nothing(tmp_path):
         "error: bench.latency.compile must be one of eager, compile, max-autotune, cudagraphs, cpp-wrapper, "
         "got 'turbo'",
         "error: bench.latency.compile=cudagraphs needs a CUDA device (CUDA graphs), but this job runs on cpu; "
-        "use bench.latency.compile=compile or max-autotune there",
+        "use bench.latency.compile=compile, max-autotune or cpp-wrapper there",
     }
     assert not (tmp_path / "results").exists()
 

@@ -576,7 +576,7 @@ def compile_mode(value: Any, device_type: str) -> str:
     if mode in GPU_ONLY_MODES and device_type != "cuda":
         raise BenchError(
             f"bench.latency.compile={mode} needs a CUDA device (CUDA graphs), but this job runs on "
-            f"{device_type}; use bench.latency.compile=compile or max-autotune there"
+            f"{device_type}; use bench.latency.compile=compile, max-autotune or cpp-wrapper there"
         )
     return mode
 
