@@ -3,7 +3,8 @@
 At DeiT-Tiny's size a reducer's bookkeeping (gathers, sorts, kernel launches) weighs as much as
 the tokens it saves; at DeiT-Base it should not. One panel per device, precision (fp32 or bf16
 autocast) and batch size, the models on the x axis in the order of their unreduced GMACs, one
-line per method, solid for eager and dashed for compiled timings: a method's colour is the same
+line per method, solid for eager, dashed for compiled timings and dotted with hollow markers for
+inductor's C++ wrapper (timed on DeiT-Tiny only, so a lone marker): a method's colour is the same
 as in every other figure.
 """
 
@@ -20,6 +21,7 @@ from bench.report.style import figure, label_styles, save
 
 BATCH_COLUMN = re.compile(r"^speedup_b(\d+)$")
 RANDOM_WEIGHTS = " (random weights)"
+CPP_WRAPPER = "cpp-wrapper"
 
 
 def batch_sizes(df: pd.DataFrame) -> list[int]:
@@ -65,7 +67,10 @@ def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
     title = "Speedup vs model size" + (f" at MACs {', '.join(budgets)}" if budgets else "")
     if all(m.endswith(RANDOM_WEIGHTS) for m in models):
         title += ", random weights"
-    return save(fig, path, title + " (solid: eager, dashed: compiled)", legend_ax=axes)
+    styles = "solid: eager, dashed: compiled"
+    if (d["latency_mode"] == CPP_WRAPPER).any():
+        styles += ", dotted and hollow: C++ wrapper"
+    return save(fig, path, f"{title} ({styles})", legend_ax=axes)
 
 
 def _panel(ax, d: pd.DataFrame, column: str, models: list[str], colors: dict, markers: dict) -> None:
@@ -76,11 +81,13 @@ def _panel(ax, d: pd.DataFrame, column: str, models: list[str], colors: dict, ma
             continue
         rows = rows.assign(x=rows["model"].map(x_of)).sort_values("x")
         compiled = mode != "eager"
+        cpp = mode == CPP_WRAPPER
         ax.plot(
             rows["x"],
             rows[column],
-            linestyle="--" if compiled else "-",
+            linestyle=":" if cpp else "--" if compiled else "-",
             marker=markers[label],
+            markerfacecolor="none" if cpp else colors[label],
             color=colors[label],
             label=f"{label}, {mode}" if compiled else label,
         )
