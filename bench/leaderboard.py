@@ -332,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     if not runs.is_file():  # a mistyped folder must not get an empty leaderboard written into it
         print(f"error: no runs recorded in {runs}; name a results folder that bench.run wrote to", file=sys.stderr)
         return 2
+    quoted = Path(__file__).resolve().parents[1] / "results"
+    if args.docs and Path(args.results_dir).resolve() != quoted:
+        # the README and docs quote the published results; another folder's headline would replace it
+        print(
+            f"error: --docs rewrites the README and docs from {quoted}, the folder they quote; "
+            f"{args.results_dir} is another (drop --docs to regenerate its own leaderboard)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         for p in write_leaderboard(args.results_dir, args.resample, args.n_boot, args.seed):
             print(p)

@@ -148,3 +148,16 @@ def test_headline_says_what_an_empty_speed_cell_means():
     assert "speedup (b=32):" not in text
     rows[2].update(latency_ms_b1=8.0, speedup_b1=1.2)
     assert "`–` under" not in "\n".join(headline(pd.DataFrame(rows), group))
+
+
+def test_docs_are_synced_only_from_the_folder_they_quote(tmp_path, capsys):
+    """``--docs`` on another folder (``results/speed``, a scratch store) would put that folder's
+    headline into the README: refused in one line, before anything is written."""
+    from bench.leaderboard import main
+
+    (tmp_path / "runs.jsonl").write_text("")
+    assert main([str(tmp_path), "--docs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --docs rewrites the README and docs from ") and "\n" not in err
+    assert f"{tmp_path} is another (drop --docs" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "runs.jsonl"]
