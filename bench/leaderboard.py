@@ -98,15 +98,23 @@ def latest_per_config(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         key = result_key(r)
+        timed = "latency_ms" in r.get("metrics", {})
         if key not in merged:
             merged[key] = {**r, "metrics": dict(r.get("metrics", {})), "_settings": measured_settings(r)}
         else:
             older = merged[key]["metrics"]
-            if "latency_ms" in r.get("metrics", {}):
+            if timed:
                 older = {k: v for k, v in older.items() if not is_latency_metric(k)}
             metrics = {**older, **r.get("metrics", {})}
             settings = {**merged[key]["_settings"], **measured_settings(r)}
-            merged[key] = {**r, "metrics": metrics, "_settings": settings}
+            merged[key] = {
+                **r,
+                "metrics": metrics,
+                "_settings": settings,
+                "_latency_timed": merged[key].get("_latency_timed"),
+            }
+        if timed:  # when the row's latency was timed: a later accuracy-only record does not move it
+            merged[key]["_latency_timed"] = r.get("timestamp")
     return list(merged.values())
 
 
@@ -131,6 +139,7 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "knob": knob,
             "commit": r.get("git_commit"),
             "timestamp": r.get("timestamp"),
+            "latency_timed": r.get("_latency_timed"),  # the timestamp of the record the latency is from
             "config_hash": r.get("config_hash"),
             "notes": " ".join(r.get("notes") or []),
             **{f"{g}_settings": r.get("_settings", {}).get(g) for g in GROUPS},

@@ -31,6 +31,7 @@ from bench.measure.latency import (
     measure_batches,
     unreduced_latency,
 )
+from bench.report.summary import timed_days
 from bench.store import read_records
 from bench.validate import memory_needs, read_config
 from methods import apply_reducer
@@ -168,6 +169,23 @@ def test_a_newer_latency_measurement_replaces_the_older_whole():
     (row,) = latest_per_config([first, second])
     assert row["metrics"]["latency_batches"] == [64] and "latency_ms_b1" not in row["metrics"]
     assert row["metrics"]["top1"] == 70.0
+
+
+def test_a_row_remembers_when_its_latency_was_timed():
+    """An accuracy-only run after the timing run does not move the row's latency day; a newer
+    timing does. The headline names the days (a contended host's ratios differ from a quiet one's)."""
+    timed = _record("a", "2026-11-26T10:00:00", {"batch_size": [1]}, **_timed([1]))
+    accuracy = _record("a", "2026-12-05T09:00:00", {"batch_size": [1]})
+    (row,) = latest_per_config([timed, accuracy])
+    assert row["_latency_timed"] == "2026-11-26T10:00:00" and row["timestamp"] == "2026-12-05T09:00:00"
+    retimed = _record("a", "2026-12-06T08:00:00", {"batch_size": [1]}, **_timed([1]))
+    (row,) = latest_per_config([timed, accuracy, retimed])
+    assert row["_latency_timed"] == "2026-12-06T08:00:00"
+    other = _record("b", "2026-12-01T00:00:00", {"batch_size": [1]}, **_timed([1]))
+    df = table([timed, accuracy, other])
+    assert timed_days(df) == ", timed 2026-11-26 to 2026-12-01"
+    assert timed_days(df[df["method"] == "b"]) == ", timed 2026-12-01"
+    assert timed_days(table([accuracy])) == ""
 
 
 # -- 2. compile modes -----------------------------------------------------------------------------

@@ -69,14 +69,28 @@ def _plain_rows(part: pd.DataFrame) -> pd.DataFrame:
     return part[part["label"] == part["method"]]
 
 
-def group_line(part: pd.DataFrame) -> str:
+def group_line(part: pd.DataFrame, shown: pd.DataFrame | None = None) -> str:
+    """The headline's settings: model, data, the device and mode of its latency and, over the
+    ``shown`` rows, the days it was timed (a row's latency is from the run that last timed it,
+    and a contended host's ratios differ from a quiet one's, so the day is part of the figure)."""
     row = part.iloc[0]
     images = row.get("images")
     count = MISSING if _missing(images) else int(images)
     return (
         f"{row.get('model')} on {row.get('dataset')} ({count} images); latency on {row.get('device')}, "
-        f"{row.get('latency_mode')}; 95% intervals paired over images."
+        f"{row.get('latency_mode')}{timed_days(part if shown is None else shown)}; 95% intervals paired over images."
     )
+
+
+def timed_days(rows: pd.DataFrame) -> str:
+    """``, timed 2026-12-05`` or ``, timed 2026-11-26 to 2026-12-05`` (UTC days of the rows'
+    latency records); empty where no row was timed or records predate the field."""
+    if "latency_timed" not in rows:
+        return ""
+    days = sorted({str(t)[:10] for t in rows["latency_timed"] if isinstance(t, str) and t})
+    if not days:
+        return ""
+    return f", timed {days[0]}" if len(days) == 1 else f", timed {days[0]} to {days[-1]}"
 
 
 def headline(df: pd.DataFrame, group: tuple | None) -> list[str]:
@@ -91,7 +105,7 @@ def headline(df: pd.DataFrame, group: tuple | None) -> list[str]:
     head = ["method", "top-1 % [95% CI]", "Δ vs unreduced [95% CI]", "vs best", "agree %", "GMACs"]
     head += [column_title(c, {"speedup": "speedup"}) for c in speed]
     lines = [
-        f"Every method at {HEADLINE_BUDGET:.0%} of the unreduced model's MACs: {group_line(part)}",
+        f"Every method at {HEADLINE_BUDGET:.0%} of the unreduced model's MACs: {group_line(part, rows)}",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
