@@ -40,6 +40,8 @@ from bench.report.significance import (
 from bench.store import config_hash, read_run_records
 
 SUMMARY_FILE = "SUMMARY.md"
+REPO = Path(__file__).resolve().parents[1]
+"""The repository: its README and docs/ quote the SUMMARY.md of its results/ (``--docs``)."""
 
 COLUMNS = {
     "label": "method",
@@ -99,22 +101,18 @@ def latest_per_config(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         key = result_key(r)
         timed = "latency_ms" in r.get("metrics", {})
+        # when the row's latency was timed: a later record that timed nothing does not move it
+        latency_timed = r.get("timestamp") if timed else merged.get(key, {}).get("_latency_timed")
         if key not in merged:
-            merged[key] = {**r, "metrics": dict(r.get("metrics", {})), "_settings": measured_settings(r)}
+            metrics = dict(r.get("metrics", {}))
+            settings = measured_settings(r)
         else:
             older = merged[key]["metrics"]
             if timed:
                 older = {k: v for k, v in older.items() if not is_latency_metric(k)}
             metrics = {**older, **r.get("metrics", {})}
             settings = {**merged[key]["_settings"], **measured_settings(r)}
-            merged[key] = {
-                **r,
-                "metrics": metrics,
-                "_settings": settings,
-                "_latency_timed": merged[key].get("_latency_timed"),
-            }
-        if timed:  # when the row's latency was timed: a later accuracy-only record does not move it
-            merged[key]["_latency_timed"] = r.get("timestamp")
+        merged[key] = {**r, "metrics": metrics, "_settings": settings, "_latency_timed": latency_timed}
     return list(merged.values())
 
 
@@ -288,8 +286,7 @@ def sync_documents(summary_file: Path) -> list[Path]:
     from bench.report.summary import documents, read_sections, sync_blocks
 
     sections = read_sections(summary_file)
-    repo = Path(__file__).resolve().parents[1]
-    return [p for p in documents(repo) if p.is_file() and sync_blocks(p, sections)]
+    return [p for p in documents(REPO) if p.is_file() and sync_blocks(p, sections)]
 
 
 def summary(records: list[dict[str, Any]]) -> str:
@@ -341,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs.is_file():  # a mistyped folder must not get an empty leaderboard written into it
         print(f"error: no runs recorded in {runs}; name a results folder that bench.run wrote to", file=sys.stderr)
         return 2
-    quoted = Path(__file__).resolve().parents[1] / "results"
+    quoted = REPO / "results"
     if args.docs and Path(args.results_dir).resolve() != quoted:
         # the README and docs quote the published results; another folder's headline would replace it
         print(

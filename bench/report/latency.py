@@ -20,6 +20,7 @@ import pandas as pd
 from bench.measure.latency import COMPILE_TEXT, PER_BATCH_KEYS
 
 EAGER = "eager"
+CPP_WRAPPER = "cpp-wrapper"
 FP32, BF16 = "fp32", "bf16"
 
 PER_BATCH = {

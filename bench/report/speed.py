@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.report.latency import BF16, FP32
+from bench.report.latency import BF16, CPP_WRAPPER, FP32
 from bench.report.style import figure, label_styles, save
 
 BATCH_COLUMN = re.compile(r"^speedup_b(\d+)$")
 RANDOM_WEIGHTS = " (random weights)"
-CPP_WRAPPER = "cpp-wrapper"
 
 
 def batch_sizes(df: pd.DataFrame) -> list[int]:

@@ -69,7 +69,7 @@ def _plain_rows(part: pd.DataFrame) -> pd.DataFrame:
     return part[part["label"] == part["method"]]
 
 
-def group_line(part: pd.DataFrame, shown: pd.DataFrame | None = None) -> str:
+def group_line(part: pd.DataFrame, shown: pd.DataFrame) -> str:
     """The headline's settings: model, data, the device and mode of its latency and, over the
     ``shown`` rows, the days it was timed (a row's latency is from the run that last timed it,
     and a contended host's ratios differ from a quiet one's, so the day is part of the figure)."""
@@ -78,7 +78,7 @@ def group_line(part: pd.DataFrame, shown: pd.DataFrame | None = None) -> str:
     count = MISSING if _missing(images) else int(images)
     return (
         f"{row.get('model')} on {row.get('dataset')} ({count} images); latency on {row.get('device')}, "
-        f"{row.get('latency_mode')}{timed_days(part if shown is None else shown)}; 95% intervals paired over images."
+        f"{row.get('latency_mode')}{timed_days(shown)}; 95% intervals paired over images."
     )
 
 
