@@ -203,16 +203,23 @@ def merge_every_token(
     The same sums in the same order, in a third of the operations: the weighted tokens, their
     weights and (when ``weight`` is not the sizes) their sizes go through one scatter-add
     (:func:`batch_scatter_add`). Bipartite merging calls this in every block; at batch 1 its
-    cost is the number of operations, not their size."""
+    cost is the number of operations, not their size. The weighted tokens are written straight
+    into the scatter's source rows (no ``cat`` of the parts): one ``B×N×C`` copy less per block,
+    about 1% of a batch-32 PiToMe forward on the project's 2-core CPU (2026-12-05)."""
     x, size = state.x, state.size
-    b, _, c = x.shape
+    b, n, c = x.shape
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     w = (size if weight is None else weight).to(acc_dtype)[..., None]
-    parts = [x.to(acc_dtype) * w, w]
-    if weight is not None:  # the sizes are not the weights: sum them too
-        parts.append(size.to(acc_dtype)[..., None])
-    width = c + len(parts) - 1
-    acc = batch_scatter_add(x.new_zeros(b, num_groups, width, dtype=acc_dtype), group, torch.cat(parts, dim=-1))
+    parts = [w] if weight is None else [w, size.to(acc_dtype)[..., None]]  # sizes not the weights: sum them too
+    width = c + len(parts)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        src = torch.cat([x.to(acc_dtype) * w, *parts], dim=-1)  # out= has no autograd; inductor fuses the cat
+    else:
+        src = torch.empty(b, n, width, dtype=acc_dtype, device=x.device)
+        torch.mul(x.to(acc_dtype), w, out=src[..., :c])
+        for i, part in enumerate(parts):
+            src[..., c + i : c + i + 1] = part
+    acc = batch_scatter_add(x.new_zeros(b, num_groups, width, dtype=acc_dtype), group, src)
     sums, wsum = acc[..., :c], acc[..., c : c + 1]
     merged = (sums / wsum.clamp_min(1e-12)).to(x.dtype)
     source = None

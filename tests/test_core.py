@@ -182,6 +182,27 @@ def test_merge_every_token_is_merge_groups_bit_for_bit(weighted, dtype):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_merge_every_token_keeps_gradients():
+    """Fine-tuning merges tokens that need gradients: the merge that writes the weighted tokens
+    straight into the scatter's source (``out=``, no autograd) must not be the one taken then,
+    and both ways give the same tokens."""
+    from helpers import hand_state
+
+    from methods.tokens import merge_every_token
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 4, generator=g)
+    group = torch.randint(0, 5, (2, 9), generator=g)
+    weight = torch.rand(2, 9, generator=g)
+    with torch.no_grad():
+        want = merge_every_token(hand_state(x, num_prefix=1), group, 5, weight=weight)[0]
+    leaf = x.clone().requires_grad_()
+    got = merge_every_token(hand_state(leaf, num_prefix=1), group, 5, weight=weight)[0]
+    assert torch.equal(got.detach(), want)
+    got.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.long])
 def test_row_gather_and_scatter_add_are_torchs_bit_for_bit(batch, dtype):
