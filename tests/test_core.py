@@ -161,12 +161,37 @@ def test_tome_matches_slow_reference(prefix):
     assert torch.allclose(out.x, ref, atol=1e-5)
 
 
+def _three_scatter_merge(state, group, num_groups, weight=None):
+    """The merge written plainly: left-out tokens (group -1) add zeros to group 0; tokens,
+    weights and sizes each in their own scatter-add, in token order."""
+    x, size = state.x, state.size
+    w = size if weight is None else weight
+    valid = group >= 0
+    g = torch.where(valid, group, 0)
+    w = torch.where(valid, w, 0)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    idx = g[..., None].expand(-1, -1, x.shape[-1])
+    sums = x.new_zeros(x.shape[0], num_groups, x.shape[-1], dtype=acc).scatter_add_(
+        1, idx, x.to(acc) * w[..., None].to(acc)
+    )
+    wsum = size.new_zeros(x.shape[0], num_groups, dtype=acc).scatter_add_(1, g, w.to(acc))
+    new_size = size.new_zeros(x.shape[0], num_groups).scatter_add_(1, g, torch.where(valid, size, 0))
+    src = state.source * valid[..., None]
+    sidx = g[..., None].expand(-1, -1, src.shape[-1])
+    source = src.new_zeros(x.shape[0], num_groups, src.shape[-1]).scatter_add_(1, sidx, src)
+    return (sums / wsum.clamp_min(1e-12)[..., None]).to(x.dtype), new_size, source
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_every_token_is_merge_groups_bit_for_bit(weighted, dtype):
-    """The few-operations merge that bipartite methods call in every block gives exactly the
-    general merge's tokens, sizes and source map (one scatter of tokens, weights and sizes
-    together adds in the same order as three scatters)."""
+@pytest.mark.parametrize("left_out", [False, True])
+def test_merges_are_three_scatters_bit_for_bit(weighted, dtype, left_out):
+    """The merges scatter through the flattened batch (and ``merge_every_token`` sums tokens,
+    weights and sizes in one scatter-add, written straight into its source rows), for speed;
+    they must give exactly the tokens, sizes and source map of three plain scatter-adds in token
+    order, with and without left-out tokens (group -1: DiffRate's pruned ones, FATR's kept
+    ones), and empty groups (a zero token of size 0). ``merge_every_token`` takes no left-out
+    tokens."""
     from helpers import hand_state
 
     from methods.tokens import merge_every_token, merge_groups
@@ -175,11 +200,17 @@ def test_merge_every_token_is_merge_groups_bit_for_bit(weighted, dtype):
     size = torch.randint(1, 5, (3, 23), generator=g).float()
     state = hand_state(torch.randn(3, 23, 16, generator=g).to(dtype), num_prefix=2, size=size)
     group = torch.randint(0, 11, (3, 23), generator=g)
+    if left_out:
+        group = torch.where(torch.rand(3, 23, generator=g) < 0.3, -1, group)
+    group[:, :] = torch.where(group == 10, -1 if left_out else 9, group)  # group 10 stays empty
     weight = torch.rand(3, 23, generator=g) if weighted else None
-    want = merge_groups(state, group, 11, weight=weight)
-    got = merge_every_token(state, group, 11, weight=weight)
-    for a, b in zip(got, want, strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    want = _three_scatter_merge(state, group, 11, weight=weight)
+    merges = [merge_groups] if left_out else [merge_groups, merge_every_token]
+    for merge in merges:
+        got = merge(state, group, 11, weight=weight)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(want[1][:, 10], torch.zeros(3)) and not want[0][:, 10].any()
 
 
 def test_merge_every_token_keeps_gradients():
