@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 import bench.config  # noqa: F401  registers the schemas (base_config) the config's defaults list names
 import bench.sweep_id  # noqa: F401  registers the ${fatr_run_id:} resolver the config's sweep folder uses
 from bench.errors import BenchError, job_output_dir, record_done, record_failure
+from bench.terminal import say
 from methods import ReducerConfigError, UnsupportedModelError
 
 USER_ERRORS = (BenchError, ReducerConfigError, UnsupportedModelError)
@@ -36,7 +37,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         record = run_job(cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")  # above the sweep's bar, not glued to it
         record_failure(str(e))
         return None
     except Exception as e:
@@ -49,7 +50,7 @@ def main(cfg: DictConfig) -> dict | None:
             message += f" (a bug; traceback in {out / 'traceback.txt'})"
         else:
             traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr)
+        say(f"error: {message}")
         record_failure(message)
         return None
     if record is not None:

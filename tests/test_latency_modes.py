@@ -391,6 +391,20 @@ def test_bad_latency_settings_are_one_line_each_and_record_nothing(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_jobs_error_line_is_not_glued_to_the_sweep_bar(tmp_path):
+    """With progress bars on (the default), a job's ``error:`` line is written above the
+    sweep's bar, on a line of its own, not appended to the bar's line (where a log or a
+    terminal showed ``sweep:   0%| ... error: ...``)."""
+    root = image_folder(tmp_path / "val", 2, 1)
+    with_bars = [o for o in FAST if o != "progress=false"]
+    out = run_cli(["method=tome", f"data.root={root}", *with_bars, "bench.latency.compile=turbo"], tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "sweep:" in out.stderr  # the bar was drawn
+    lines = out.stderr.splitlines()  # text mode: a bar's carriage returns end lines too
+    assert any(line.startswith("error: bench.latency.compile must be one of") for line in lines), out.stderr
+    assert not any("job/s]error:" in line for line in lines), out.stderr
+
+
 # -- inference mode -------------------------------------------------------------------------------
 
 
