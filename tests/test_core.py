@@ -202,7 +202,7 @@ def test_merges_are_three_scatters_bit_for_bit(weighted, dtype, left_out):
     group = torch.randint(0, 11, (3, 23), generator=g)
     if left_out:
         group = torch.where(torch.rand(3, 23, generator=g) < 0.3, -1, group)
-    group[:, :] = torch.where(group == 10, -1 if left_out else 9, group)  # group 10 stays empty
+    group = torch.where(group == 10, -1 if left_out else 9, group)  # group 10 stays empty
     weight = torch.rand(3, 23, generator=g) if weighted else None
     want = _three_scatter_merge(state, group, 11, weight=weight)
     merges = [merge_groups] if left_out else [merge_groups, merge_every_token]
