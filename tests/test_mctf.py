@@ -116,6 +116,29 @@ def test_attention_weighted_pooling():
     assert out.source[0, 1].tolist() == [1, 2, 0] and out.reduced
 
 
+def test_lone_tokens_keep_every_bit_and_their_position():
+    """Weights whose ``(w·x)/w`` is not ``x`` in float32: lone tokens must still come out
+    bit for bit (a zero weight included), merged ones as the weighted mean."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 16, generator=g) * 10
+    st = _state(x, None, 1)
+    st = st.replace(pos=torch.tensor([[-1, 0, 1, 2, 3, 4, 5], [-1, 9, 8, 7, 6, 5, 4]]))
+    weight = torch.rand(2, 7, generator=g) * 0.3 + 0.01
+    weight[1, 6] = 0.0
+    group = torch.tensor([[0, 1, 2, 1, 3, 4, 2], [0, 1, 1, 2, 3, 3, 4]])
+    merged = x * weight[..., None]
+    assert not torch.equal(merged / weight[..., None], x), "the weights must make the plain round trip inexact"
+    out = pool_groups(st, group, 5, weight=weight)
+    for b, lone in ((0, [(0, 0), (3, 4), (4, 5)]), (1, [(0, 0), (2, 3), (4, 6)])):
+        for slot, token in lone:
+            assert torch.equal(out.x[b, slot], x[b, token]), f"image {b}: lone token {token} changed"
+            assert out.pos[b, slot] == st.pos[b, token]
+    assert out.pos[0].tolist() == [-1, -1, -1, 3, 4] and out.pos[1].tolist() == [-1, -1, 7, -1, 4]
+    w = weight[0, [1, 3]]
+    expected = (x[0, 1] * w[0] + x[0, 3] * w[1]) / w.sum()
+    torch.testing.assert_close(out.x[0, 1], expected)
+
+
 def test_caps_and_schedule():
     assert fused_count(197, 1, 16) == 16
     assert fused_count(37, 1, 16) == 16  # 21 tokens are left: more than 10
