@@ -117,13 +117,16 @@ def normalised_inverse(values: Tensor) -> Tensor:
     return inv / inv.amax(dim=-1, keepdim=True)
 
 
-def _power(values: Tensor, tau: float) -> Tensor | None:
+def _power(values: Tensor, tau: float, clamp: bool = False) -> Tensor | None:
     """``values^(1/τ)``, or None when ``τ`` is 0 (the criterion is off). ``τ = 1`` (the
     similarity's default) skips the power: ``pow(v, 1.0)`` is a copy of ``v``, and at batch 1
-    each operator costs its dispatch."""
+    each operator costs its dispatch. ``clamp``: negative values become 0 first, for the
+    similarity's ``(cos + 1) / 2``, which rounding can take below 0; the per-token criteria
+    (:func:`normalised_inverse` of non-negative values) are never negative and skip it."""
     if tau == 0:
         return None
-    values = values.clamp_min(0)
+    if clamp:
+        values = values.clamp_min(0)
     return values if tau == 1 else values.pow(1.0 / tau)
 
 
@@ -149,7 +152,7 @@ def mctf_scores(
     unit = unit_rows(metric.float())
     a, b = unit[:, ::2], unit[:, 1::2]
     cos = a @ b.transpose(-1, -2)
-    sim = _power((cos + 1) / 2, tau_sim)
+    sim = _power((cos + 1) / 2, tau_sim, clamp=True)
     scores = torch.ones_like(cos) if sim is None else sim
     per_token = []
     if attn is not None and tau_info != 0:
@@ -213,16 +216,13 @@ def bidirectional_groups(scores: Tensor, r: int, num_prefix: int, bidirectional:
         rest_b = token_range(0, nb, dev).expand(bsz, -1)
     n_rb = nb - r2
     slot_a, slot_b = remaining_slots(p, n_ra, n_rb, dev)
-    group_b = torch.empty(bsz, nb, dtype=torch.long, device=dev)
+    group = torch.empty(bsz, n, dtype=torch.long, device=dev)
+    group_a, group_b = group[:, 0::2], group[:, 1::2]  # views: the scatters below fill ``group``
     group_b.scatter_(1, rest_b, slot_b.expand(bsz, -1))
     if r2 > 0:
         group_b.scatter_(1, src_b, slot_a[dst_a])
-    group_a = torch.empty(bsz, na, dtype=torch.long, device=dev)
     group_a.scatter_(1, rest_a, slot_a.expand(bsz, -1))
     group_a.scatter_(1, src_a, group_b.gather(1, dst_b))
-    group = torch.empty(bsz, n, dtype=torch.long, device=dev)
-    group[:, 0::2] = group_a
-    group[:, 1::2] = group_b
     return group, n - r1 - r2
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config
 from methods import ReducerConfigError, TokenReducer, UnsupportedModelError, apply_reducer, remove_reducer
-from methods.tome import bipartite_groups, tome_schedule
+from methods.tome import bipartite_groups, mask_prefix_edges, tome_schedule
 
 VARIANTS = {
     "plain": {},
@@ -522,3 +522,16 @@ def test_token_state_replace_is_dataclasses_replace():
     tagged = Tagged(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, tag="a")
     retagged = tagged.replace(tag="b", x=x)
     assert type(retagged) is Tagged and retagged.tag == "b" and retagged.x is x and tagged.tag == "a"
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2, 3])
+def test_prefix_edges_are_masked_and_nothing_else(num_prefix):
+    """Prefix tokens alternate into A (even) and B (odd): ``ceil(p/2)`` A rows and
+    ``floor(p/2)`` B columns become -inf, every other edge keeps its score."""
+    scores = torch.rand(2, 5, 4)
+    got = mask_prefix_edges(scores.clone(), num_prefix)
+    masked = torch.zeros(5, 4, dtype=torch.bool)
+    masked[: (num_prefix + 1) // 2] = True
+    masked[:, : num_prefix // 2] = True
+    assert torch.isneginf(got[:, masked]).all()
+    assert torch.equal(got[:, ~masked], scores[:, ~masked])

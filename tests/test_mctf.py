@@ -86,6 +86,16 @@ def test_scores_multiply_the_three_criteria():
     assert torch.isneginf(got[0, 0]).all() and torch.isneginf(got[0, :, 0]).all() and torch.isfinite(got[0, 1, 1])
 
 
+def test_similarity_rounded_below_minus_one_scores_zero():
+    """``cos`` of opposite tokens rounds to just under -1 in float32 here, so ``(cos + 1) / 2``
+    is negative; the similarity is clamped at 0 (a negative score would flip the criteria's
+    product), the per-token criteria need no clamp (they are never negative)."""
+    v = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    metric = torch.cat([v, -v, v, v])[None]
+    got = mctf_scores(metric, None, torch.ones(1, 4), 0, tau_sim=1, tau_info=0, tau_size=40)
+    assert got[0, 0, 0] == 0 and (got >= 0).all()
+
+
 def test_bidirectional_matching_by_hand():
     # rows: A tokens 0, 2, 4; columns: B tokens 1, 3, 5
     scores = torch.tensor([[0.9, 0.1, 0.1], [0.2, 0.5, 0.1], [0.1, 0.2, 0.7]])[None]
