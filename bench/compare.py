@@ -188,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         "run_a",
         help="config hash (prefix) or method@budget, e.g. tome@0.65, unreduced; tome@0.65+ft: the fine-tuned one",
     )
-    parser.add_argument("run_b")
-    parser.add_argument("--results-dir", default=os.environ.get("FATR_RESULTS_DIR", "results/local"))
+    parser.add_argument("run_b", help="the run to compare it with, named the same ways")
+    parser.add_argument(
+        "--results-dir",
+        default=os.environ.get("FATR_RESULTS_DIR", "results/local"),
+        help="where the runs were recorded (default: $FATR_RESULTS_DIR or results/local)",
+    )
     parser.add_argument("--resample", default="images", help="images | classes (cluster bootstrap)")
-    parser.add_argument("--n-boot", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--images", type=int, default=None, help="only runs on this many images")
     parser.add_argument("--device", default=None, help="only runs whose device name contains this text")
     args = parser.parse_args(argv)

@@ -518,7 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("prepare", help="here: wheels, images and commit into .gpu/")
-    p.add_argument("--images", type=Path, default=Path("../shared/data") / DATASET)
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=Path("../shared/data") / DATASET,
+        help="the image folder to take along (default: %(default)s)",
+    )
     r = sub.add_parser("run", help="there: the steps, in order, until the deadline")
     r.add_argument("--deadline-s", type=float, required=True, help="seconds the whole call may take")
     r.add_argument("--out", type=Path, required=True, help="where the run store and log go ($OUT)")
@@ -537,8 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("overrides", nargs="*", help="replace a sweep override of the same key, e.g. method=evit")
     m = sub.add_parser("merge", help="here: the returned records into results/speed")
-    m.add_argument("runs_file", type=Path)
-    m.add_argument("--results-dir", type=Path, default=Path("results/speed"))
+    m.add_argument("runs_file", type=Path, help="the runs.jsonl the session brought back")
+    m.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("results/speed"),
+        help="the store to add them to (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.what == "prepare":
         return prepare(args.images)

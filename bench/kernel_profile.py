@@ -103,11 +103,15 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.kernel_profile", description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="none,fatr,tome", help="comma-separated method names (none: unreduced)")
     parser.add_argument("--model", default="deit_tiny_patch16_224", help="a timm ViT name")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--macs-ratio", type=float, default=0.65)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    parser.add_argument(
+        "--macs-ratio", type=float, default=0.65, help="the budget every method is matched to (default 0.65)"
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)"
+    )
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=5, help="profiled forwards per method (default 5)")
     parser.add_argument("--rows", type=int, default=15, help="operators listed per method")
     parser.add_argument("--out", type=Path, help="write the report here (default: print it)")
     return parser

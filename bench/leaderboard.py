@@ -324,10 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.leaderboard", description="Regenerate the leaderboard, CSV and plots of a results folder."
     )
-    parser.add_argument("results_dir", nargs="?", default=os.environ.get("FATR_RESULTS_DIR", "results/local"))
+    parser.add_argument(
+        "results_dir",
+        nargs="?",
+        default=os.environ.get("FATR_RESULTS_DIR", "results/local"),
+        help="a folder bench.run recorded into (default: $FATR_RESULTS_DIR or results/local)",
+    )
     parser.add_argument("--resample", default="images", help="images | classes (cluster bootstrap)")
-    parser.add_argument("--n-boot", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the intervals (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument(
         "--docs",
         action="store_true",
