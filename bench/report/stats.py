@@ -217,8 +217,20 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Images vs the smallest detectable Δ top-1 (points).")
-    parser.add_argument("--discordance", type=float, nargs="+", default=[0.05, 0.10, 0.20])
-    parser.add_argument("--images", type=int, nargs="+", default=[500, 1300, 5000, 10000, 50000])
-    parser.add_argument("--power", type=float, default=0.8)
+    parser.add_argument(
+        "--discordance",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.10, 0.20],
+        help="shares of images the two methods disagree on, one column each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=[500, 1300, 5000, 10000, 50000],
+        help="evaluation set sizes, one row each (default: %(default)s)",
+    )
+    parser.add_argument("--power", type=float, default=0.8, help="chance of detecting the difference (default 0.8)")
     args = parser.parse_args()
     print("\n".join(detectable_table(args.discordance, args.images, power=args.power)))
