@@ -51,6 +51,18 @@ def resolve(spec: str, records: list[dict[str, Any]], images: int | None = None,
         rows = [r for r in rows if r.get("num_images") == images]
     if device:
         rows = [r for r in rows if device.lower() in str(r.get("device", "")).lower()]
+    if records and not rows:
+        wanted = []
+        if images is not None:
+            wanted.append(f"{images} images")
+        if device:
+            wanted.append(f"a device matching {device!r}")
+        counts = [str(n) for n in sorted({r.get("num_images") for r in records}, key=lambda n: (n is None, n or 0))]
+        devices = sorted({str(r.get("device")) for r in records})
+        raise BenchError(
+            f"no recorded run has {' and '.join(wanted)} "
+            f"(recorded: {', '.join(counts)} images; on {'; '.join(devices)})"
+        )
     found = []
     if re.fullmatch(r"[0-9a-f]{4,12}", spec):
         keys = {result_key(r) for r in records if str(r.get("config_hash", "")).startswith(spec)}
@@ -126,6 +138,8 @@ def compare(
     """The report: Δ top-1 and Δ agreement with paired intervals, McNemar counts and p, and
     the ten classes whose correct counts differ most."""
     check_options(resample, n_boot, seed)
+    if images is not None and (not isinstance(images, int) or isinstance(images, bool) or images <= 0):
+        raise BenchError(f"--images must be a positive number of images, got {images!r}")
     results_dir = Path(results_dir)
     records = read_records(results_dir)
     if not records:

@@ -28,7 +28,7 @@ from bench.job import build_reducer_from_config
 from bench.models import load_model
 from bench.report.labels import METHOD_CONF
 from bench.store import git_commit
-from methods import TokenReducer, apply_reducer
+from methods import TokenReducer, UnsupportedModelError, apply_reducer
 
 REDUCE_RANGE = "reducer.reduce"
 
@@ -141,13 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"# Operator profile: {args.model} (random weights), batch {args.batch}, {dtype}, eager, "
             f"MACs ratio {args.macs_ratio}\n\ndevice: {name}; torch {torch.__version__}; commit {git_commit()}\n"
         ]
-        x = torch.randn(args.batch, 3, 224, 224, device=device)
         for method in methods:
             model, _ = reduced_model(method, args.model, args.macs_ratio)
+            x = torch.randn(args.batch, 3, *model.patch_embed.img_size, device=device)  # the model's own input size
             prof = profile_forward(model.to(device), x, args.amp, args.iters)
             text.append(report(method, prof, device.type == "cuda", args.iters, args.rows))
             print(f"profiled {method}", file=sys.stderr, flush=True)
-    except BenchError as e:
+    except (BenchError, UnsupportedModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:

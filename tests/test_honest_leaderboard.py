@@ -190,6 +190,14 @@ def test_compare_two_runs(store, capsys):
         (["old", "a@0.65"], ["--images", "400", "--device", "CPU A"], "has no per-image outcomes"),
         (["a@0.65", "a@own"], ["--device", "CPU A", "--images", "400"], None),
         (["a@half", "c"], [], "the budget after @ must be a number"),
+        (["a@0.65", "c"], ["--images", "0"], r"--images must be a positive number of images, got 0"),
+        (
+            ["a@0.65", "c"],
+            ["--images", "7"],
+            r"no recorded run has 7 images \(recorded: 200, 400 images; on CPU A; CPU B\)$",
+        ),
+        (["a@0.65", "c"], ["--device", "h200"], r"no recorded run has a device matching 'h200'"),
+        (["a@0.65", "c"], ["--seed", "-1"], r"stats.seed must be a non-negative integer, got -1"),
     ],
 )
 def test_compare_bad_input_is_one_line(store, capsys, specs, extra, message):

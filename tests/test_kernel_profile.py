@@ -38,9 +38,17 @@ def test_a_report_names_the_setting_and_each_method_with_its_reducer_share(tmp_p
         (["--methods=,"], "names no method"),
         (["--macs-ratio=1.5"], "--macs-ratio must be in (0, 1]"),
         (["--device=foo"], "--device foo is not a device"),
+        (["--model=nosuch"], "unknown model 'nosuch'"),
+        (["--model=resnet18", "--methods=none"], "needs a timm VisionTransformer (ViT, DeiT, ...), got ResNet"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys):
     assert kernel_profile.main(["--device=cpu", "--iters=1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_a_model_at_another_resolution_is_fed_its_own_input_size(capsys):
+    argv = ["--methods=none", "--model=vit_tiny_patch16_384", "--iters=1", "--rows=1", "--device=cpu"]
+    assert kernel_profile.main(argv) == 0
+    assert "vit_tiny_patch16_384 (random weights), batch 1" in capsys.readouterr().out

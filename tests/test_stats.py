@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from bench.report.stats import (
     detectable_delta,
     detectable_table,
     discordance,
+    main,
     mcnemar_exact,
     wilson_interval,
 )
@@ -133,3 +135,25 @@ def test_docs_table_is_the_functions_output():
     start = readme.index("<!-- detectable-table: python -m bench.report.stats -->") + 1
     table = detectable_table([0.05, 0.10, 0.20], [500, 1300, 5000, 10000, 50000])
     assert readme[start : start + len(table)] == table
+
+
+def test_the_command_prints_the_docs_table(capsys):
+    assert main([]) == 0
+    assert capsys.readouterr().out.splitlines() == detectable_table([0.05, 0.10, 0.20], [500, 1300, 5000, 10000, 50000])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--power", "1.5"], "--power must be strictly between 0 and 1, got 1.5"),
+        (["--power", "0"], "--power must be strictly between 0 and 1, got 0.0"),
+        (["--images", "500", "0"], "--images takes positive image counts, got 500 0"),
+        (["--images", "-5"], "--images takes positive image counts, got -5"),
+        (["--discordance", "0"], r"--discordance takes shares in \(0, 1\], got 0.0"),
+        (["--discordance", "0.1", "1.5"], r"--discordance takes shares in \(0, 1\], got 0.1 1.5"),
+    ],
+)
+def test_the_commands_bad_options_are_one_line(capsys, args, message):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and re.fullmatch(f"error: {message}\n", captured.err)

@@ -39,8 +39,8 @@ def check_options(resample: str = "images", n_boot: int = 2000, seed: int = 0) -
         raise BenchError(f"stats.resample must be one of {', '.join(RESAMPLE_UNITS)}, got {resample!r}")
     if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 100:
         raise BenchError(f"stats.n_boot must be an integer of at least 100, got {n_boot!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise BenchError(f"stats.seed must be an integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise BenchError(f"stats.seed must be a non-negative integer, got {seed!r}")
 
 
 def record_group(record: dict[str, Any]) -> tuple:

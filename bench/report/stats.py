@@ -213,10 +213,15 @@ def detectable_table(
     return lines
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report.stats``: the table of :func:`detectable_table`; bad options are
+    one ``error:`` line and exit status 2."""
     import argparse
+    import sys
 
-    parser = argparse.ArgumentParser(description="Images vs the smallest detectable Δ top-1 (points).")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report.stats", description="Images vs the smallest detectable Δ top-1 (points)."
+    )
     parser.add_argument(
         "--discordance",
         type=float,
@@ -232,5 +237,20 @@ if __name__ == "__main__":
         help="evaluation set sizes, one row each (default: %(default)s)",
     )
     parser.add_argument("--power", type=float, default=0.8, help="chance of detecting the difference (default 0.8)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = None
+    if not all(0.0 < q <= 1.0 for q in args.discordance):
+        problem = f"--discordance takes shares in (0, 1], got {' '.join(map(str, args.discordance))}"
+    elif not all(n > 0 for n in args.images):
+        problem = f"--images takes positive image counts, got {' '.join(map(str, args.images))}"
+    elif not 0.0 < args.power < 1.0:
+        problem = f"--power must be strictly between 0 and 1, got {args.power}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     print("\n".join(detectable_table(args.discordance, args.images, power=args.power)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
