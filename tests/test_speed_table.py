@@ -87,3 +87,31 @@ def test_a_device_and_batch_size_never_measured_gets_no_empty_axes(tmp_path, mon
         ("CPU test (2 threads)", "speedup_b32"),
         ("GPU test", "speedup_b256"),
     ]
+
+
+def test_the_legend_names_each_method_once_and_each_timing_mode_once(tmp_path, monkeypatch):
+    """Methods by colour, timing modes by line style: 2 methods × 3 modes make 2 + 1 + 3
+    entries, not 6 method-and-mode pairs; panels exist only where something was measured."""
+    from bench.report import speed
+
+    df = rows({"deit_tiny_patch16_224": 1.26, "deit_small_patch16_224": 4.6})
+    evit = df[df["method"] == "tome"].assign(method="evit", label="evit")
+    cpp = evit[evit["latency_mode"] == "compile"].assign(latency_mode="cpp-wrapper")
+    seen = {}
+
+    def capture(fig, path, title, legend=None, **_):
+        seen["texts"] = [text for _, text in legend]
+        seen["panels"] = [ax.get_title() for ax in fig.axes if ax.axison]
+        return path
+
+    monkeypatch.setattr(speed, "save", capture)
+    plot_speed_by_size(pd.concat([df, evit, cpp], ignore_index=True), tmp_path / "d.png")
+    assert seen["texts"] == [
+        "evit",
+        "tome",
+        "line style: timing",
+        "eager",
+        "compiled (inductor)",
+        "compiled (C++ wrapper), hollow",
+    ]
+    assert seen["panels"] == ["CPU test (2 threads), fp32, batch 1", "CPU test (2 threads), fp32, batch 32"]

@@ -2,10 +2,11 @@
 
 At DeiT-Tiny's size a reducer's bookkeeping (gathers, sorts, kernel launches) weighs as much as
 the tokens it saves; at DeiT-Base it should not. One panel per device, precision (fp32 or bf16
-autocast) and batch size, the models on the x axis in the order of their unreduced GMACs, one
-line per method, solid for eager, dashed for compiled timings and dotted with hollow markers for
-inductor's C++ wrapper (timed on DeiT-Tiny only, so a lone marker): a method's colour is the same
-as in every other figure.
+autocast) and batch size that was measured (nothing is drawn for the others), the models on the
+x axis in the order of their unreduced GMACs, one line per method and timing mode: a method's
+colour is the same as in every other figure, the mode is the line style (:data:`MODE_STYLES`;
+inductor's C++ wrapper is timed on DeiT-Tiny only, so its hollow marker stands alone). The
+legend names each method once and each mode once.
 """
 
 from __future__ import annotations
@@ -36,40 +37,61 @@ def model_order(df: pd.DataFrame) -> list[str]:
     return sorted(df["model"].unique(), key=lambda m: (size.get(m, np.inf), m))
 
 
+MODE_STYLES: dict[str, tuple[object, str]] = {
+    "eager": ("-", "eager"),
+    "compile": ("--", "compiled (inductor)"),
+    "max-autotune": ((0, (5, 2, 1, 2, 1, 2)), "compiled (max-autotune)"),
+    CPP_WRAPPER: (":", "compiled (C++ wrapper), hollow"),
+    "cudagraphs": ("-.", "CUDA graphs"),
+}
+"""Line style and legend text of each ``bench.latency.compile`` mode (another mode: dashed)."""
+
+PANEL_COLUMNS = 3
+
+
+def _mode_style(mode: str) -> tuple[object, str]:
+    return MODE_STYLES.get(mode, ("--", f"compiled ({mode})"))
+
+
 def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
     """Speedup per method against model size; None unless the rows span two or more models."""
+    from matplotlib.lines import Line2D
+
     d = df[(df["method"] != "none")]
     sizes = batch_sizes(d)
     if d["model"].nunique() < 2 or not sizes:
         return None
     models = model_order(df)
     precision = d["latency_precision"] if "latency_precision" in d else pd.Series(FP32, index=d.index)
-    d = d.assign(latency_precision=precision.fillna(FP32))
-    rows = sorted({(str(dev), p) for dev, p in zip(d["device"].fillna(""), d["latency_precision"], strict=True)})
-    fig, axes = figure(len(sizes), 5.5 * len(sizes), 4.2 * len(rows), nrows=len(rows))
-    colors, markers = label_styles(d["label"])
-    for row, (device, prec) in enumerate(rows):
-        here = d[(d["device"].fillna("") == device) & (d["latency_precision"] == prec)]
-        for col, batch in enumerate(sizes):
-            ax = axes[row * len(sizes) + col]
-            where = (f"{device}, " if device else "") + ("bf16, " if prec == BF16 else "")
+    d = d.assign(latency_precision=precision.fillna(FP32), device=d["device"].fillna(""))
+    panels = []  # (device, precision, batch) that was measured, device by device
+    for device, prec in sorted({(str(dev), p) for dev, p in zip(d["device"], d["latency_precision"], strict=True)}):
+        here = d[(d["device"] == device) & (d["latency_precision"] == prec)]
+        for batch in sizes:
             column = f"speedup_b{batch}"
-            if column not in here or not here[column].notna().any():  # this device never ran this batch
-                ax.axis("off")
-                ax.text(
-                    0.5, 0.5, f"{where}batch {batch}: not measured", ha="center", fontsize=9, transform=ax.transAxes
-                )
-                continue
-            _panel(ax, here, column, models, colors, markers)
-            ax.set_title(f"{where}batch {batch}", fontsize=9)
+            if column in here and here[column].notna().any():
+                panels.append((device, prec, batch, here))
+    ncols = min(PANEL_COLUMNS, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = figure(ncols, 5.5 * ncols, 4.2 * nrows, nrows=nrows)
+    colors, markers = label_styles(d["label"])
+    for ax, (device, prec, batch, here) in zip(axes, panels, strict=False):
+        _panel(ax, here, f"speedup_b{batch}", models, colors, markers)
+        where = f"{device}, " if device else ""
+        ax.set_title(f"{where}{'bf16 autocast' if prec == BF16 else 'fp32'}, batch {batch}", fontsize=9)
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
     budgets = sorted({f"{b:.2f}" for b in d["budget"].dropna()})
     title = "Speedup vs model size" + (f" at MACs {', '.join(budgets)}" if budgets else "")
     if all(m.endswith(RANDOM_WEIGHTS) for m in models):
         title += ", random weights"
-    styles = "solid: eager, dashed: compiled"
-    if (d["latency_mode"] == CPP_WRAPPER).any():
-        styles += ", dotted and hollow: C++ wrapper"
-    return save(fig, path, f"{title} ({styles})", legend_ax=axes)
+    legend = [(Line2D([], [], color=colors[lb], marker=markers[lb]), lb) for lb in sorted(colors)]
+    legend.append((Line2D([], [], linestyle="none"), "line style: timing"))
+    for mode in sorted(d["latency_mode"].dropna().unique(), key=lambda m: (m != "eager", m)):
+        style, text = _mode_style(mode)
+        face = "none" if mode == CPP_WRAPPER else "black"
+        legend.append((Line2D([], [], color="black", linestyle=style, marker="o", mfc=face), text))
+    return save(fig, path, title, legend=legend)
 
 
 def _panel(ax, d: pd.DataFrame, column: str, models: list[str], colors: dict, markers: dict) -> None:
@@ -79,16 +101,14 @@ def _panel(ax, d: pd.DataFrame, column: str, models: list[str], colors: dict, ma
         if rows.empty:
             continue
         rows = rows.assign(x=rows["model"].map(x_of)).sort_values("x")
-        compiled = mode != "eager"
-        cpp = mode == CPP_WRAPPER
+        hollow = mode == CPP_WRAPPER
         ax.plot(
             rows["x"],
             rows[column],
-            linestyle=":" if cpp else "--" if compiled else "-",
+            linestyle=_mode_style(mode)[0],
             marker=markers[label],
-            markerfacecolor="none" if cpp else colors[label],
+            markerfacecolor="none" if hollow else colors[label],
             color=colors[label],
-            label=f"{label}, {mode}" if compiled else label,
         )
     ax.axhline(1.0, color="black", lw=1)
     ax.set_xticks(range(len(models)), [m.removesuffix(RANDOM_WEIGHTS) for m in models], fontsize=7, rotation=15)

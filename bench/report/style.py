@@ -121,21 +121,29 @@ def log_ticks(ax, values: Iterable[float], axis: str = "x") -> None:
     target.set_minor_formatter(NullFormatter())
 
 
-def save(fig, path: Path, title: str, legend_ax=None) -> Path:
-    """Title, one legend to the right of the plots (from ``legend_ax``, one axis or several),
-    save, close."""
+def save(fig, path: Path, title: str, legend_ax=None, legend: list[tuple[object, str]] | None = None) -> Path:
+    """Title, one legend to the right of the plots (from ``legend_ax``, one axis or several, or
+    the ``(handle, text)`` pairs of ``legend``), save, close."""
     import matplotlib.pyplot as plt
 
     height = fig.get_size_inches()[1]
     fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")  # a fixed band, whatever the height
     axes = legend_ax if isinstance(legend_ax, (list, tuple)) else [legend_ax] if legend_ax is not None else []
     seen: dict[str, object] = {}
+    for handle, label in legend or []:
+        seen.setdefault(label, handle)
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
     if seen:
         fig.legend(
-            list(seen.values()), list(seen), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False
+            list(seen.values()),
+            list(seen),
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+            frameon=False,
+            handlelength=3.0,  # long enough to show a dashed or dotted line's pattern
         )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.28 / height))  # the panels start below the title's band
     fig.savefig(path, dpi=120, bbox_inches="tight")
