@@ -98,19 +98,24 @@ def small_vit():
     return timm.create_model("deit_tiny_patch16_224").eval()
 
 
+def _time_forward(benchmark, model, reducer, batch: int, rounds: int, warmup: int) -> None:
+    """Patch ``model`` with ``reducer``, time its forward on ``batch`` images and check that it
+    ran the token counts the reducer promises."""
+    from methods import apply_reducer, reduction_context
+
+    apply_reducer(model, reducer)
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = benchmark.pedantic(model, args=(x,), rounds=rounds, iterations=1, warmup_rounds=warmup)
+    assert out.shape == (batch, 1000)
+    counts = reducer.token_counts(1, 196, 12)
+    assert reduction_context(model).token_trace == [o for _, o in counts]
+
+
 @pytest.mark.benchmark(group="reduced-forward")
 @pytest.mark.parametrize("name", ["none", *CASES])
 def test_reduced_forward(benchmark, name, small_vit):
-    from methods import apply_reducer, reduction_context
-
-    reducer = build_reducer(name, **CASES.get(name, {}))
-    apply_reducer(small_vit, reducer)
-    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        out = benchmark.pedantic(small_vit, args=(x,), rounds=5, iterations=1, warmup_rounds=1)
-    assert out.shape == (8, 1000)
-    counts = reducer.token_counts(1, 196, 12)
-    assert reduction_context(small_vit).token_trace == [o for _, o in counts]
+    _time_forward(benchmark, small_vit, build_reducer(name, **CASES.get(name, {})), batch=8, rounds=5, warmup=1)
 
 
 @pytest.mark.benchmark(group="reduced-forward, batch 1, MACs 0.65")
@@ -120,20 +125,14 @@ def test_reduced_forward_at_batch_one_and_matched_macs(benchmark, name, small_vi
     one image per forward: the real-time case, where a reducer's own operators weigh most."""
     from bench.budget import match_budget
     from bench.measure.flops import VitShape
-    from methods import apply_reducer, reduction_context, remove_reducer
+    from methods import remove_reducer
     from methods.patch import model_info
 
     remove_reducer(small_vit)  # the budget is solved on the plain model's shape
     reducer = build_reducer(name)
     if name != "none":
         reducer = match_budget(reducer, 0.65, VitShape.of(small_vit), model_info(small_vit)).reducer
-    apply_reducer(small_vit, reducer)
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        out = benchmark.pedantic(small_vit, args=(x,), rounds=20, iterations=1, warmup_rounds=3)
-    assert out.shape == (1, 1000)
-    counts = reducer.token_counts(1, 196, 12)
-    assert reduction_context(small_vit).token_trace == [o for _, o in counts]
+    _time_forward(benchmark, small_vit, reducer, batch=1, rounds=20, warmup=3)
 
 
 def test_every_reducer_class_is_benchmarked():
