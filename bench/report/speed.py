@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.report.latency import BF16, CPP_WRAPPER, FP32
+from bench.report.latency import BF16, CPP_WRAPPER, EAGER, FP32
 from bench.report.style import figure, label_styles, save
 
 BATCH_COLUMN = re.compile(r"^speedup_b(\d+)$")
@@ -38,7 +38,7 @@ def model_order(df: pd.DataFrame) -> list[str]:
 
 
 MODE_STYLES: dict[str, tuple[object, str]] = {
-    "eager": ("-", "eager"),
+    EAGER: ("-", "eager"),
     "compile": ("--", "compiled (inductor)"),
     "max-autotune": ((0, (5, 2, 1, 2, 1, 2)), "compiled (max-autotune)"),
     CPP_WRAPPER: (":", "compiled (C++ wrapper), hollow"),
@@ -87,7 +87,7 @@ def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
         title += ", random weights"
     legend = [(Line2D([], [], color=colors[lb], marker=markers[lb]), lb) for lb in sorted(colors)]
     legend.append((Line2D([], [], linestyle="none"), "line style: timing"))
-    for mode in sorted(d["latency_mode"].dropna().unique(), key=lambda m: (m != "eager", m)):
+    for mode in sorted(d["latency_mode"].dropna().unique(), key=lambda m: (m != EAGER, m)):
         style, text = _mode_style(mode)
         face = "none" if mode == CPP_WRAPPER else "black"
         legend.append((Line2D([], [], color="black", linestyle=style, marker="o", mfc=face), text))
