@@ -92,10 +92,12 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def run_cli(args: list[str], tmp: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], tmp: Path, env: dict | None = None, timeout: int = 600, module: str = "bench.run"
+) -> subprocess.CompletedProcess:
     e = {**os.environ, "FATR_RESULTS_DIR": str(tmp / "results"), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "bench.run", *args, f"hydra.sweep.dir={tmp}/sweep"],
+        [sys.executable, "-m", module, *args, f"hydra.sweep.dir={tmp}/sweep"],
         cwd=REPO,
         env=e,
         capture_output=True,

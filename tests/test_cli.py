@@ -34,6 +34,22 @@ def test_unknown_method_lists_the_method_configs(tmp_path):
     assert "tome" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_help_says_what_the_command_does_before_the_config(tmp_path):
+    out = run_cli(["--help"], tmp_path)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    head = out.stdout.split("== Configuration groups ==")[0]
+    assert head.startswith("python -m bench.run: every method at a matched MACs budget")
+    assert "python -m bench.run method=fatr,tome,evit" in head and "docs/running.md" in head
+    assert "method: ats, dct, diffrate" in out.stdout  # Hydra's own lists follow
+
+
+def test_finetune_help_says_what_the_command_does(tmp_path):
+    out = run_cli(["--help"], tmp_path, module="bench.finetune")
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert out.stdout.startswith("python -m bench.finetune: fine-tune each method at the budget")
+    assert "docs/finetuning.md" in out.stdout
+
+
 def test_bad_data_root_is_one_line(tmp_path):
     out = run_cli(["method=tome", "data.root=/nonexistent/val", *FAST], tmp_path)
     assert out.returncode == 2
