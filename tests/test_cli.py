@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import textwrap
+import re
+from pathlib import Path
 
 import pytest
 from bench_utils import FAST, image_folder, run_cli
@@ -58,42 +59,23 @@ def test_bad_data_root_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def _doc_blocks(language: str) -> list[str]:
+    """The fenced ``language`` blocks of docs/adding-a-reducer.md, in order."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "adding-a-reducer.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
 def test_user_reducer_from_its_own_yaml(tmp_path, val):
-    """A reducer class and a hydra yaml outside the project, found through hydra.searchpath (the
-    docs/adding-a-reducer.md's example, FLOPs measurement included: its token_counts passes the forward check)."""
-    (tmp_path / "my_reducers.py").write_text(
-        textwrap.dedent("""
-        import torch
-        from methods import TokenReducer
-        from methods.tokens import keep_tokens
-
-        class EveryOther(TokenReducer):
-            def __init__(self, block: int = 5):
-                super().__init__(block=block)
-                self.block = block
-
-            def reduces_at(self, block):
-                return block == self.block
-
-            def reduce(self, state, block):
-                n = state.num_tokens
-                idx = torch.cat([torch.arange(state.num_prefix), torch.arange(state.num_prefix, n, 2)])
-                return keep_tokens(state, idx.expand(state.x.shape[0], -1))
-
-            def token_counts(self, num_prefix, num_patches, depth):
-                counts, n = [], num_prefix + num_patches
-                for b in range(depth):
-                    out = num_prefix + (n - num_prefix + 1) // 2 if b == self.block else n
-                    counts.append((n, out))
-                    n = out
-                return counts
-    """)
-    )
+    """docs/adding-a-reducer.md's example as a user copies it: its class and its yaml, outside the
+    project, found through hydra.searchpath, FLOPs measurement included (its token_counts passes
+    the forward check). Read from the page, so the page cannot drift from what is tested."""
+    (code,) = _doc_blocks("python")
+    (yaml,) = _doc_blocks("yaml")
+    assert code.startswith("# my_reducers.py") and yaml.startswith("# my_conf/method/every_other.yaml")
+    (tmp_path / "my_reducers.py").write_text(code)
     conf = tmp_path / "conf" / "method"
     conf.mkdir(parents=True)
-    (conf / "every_other.yaml").write_text(
-        "name: every_other\nreducer:\n  _target_: my_reducers.EveryOther\n  block: 4\n"
-    )
+    (conf / "every_other.yaml").write_text(yaml)
     args = [
         "method=every_other",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
