@@ -1,0 +1,94 @@
+"""Every ``bench.run``, ``bench.finetune`` and ``bench.visualize`` command line the README and
+docs/ show composes and passes the settings checks, as a user would copy it: a renamed setting,
+group or option fails here instead of on the reader's first try. Nothing is run; placeholders
+(``PATH``, ``<hash>``) become a temporary folder, and a comma list sweeps each of its values."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from bench_utils import REPO
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+COMMANDS = ("bench.run", "bench.finetune", "bench.visualize")
+CONFIG_NAMES = {"bench.run": "config", "bench.finetune": "finetune"}
+
+
+def _code_lines(text: str) -> list[str]:
+    """Lines of the fenced blocks, continuations (``\\``) joined, and single-line inline code."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        lines += re.sub(r"\\\n\s*", " ", block).splitlines()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines += re.findall(r"`([^`\n]+)`", prose)
+    return lines
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """``(where, module, overrides)`` of every complete command line on the pages (an elided
+    one, with ``...`` or ``[...]`` options, and one on a user's own config folder are left out)."""
+    found = {}
+    for page in PAGES:
+        for line in _code_lines(page.read_text()):
+            m = re.search(r"python -m (bench\.\w+)(.*)", line)
+            if m is None or m.group(1) not in COMMANDS:
+                continue
+            args = shlex.split(m.group(2), comments=True)
+            if "..." in args or any(a.startswith(("[", "--", "hydra.searchpath")) for a in args) or not args:
+                continue  # elided, or a user's own configs (docs/adding-a-reducer.md's, tested in test_cli)
+            found.setdefault((m.group(1), tuple(args)), f"{page.relative_to(REPO)}: {line.strip()}")
+    return [(where, module, list(args)) for (module, args), where in found.items()]
+
+
+COMMAND_LINES = documented_commands()
+
+
+def test_the_pages_show_commands_of_every_kind():
+    """The parser finds the command lines it checks (a changed page layout would make the test
+    below check nothing)."""
+    modules = {module for _, module, _ in COMMAND_LINES}
+    assert modules == set(COMMANDS) and len(COMMAND_LINES) >= 25
+
+
+def _variants(overrides: list[str], tmp: Path) -> list[list[str]]:
+    """The command's overrides as Hydra's compose takes them: placeholders filled, Hydra's own
+    (launchers, search path) left to Hydra, and one variant per value of each comma list."""
+    options = []
+    for arg in overrides:
+        if arg.startswith(("hydra.", "hydra/")):
+            continue
+        key, _, value = arg.partition("=")
+        value = value.replace("<hash>", "0000").replace("PATH", str(tmp))
+        values = value.split(",") if "," in value and not value.startswith("[") else [value]
+        options.append([f"{key}={v}" for v in values])
+    return [list(choice) for choice in itertools.product(*options)]
+
+
+def _compose(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    import bench.config  # noqa: F401  registers the schema the configs' defaults lists name
+
+    with initialize_config_dir(config_dir=str(REPO / "bench" / "conf"), version_base="1.3"):
+        return compose(config_name, overrides=overrides)
+
+
+@pytest.mark.parametrize(("where", "module", "overrides"), COMMAND_LINES, ids=[w for w, _, _ in COMMAND_LINES])
+def test_a_documented_command_composes_and_passes_the_checks(where, module, overrides, tmp_path):
+    from bench.job import build_reducer_from_config
+    from bench.validate import read_config, validate_settings
+    from bench.visualize import compose_configs, split_methods
+
+    for variant in _variants(overrides, tmp_path):
+        if module == "bench.visualize":  # every method into one figure: its own composition
+            cfgs = compose_configs(*split_methods(variant))
+        else:
+            cfgs = [_compose(CONFIG_NAMES[module], variant)]
+        for cfg in cfgs:
+            if module == "bench.run":  # the others are checked by their own jobs, after their data
+                validate_settings(read_config(cfg))
+            build_reducer_from_config(cfg.method)
