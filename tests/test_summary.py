@@ -150,6 +150,27 @@ def test_headline_says_what_an_empty_speed_cell_means():
     assert "`–` under" not in "\n".join(headline(pd.DataFrame(rows), group))
 
 
+def test_headline_gives_the_range_of_the_unreduced_forward_its_speedups_divide():
+    """Each speedup is a ratio to the unreduced forward timed in the same job: the line under
+    the table gives that forward's range per batch size, so a busy host's slower jobs show."""
+    group = ("m", "d", 100, "cpu", "eager", "fp32")
+    timed = dict(latency_ms_b1=9.0, speedup_b1=1.1, latency_ms_b32=90.0, speedup_b32=1.4)
+    rows = [
+        _row("none", None, 80.0, latency_ms_baseline_b1=99.0),  # its own job: not a ratio's reference
+        _row(
+            "tome", 0.65, 79.0, d_unreduced=-1.0, latency_ms_baseline_b1=17.46, latency_ms_baseline_b32=500.0, **timed
+        ),
+        _row(
+            "fatr", 0.65, 78.0, d_unreduced=-2.0, latency_ms_baseline_b1=24.04, latency_ms_baseline_b32=500.04, **timed
+        ),
+    ]
+    text = "\n".join(headline(pd.DataFrame(rows), group))
+    assert "The unreduced forward, timed in each method's job: 17.5–24.0 ms at batch 1, 500.0 ms at batch 32." in text
+    for row in rows:  # records from before the baseline was kept: no sentence
+        row.pop("latency_ms_baseline_b1", None), row.pop("latency_ms_baseline_b32", None)
+    assert "unreduced forward" not in "\n".join(headline(pd.DataFrame(rows), group))
+
+
 def test_docs_are_synced_only_from_the_folder_they_quote(tmp_path, capsys):
     """``--docs`` on another folder (``results/speed``, a scratch store) would put that folder's
     headline into the README: refused in one line, before anything is written."""

@@ -64,6 +64,23 @@ def test_batch_1_eager_needs_more_than_1_and_reads_only_its_own_rows():
     ) in "\n".join(lines)
 
 
+def test_the_unreduced_forward_each_mode_divided_by_is_given_as_a_range():
+    """The footer says how fast the unreduced model ran in the target's jobs, per mode: a busy
+    host's rows show as a slower reference."""
+    df = pd.DataFrame(
+        [
+            _row("fatr", speedup_b1=1.1, latency_ms_baseline_b1=16.71),
+            _row("tome", speedup_b1=1.0, latency_ms_baseline_b1=21.25),
+            _row("fatr", speedup_b1=1.3, mode="compile", latency_ms_baseline_b1=17.2),
+            _row("pool", speedup_b1=1.3, budget=0.5, latency_ms_baseline_b1=99.0),  # another budget: not read
+        ]
+    )
+    text = "\n".join(target_lines(df, _target("CPU, batch 1, compiled")))
+    assert "the unreduced forward, timed in each job: 17.2 ms compile;" in text
+    text = "\n".join(target_lines(df, _target("CPU, batch 1, eager")))
+    assert "the unreduced forward, timed in each job: 16.7–21.2 ms eager;" in text
+
+
 def test_deit_s_needs_the_papers_ratio_or_1_25_and_either_mode_may_meet_it():
     gpu = "NVIDIA H200"
     df = pd.DataFrame(

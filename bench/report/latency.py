@@ -31,8 +31,9 @@ PER_BATCH = {
     "speedup_efficiency": "speedup eff.",
 }
 """The columns shown once per batch size, in this order (``<key>_b<n>``)."""
-PER_BATCH_RAW = ("speedup_q1", "speedup_q3")
-"""Per-batch columns the CSV keeps but the tables do not show."""
+PER_BATCH_RAW = ("speedup_q1", "speedup_q3", "latency_ms_baseline")
+"""Per-batch columns the CSV keeps but the tables do not show (the unreduced model's own
+ms/batch, timed beside the row's: how loaded the host was when the row's ratio was measured)."""
 COMPILE_COLUMNS = {"compile_seconds": "compile s", "latency_compile_agreement": "compiled agree %"}
 """Shown in the tables of compiled rows only: each model's own compile time and top-1 agreement."""
 
@@ -120,6 +121,18 @@ def batch_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         q1, q3 = out[f"speedup_q1_b{n}"], out[f"speedup_q3_b{n}"]
         out[f"speedup_iqr_b{n}"] = f"{q1:.3f}–{q3:.3f}" if _num(q1) and _num(q3) else None
     return {k: v for k, v in out.items() if v is not None}
+
+
+def baseline_span(rows: pd.DataFrame, batch: int) -> str | None:
+    """``"20.3–28.0 ms"``: the range of the unreduced model's own forward at ``batch`` over the
+    jobs of ``rows`` (each row's speedup is a ratio to its job's); None where none was kept.
+    A host busier than usual shows here as a slower unreduced forward."""
+    ms = rows.get(f"latency_ms_baseline_b{batch}")
+    ms = ms.dropna() if ms is not None else None
+    if ms is None or ms.empty:
+        return None
+    lo, hi = f"{float(ms.min()):.1f}", f"{float(ms.max()):.1f}"
+    return f"{lo} ms" if lo == hi else f"{lo}–{hi} ms"
 
 
 def batches_in(df: pd.DataFrame) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.report.latency import column_title, summary_columns
+from bench.report.latency import baseline_span, column_title, split_batch, summary_columns
 from bench.report.significance import GROUP_KEYS, MISSING
 from bench.report.targets import has_target_rows, targets_section
 
@@ -129,9 +129,18 @@ def headline(df: pd.DataFrame, group: tuple | None) -> list[str]:
         "",
         "vs best: `best`, `tied` (the paired interval of the difference to the best includes 0) or `below`. "
         "Speedups: median of per-iteration ratios against the unreduced model, timed in alternation."
+        + baseline_note(rows[rows["method"] != "none"], speed)
         + untimed_note(rows[rows["method"] != "none"], speed),
     ]
     return lines
+
+
+def baseline_note(rows: pd.DataFrame, speed: list[str]) -> str:
+    """The range of the unreduced model's own forward over the jobs that timed the ``speed``
+    columns (how loaded the host was; the speed table's unreduced rows are the quieter comparison)."""
+    spans = [(split_batch(c)[1], baseline_span(rows, split_batch(c)[1])) for c in speed]
+    parts = [f"{span} at batch {n}" for n, span in spans if span]
+    return " The unreduced forward, timed in each method's job: " + ", ".join(parts) + "." if parts else ""
 
 
 def untimed_note(rows: pd.DataFrame, speed: list[str]) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.latency import BF16, FP32
+from bench.report.latency import BF16, FP32, baseline_span, split_batch
 from bench.report.significance import MISSING
 
 PAPER_THROUGHPUT = Path(__file__).with_name("paper_throughput.csv")
@@ -175,6 +175,9 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
         met_count += met
         sign = ">" if t.strict else "≥"
         lines.append("| " + " | ".join([method, f"{sign} {needed:.3f}", *cells, "yes" if met else "**no**"]) + " |")
+    batch = split_batch(t.column)[1]
+    spans = [(mode, baseline_span(p, batch)) for mode, p in parts.items()] if batch is not None else []
+    spans = [f"{span} {mode}" for mode, span in spans if span]
     others = set(df["method"].astype(str)) - set(methods) - {"none"}
     unmeasured = sorted(m for m in others if _needed(t, m, ratios) is not None)  # rows elsewhere, none here
     lines += [
@@ -184,6 +187,7 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
         + f". Measured on {', '.join(devices)}; {', '.join(models)}; "
         + (f"commits {', '.join(commits)}; " if commits else "")
         + (f"torch {', '.join(torches)} (where recorded); " if torches else "")
+        + (f"the unreduced forward, timed in each job: {', '.join(spans)}; " if spans else "")
         + f"column `{t.column}` of the leaderboard"
         + ("; a method meets it in any of the modes shown" if len(parts) > 1 else "")
         + ".",
