@@ -140,7 +140,13 @@ def baseline_note(rows: pd.DataFrame, speed: list[str]) -> str:
     columns (how loaded the host was; the speed table's unreduced rows are the quieter comparison)."""
     spans = [(split_batch(c)[1], baseline_span(rows, split_batch(c)[1])) for c in speed]
     parts = [f"{span} at batch {n}" for n, span in spans if span]
-    return " The unreduced forward, timed in each method's job: " + ", ".join(parts) + "." if parts else ""
+    if not parts:
+        return ""
+    return (
+        " Each speedup divides by the unreduced forward timed in its own job: "
+        + ", ".join(parts)
+        + " (a busier host reads slower)."
+    )
 
 
 def untimed_note(rows: pd.DataFrame, speed: list[str]) -> str:
