@@ -58,8 +58,13 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise BenchError(f"device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # timing synchronises CUDA alone: another device's numbers would be wrong
+        raise BenchError(f"device={name}: the harness measures on the CPU and CUDA only; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise BenchError(f"device={name} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
     return dev
 
 

@@ -105,6 +105,26 @@ def test_an_unknown_device_is_one_line():
         resolve_device("gpu0")
 
 
+@pytest.mark.parametrize("name", ["mps", "meta", "xpu"])
+def test_a_device_the_harness_cannot_time_is_one_line(name):
+    """Latency synchronises CUDA alone, so on another device (``mps``) the wall clock would time
+    kernel launches, not forwards: refused before anything runs, not a wrong number."""
+    from bench.job import resolve_device
+
+    with pytest.raises(BenchError, match=f"^device={name}: the harness measures on the CPU and CUDA only"):
+        resolve_device(name)
+
+
+def test_a_cuda_index_the_machine_lacks_is_one_line(monkeypatch):
+    from bench.job import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(BenchError, match=r"^device=cuda:2 but this machine has 2 CUDA device\(s\): cuda:0 to cuda:1$"):
+        resolve_device("cuda:2")
+
+
 def test_a_bug_in_one_job_is_one_line_with_the_traceback_kept(tmp_path, val):
     """Not bad input but a bug (a plug-in reducer raising IndexError): the sweep goes on, the
     failure is listed, the traceback is saved in the job's folder instead of printed."""
