@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from bench.callbacks import SweepSummary
 from bench.errors import record_failure
-from bench.run import USER_ERRORS
+from bench.run import USER_ERRORS, config_errors_in_one_line
 
 
 def _main_process() -> bool:
@@ -135,7 +135,8 @@ def report_interrupt(exc: KeyboardInterrupt, argv: list[str] | None = None) -> i
 def cli() -> None:
     """``python -m bench.finetune``: Hydra's main, with Ctrl-C turned into one line and status 130."""
     try:
-        main()
+        with config_errors_in_one_line():  # model=deit_huge, finetune=nope: one line, as bench.run
+            main()
     except KeyboardInterrupt as e:
         sys.exit(report_interrupt(e))
 

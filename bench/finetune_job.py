@@ -40,7 +40,7 @@ CURVE_POINTS = 200
 def make_recipe(cfg: DictConfig, n_images: int) -> Recipe:
     """The training loop's settings from the ``finetune`` group, ``loss`` and ``train``."""
     f = cfg.finetune
-    images = f.images if f.images is not None else round(f.epochs * n_images)
+    images = f.images if f.images is not None else epoch_images(f.epochs, n_images)
     per_epoch = n_images / f.batch_size
     return Recipe(
         name=f.name,
@@ -65,6 +65,17 @@ def make_recipe(cfg: DictConfig, n_images: int) -> Recipe:
         checkpoint_every=f.checkpoint_every,
         num_workers=f.num_workers,
     )
+
+
+def epoch_images(epochs: Any, n_images: int) -> int:
+    """Images a schedule of ``epochs`` passes over ``n_images`` trains on; a count that gives no
+    image is refused naming ``finetune.epochs`` (the recipe would blame ``finetune.images``)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf:
+        raise BenchError(f"finetune.epochs must be a positive number (or set finetune.images), got {epochs!r}")
+    images = round(epochs * n_images)
+    if images < 1:
+        raise BenchError(f"finetune.epochs={epochs} of {n_images} images is no image; raise it or set finetune.images")
+    return images
 
 
 def set_drop_path(model: nn.Module, rate: float) -> None:

@@ -354,14 +354,19 @@ def val(tmp_path_factory):
         (["data.train_root={flat}", "loss=ce_kd"], "loss needs labels but"),
         (["data.train_root={flat}", "loss=ce"], "loss needs labels but"),
         (["data.train_root={train}", "method=none", "train=reducer"], "has no reducer parameters"),
+        (["data.train_root={train}", "finetune.images=null", "finetune.epochs=0"], r"^finetune.epochs must be a pos"),
+        (
+            ["data.train_root={train}", "finetune.images=null", "finetune.epochs=0.01"],
+            r"^finetune.epochs=0.01 of 8 images is no image",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_training(overrides, message, val, folder, tmp_path):
     (tmp_path / "empty").mkdir()
     paths = {"val": val, "empty": tmp_path / "empty", "train": folder}
     paths["flat"] = _folder(tmp_path / "flat", ["a.JPEG"], wnid=None)
-    cfg = compose_finetune(
-        [o.format(**paths) for o in overrides] + [f"data.root={val}", f"checkpoint_dir={tmp_path}/ck", *CLI_FAST]
+    cfg = compose_finetune(  # the case's own overrides last: they win over the fast defaults
+        [f"data.root={val}", f"checkpoint_dir={tmp_path}/ck", *CLI_FAST] + [o.format(**paths) for o in overrides]
     )
     cfg.results_dir = str(tmp_path / "results")
     with pytest.raises(BenchError, match=message):
@@ -383,6 +388,30 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(val, tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "is the evaluation folder data.root: never train on eval images" in errors[0]
     assert not (tmp_path / "ck").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune=nope", "error: finetune=nope: no such finetune; choose one of calibrate, paper, quick"),
+        (
+            "model=deit_huge",
+            "error: model=deit_huge: no such model; choose one of deit_base, deit_small, deit_tiny, vit_large",
+        ),
+    ],
+)
+def test_a_config_group_option_that_is_not_there_is_one_line(override, message, tmp_path):
+    """As in bench.run: one line naming the group's options, exit 2, instead of Hydra's report."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.finetune", "method=tome", override, f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=REPO,
+        env={**os.environ, "FATR_RESULTS_DIR": str(tmp_path / "results")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if line.strip()] == [message]
 
 
 def compose_finetune(overrides: list[str]):
