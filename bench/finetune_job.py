@@ -26,6 +26,7 @@ from bench.store import config_hash, device_name
 from bench.train.data import SeededImages, check_disjoint, list_train_images, train_transform
 from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
 from bench.train.losses import needs_labels
+from bench.train.settings import check_finetune_settings
 from bench.train.trainer import LAST, METRICS, Recipe, init_distributed, read_metrics, train
 from methods import ReducerConfigError, apply_reducer
 from methods.identity import NoReduction
@@ -67,11 +68,9 @@ def make_recipe(cfg: DictConfig, n_images: int) -> Recipe:
     )
 
 
-def epoch_images(epochs: Any, n_images: int) -> int:
+def epoch_images(epochs: float, n_images: int) -> int:
     """Images a schedule of ``epochs`` passes over ``n_images`` trains on; a count that gives no
     image is refused naming ``finetune.epochs`` (the recipe would blame ``finetune.images``)."""
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf:
-        raise BenchError(f"finetune.epochs must be a positive number (or set finetune.images), got {epochs!r}")
     images = round(epochs * n_images)
     if images < 1:
         raise BenchError(f"finetune.epochs={epochs} of {n_images} images is no image; raise it or set finetune.images")
@@ -129,6 +128,7 @@ def loss_curve(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
 def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, save, evaluate; returns the fine-tuned model's record (rank 0), else None."""
     keep_freed_memory()  # training steps on the CPU stop paying page faults too (bench/allocator.py)
+    check_finetune_settings(cfg.finetune)  # finetune.lr=abc, batch_size=0: one line, before anything loads
     check_trainable_weights(cfg.model)  # random weights: refused before anything is loaded
     dist_, device = init_distributed(resolve_device(cfg.device))
     cfg = resolve_sources(cfg, announce=dist_.rank == 0)  # the teacher's weights and the eval images, said once

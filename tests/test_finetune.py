@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 from bench_utils import FAST, RANDOM_WEIGHTS, REPO, image_folder
 from conftest import build_reducer, method_arguments, method_names, tiny_vit
+from omegaconf import OmegaConf
 from PIL import Image
 
 import bench.train.trainer as trainer_module
@@ -355,6 +357,8 @@ def val(tmp_path_factory):
         (["data.train_root={flat}", "loss=ce"], "loss needs labels but"),
         (["data.train_root={train}", "method=none", "train=reducer"], "has no reducer parameters"),
         (["data.train_root={train}", "finetune.images=null", "finetune.epochs=0"], r"^finetune.epochs must be a pos"),
+        (["data.train_root={train}", "finetune.lr=abc"], r"^finetune.lr must be a positive number, got 'abc'$"),
+        (["data.train_root={train}", "finetune.batch_size=0"], r"^finetune.batch_size must be an integer >= 1, got 0$"),
         (
             ["data.train_root={train}", "finetune.images=null", "finetune.epochs=0.01"],
             r"^finetune.epochs=0.01 of 8 images is no image",
@@ -673,3 +677,56 @@ def test_train_throughput_help_prints_its_usage(capsys):
 
     assert main(["--help"]) == 0
     assert "python -m bench.train_throughput method=" in capsys.readouterr().out
+
+
+BAD_SETTINGS = [
+    ("images", 0),
+    ("images", 2.5),
+    ("epochs", -1),
+    ("epochs", "3"),
+    ("batch_size", 0),
+    ("micro_batch", True),
+    ("lr", 0),
+    ("lr", float("nan")),
+    ("weight_decay", -1e-5),
+    ("min_lr", "x"),
+    ("warmup_epochs", -1),
+    ("drop_path", 1.0),
+    ("ema_decay", 1.0),
+    ("eval_ema", "yes"),
+    ("kd_weight", 1.5),
+    ("temperature", 0),
+    ("label_smoothing", 1),
+    ("clip_grad", 0),
+    ("amp", 1),
+    ("augment", None),
+    ("re_prob", -0.1),
+    ("checkpoint_every", 0),
+    ("num_workers", -1),
+]
+
+
+@pytest.mark.parametrize("recipe", ["paper", "quick", "calibrate"])
+def test_every_shipped_recipe_passes_the_settings_check(recipe):
+    from bench.train.settings import CHECKS, check_finetune_settings
+
+    cfg = compose_finetune([f"finetune={recipe}"])
+    check_finetune_settings(cfg.finetune)
+    assert set(CHECKS) <= set(cfg.finetune), "a checked key no recipe has: stale CHECKS"
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_SETTINGS)
+def test_a_recipe_value_the_job_cannot_use_is_one_line_naming_it(key, value):
+    from bench.train.settings import CHECKS, check_finetune_settings
+
+    cfg = OmegaConf.to_container(compose_finetune([]).finetune)
+    with pytest.raises(BenchError, match=rf"^finetune\.{key} must be {re.escape(CHECKS[key][1])}, got "):
+        check_finetune_settings({**cfg, key: value})
+
+
+def test_a_recipe_with_neither_epochs_nor_images_is_refused():
+    from bench.train.settings import check_finetune_settings
+
+    cfg = OmegaConf.to_container(compose_finetune([]).finetune)
+    with pytest.raises(BenchError, match="finetune.epochs and finetune.images are both null"):
+        check_finetune_settings({**cfg, "epochs": None, "images": None})
