@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_utils import FAST, RANDOM_WEIGHTS, REPO, image_folder
+from bench_utils import FAST, RANDOM_WEIGHTS, REPO, image_folder, run_cli
 from conftest import build_reducer, method_arguments, method_names, tiny_vit
 from omegaconf import OmegaConf
 from PIL import Image
@@ -406,14 +406,7 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(val, tmp_path):
 )
 def test_a_config_group_option_that_is_not_there_is_one_line(override, message, tmp_path):
     """As in bench.run: one line naming the group's options, exit 2, instead of Hydra's report."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.finetune", "method=tome", override, f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=REPO,
-        env={**os.environ, "FATR_RESULTS_DIR": str(tmp_path / "results")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_cli(["method=tome", override], tmp_path, timeout=300, module="bench.finetune")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [line for line in out.stderr.splitlines() if line.strip()] == [message]
 
