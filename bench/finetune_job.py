@@ -26,8 +26,8 @@ from bench.store import config_hash, device_name
 from bench.train.data import SeededImages, check_disjoint, list_train_images, train_transform
 from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
 from bench.train.losses import needs_labels
-from bench.train.settings import check_finetune_settings
 from bench.train.trainer import LAST, METRICS, Recipe, init_distributed, read_metrics, train
+from bench.validate import check_finetune_settings
 from methods import ReducerConfigError, apply_reducer
 from methods.identity import NoReduction
 

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,17 @@ Check = Callable[[str, Any], "str | None"]
 """What a setting must be: the one-line message for ``(key, value)``, or None when it is fine."""
 
 
-def _get(cfg: Config, dotted: str) -> Any:
+def _get(cfg: Config | Mapping[str, Any], dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
-        if not hasattr(node, part):
+        if isinstance(node, Mapping):  # a composed DictConfig section, or a plain dict
+            if part not in node:
+                return _MISSING
+            node = node[part]
+        elif hasattr(node, part):  # a typed Config
+            node = getattr(node, part)
+        else:
             return _MISSING
-        node = getattr(node, part)
     return node
 
 
@@ -69,15 +74,17 @@ def integer(minimum: int, nullable: bool = False) -> Check:
     return check
 
 
-def number(lo: float, hi: float, lo_open: bool, nullable: bool = False) -> Check:
-    """A finite number in ``(lo, hi]`` (``[lo, hi]`` unless ``lo_open``), or null."""
+def number(lo: float, hi: float, lo_open: bool, nullable: bool = False, hi_open: bool = False) -> Check:
+    """A finite number in ``(lo, hi]`` (``[lo, ...`` unless ``lo_open``, ``..., hi)`` if
+    ``hi_open``), or null."""
 
     def check(key: str, v: Any) -> str | None:
-        if (v is None and nullable) or (_is_number(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+        inside = _is_number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if (v is None and nullable) or inside:
             return None
-        bracket = "(" if lo_open else "["
         also = " or null" if nullable else ""
-        return f"{key} must be a number in {bracket}{lo:g}, {hi:g}]{also}, got {v!r}"
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"{key} must be a number in {interval}{also}, got {v!r}"
 
     return check
 
@@ -134,8 +141,45 @@ MEASUREMENT_SETTINGS: dict[str, Check] = {
 SETTINGS = {**BEFORE_SOURCES, **MEASUREMENT_SETTINGS}
 """Every checked setting: also what a value of the wrong type is told (:func:`config_error`)."""
 
+POSITIVE = number(0.0, math.inf, lo_open=True)
+NON_NEGATIVE = number(0.0, math.inf, lo_open=False)
+FINETUNE_SETTINGS: dict[str, Check] = {
+    "finetune.images": integer(1, nullable=True),
+    "finetune.epochs": number(0.0, math.inf, lo_open=True, nullable=True),
+    "finetune.batch_size": integer(1),
+    "finetune.micro_batch": integer(1),
+    "finetune.lr": POSITIVE,
+    "finetune.weight_decay": NON_NEGATIVE,
+    "finetune.min_lr": NON_NEGATIVE,
+    "finetune.warmup_epochs": NON_NEGATIVE,
+    "finetune.drop_path": number(0.0, 1.0, lo_open=False, hi_open=True),
+    "finetune.ema_decay": number(0.0, 1.0, lo_open=True, nullable=True, hi_open=True),
+    "finetune.eval_ema": flag,
+    "finetune.kd_weight": number(0.0, 1.0, lo_open=False),
+    "finetune.temperature": POSITIVE,
+    "finetune.label_smoothing": number(0.0, 1.0, lo_open=False, hi_open=True),
+    "finetune.clip_grad": number(0.0, math.inf, lo_open=True, nullable=True),
+    "finetune.amp": flag,
+    "finetune.augment": flag,
+    "finetune.re_prob": number(0.0, 1.0, lo_open=False),
+    "finetune.checkpoint_every": integer(1),
+    "finetune.num_workers": integer(0),
+}
+"""Every value of the ``finetune`` recipe the job reads. The group has no typed schema (a recipe
+file may add keys of its own), so without these a wrong value reached the arithmetic that
+builds the recipe: ``finetune.lr=abc`` ended in a traceback, ``finetune.batch_size=0`` in a
+division by zero."""
 
-def _check(cfg: Config, checks: dict[str, Check]) -> None:
+
+def check_finetune_settings(recipe: Mapping[str, Any]) -> None:
+    """Raise :class:`BenchError` for the first value of the ``finetune`` section ``recipe`` the
+    job cannot use, before anything loads; keys a recipe file adds of its own pass untouched."""
+    _check({"finetune": recipe}, FINETUNE_SETTINGS)
+    if recipe.get("images") is None and recipe.get("epochs") is None:
+        raise BenchError("finetune.epochs and finetune.images are both null: set one of them")
+
+
+def _check(cfg: Config | Mapping[str, Any], checks: dict[str, Check]) -> None:
     for key, check in checks.items():
         v = _get(cfg, key)
         problem = None if v is _MISSING else check(key, v)

@@ -138,8 +138,8 @@ def headline(df: pd.DataFrame, group: tuple | None) -> list[str]:
 def baseline_note(rows: pd.DataFrame, speed: list[str]) -> str:
     """The range of the unreduced model's own forward over the jobs that timed the ``speed``
     columns (how loaded the host was; the speed table's unreduced rows are the quieter comparison)."""
-    spans = [(split_batch(c)[1], baseline_span(rows, split_batch(c)[1])) for c in speed]
-    parts = [f"{span} at batch {n}" for n, span in spans if span]
+    batches = [split_batch(c)[1] for c in speed]
+    parts = [f"{span} at batch {n}" for n in batches if (span := baseline_span(rows, n))]
     if not parts:
         return ""
     return (
