@@ -80,16 +80,16 @@ def image_folder(root: Path, n_classes: int = 3, per_class: int = 2) -> Path:
     return root
 
 
-def compose(overrides: list[str]):
+def compose(overrides: list[str], config_name: str = "config"):
     """``bench/conf/config.yaml`` composed with ``overrides``, as ``bench.run`` gets it (typed by
-    the schema in :mod:`bench.config`)."""
+    the schema in :mod:`bench.config`); ``config_name="finetune"``: as ``bench.finetune`` gets it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     import bench.config  # noqa: F401  registers the schema the config's defaults list names
 
     with initialize_config_dir(config_dir=str(REPO / "bench" / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose(config_name, overrides=overrides)
 
 
 def run_cli(

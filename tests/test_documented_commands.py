@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from bench_utils import REPO
+from bench_utils import REPO, compose
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 COMMANDS = ("bench.run", "bench.finetune", "bench.visualize")
@@ -82,15 +82,6 @@ def _variants(overrides: list[str], tmp: Path) -> list[list[str]]:
     return [list(choice) for choice in itertools.product(*options)]
 
 
-def _compose(config_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    import bench.config  # noqa: F401  registers the schema the configs' defaults lists name
-
-    with initialize_config_dir(config_dir=str(REPO / "bench" / "conf"), version_base="1.3"):
-        return compose(config_name, overrides=overrides)
-
-
 @pytest.mark.parametrize(("where", "module", "overrides"), COMMAND_LINES, ids=[w for w, _, _ in COMMAND_LINES])
 def test_a_documented_command_composes_and_passes_the_checks(where, module, overrides, tmp_path):
     from bench.job import build_reducer_from_config
@@ -101,7 +92,7 @@ def test_a_documented_command_composes_and_passes_the_checks(where, module, over
         if module == "bench.visualize":  # every method into one figure: its own composition
             cfgs = compose_configs(*split_methods(variant))
         else:
-            cfgs = [_compose(CONFIG_NAMES[module], variant)]
+            cfgs = [compose(variant, CONFIG_NAMES[module])]
         for cfg in cfgs:
             if module == "bench.run":  # the others are checked by their own jobs, after their data
                 validate_settings(read_config(cfg))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_utils import FAST, RANDOM_WEIGHTS, REPO, image_folder, run_cli
+from bench_utils import FAST, RANDOM_WEIGHTS, REPO, compose, image_folder, run_cli
 from conftest import build_reducer, method_arguments, method_names, tiny_vit
 from omegaconf import OmegaConf
 from PIL import Image
@@ -414,11 +414,7 @@ def test_a_config_group_option_that_is_not_there_is_one_line(override, message, 
 
 
 def compose_finetune(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "bench" / "conf"), version_base="1.3"):
-        return hydra_compose("finetune", overrides=overrides)
+    return compose(overrides, "finetune")
 
 
 def test_finetune_command_end_to_end(val, folder, tmp_path):
