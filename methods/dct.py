@@ -105,13 +105,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
 from methods.base import ModelInfo, ReducerConfigError, TokenReducer, TokenState, check_block_indices, check_keep_rate
 from methods.pool import known_grid, pooled_grid
+from methods.precision import without_autocast
 from methods.tome import tome_schedule
 
 MODES = ("1d", "2d")
@@ -208,11 +208,9 @@ def dct_resample(x: Tensor, n_out: int, dim: int = 1, rescale: bool = True) -> T
         return dct_resample_fft(x, n_out, dim, rescale)
     compute = torch.promote_types(x.dtype, torch.float32)
     m = dct_operator(n, n_out, x.device, compute, rescale)
-    device = x.device.type
     # autocast (bench.latency.amp) would run the product in bf16, where the FFT route and this
     # module's float32 promise do not
-    full_precision = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
-    with full_precision:
+    with without_autocast(x.device):
         return _apply_operator(m, x.to(compute), dim).to(x.dtype)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from methods.base import KeepRateReducer, TokenState
+from methods.precision import without_autocast
 from methods.tokens import batch_gather, group_counts, merge_groups
 
 
@@ -45,7 +46,7 @@ def pairwise_sq_distances(x: Tensor) -> Tensor:
     fvcore both count), then ``|a|² + |b|² - 2ab`` in place. Autocast is turned off so the
     cancellation is done in float32 even under bf16 autocast. The diagonal is exactly 0.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with without_autocast(x.device):
         xf = x.float()
         sq = (xf * xf).sum(-1)
         d2 = xf @ xf.transpose(-1, -2)
