@@ -112,6 +112,7 @@ from torch import Tensor
 from methods.base import ModelInfo, ReducerConfigError, TokenReducer, TokenState, check_block_indices, check_keep_rate
 from methods.pool import known_grid, pooled_grid
 from methods.precision import without_autocast
+from methods.tokens import register_constant_cache
 from methods.tome import tome_schedule
 
 MODES = ("1d", "2d")
@@ -139,6 +140,7 @@ def dct_resample_matrix(n: int, n_out: int, scaled: bool = True, device: torch.d
 _CONSTANTS: dict[tuple, Tensor] = {}
 """Cached constants by ``(kind, n, n_out, device, dtype[, rescale])``; a handful per resolution."""
 _MAX_CONSTANTS = 512
+register_constant_cache(_CONSTANTS.clear)
 
 
 def _cached(key: tuple, build) -> Tensor:

@@ -68,6 +68,25 @@ def batch_scatter_add(out: Tensor, idx: Tensor, src: Tensor) -> Tensor:
     return out
 
 
+_CACHE_CLEARS: list[Callable[[], None]] = []
+
+
+def register_constant_cache(clear: Callable[[], None]) -> None:
+    """Have :func:`clear_constant_caches` call ``clear`` too (a module with its own cache of
+    shape constants, such as DCT's operators)."""
+    _CACHE_CLEARS.append(clear)
+
+
+def clear_constant_caches() -> None:
+    """Drop every cached shape constant (:func:`shape_constant`'s and the registered caches').
+
+    Constants are keyed by device, so a forward on fake tensors that claim a device (the
+    device-clean test runs the reducers on fake CUDA tensors on a CPU-only machine) must not
+    leave its fakes where a real forward on that device would find them; it also frees them."""
+    for clear in _CACHE_CLEARS:
+        clear()
+
+
 def shape_constant(maxsize: int = 256) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Cache a builder of tensors that depend on shapes alone (plain ints, dtypes, devices).
 
@@ -89,6 +108,7 @@ def shape_constant(maxsize: int = 256) -> Callable[[Callable[..., T]], Callable[
         def get(*args: Any) -> T:
             return build(*args) if torch.compiler.is_compiling() else cached(*args)
 
+        register_constant_cache(cached.cache_clear)
         return get
 
     return wrap

@@ -46,6 +46,15 @@ def method_names() -> list[str]:
     return sorted(p.stem for p in METHOD_CONF.glob("*.yaml"))
 
 
+def one_config_per_reducer() -> list[str]:
+    """Method configs, one per reducer class: ``diffrate_deit_s`` and ``diffrate_deit_b`` run
+    DiffRate's code with other schedules, which behave as ``diffrate`` does."""
+    seen: dict[str, str] = {}
+    for name in method_names():
+        seen.setdefault(OmegaConf.load(METHOD_CONF / f"{name}.yaml").reducer._target_, name)
+    return sorted(seen.values())
+
+
 def method_arguments(name: str) -> set[str]:
     """The reducer arguments ``bench/conf/method/<name>.yaml`` sets (``blocks``, ``keep_rate``, ...)."""
     return set(OmegaConf.load(METHOD_CONF / f"{name}.yaml").reducer) - {"_target_"}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 from methods import apply_reducer, reduction_context
@@ -68,3 +71,10 @@ def hand_state(x, num_prefix=1, size=None, **taps):
         source=source,
         **taps,
     )
+
+
+def doc_blocks(language: str, page: str = "adding-a-reducer.md") -> list[str]:
+    """The fenced ``language`` blocks of ``docs/<page>``, in order (tests run the page's own code,
+    so the page cannot drift from what is tested)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)

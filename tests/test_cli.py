@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 from bench_utils import FAST, image_folder, run_cli
+from helpers import doc_blocks
 
 from bench.store import read_records
 
@@ -59,18 +57,12 @@ def test_bad_data_root_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def _doc_blocks(language: str) -> list[str]:
-    """The fenced ``language`` blocks of docs/adding-a-reducer.md, in order."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "adding-a-reducer.md").read_text()
-    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
-
-
 def test_user_reducer_from_its_own_yaml(tmp_path, val):
     """docs/adding-a-reducer.md's example as a user copies it: its class and its yaml, outside the
     project, found through hydra.searchpath, FLOPs measurement included (its token_counts passes
     the forward check). Read from the page, so the page cannot drift from what is tested."""
-    (code,) = _doc_blocks("python")
-    (yaml,) = _doc_blocks("yaml")
+    (code,) = doc_blocks("python")
+    (yaml,) = doc_blocks("yaml")
     assert code.startswith("# my_reducers.py") and yaml.startswith("# my_conf/method/every_other.yaml")
     (tmp_path / "my_reducers.py").write_text(code)
     conf = tmp_path / "conf" / "method"

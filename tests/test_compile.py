@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import timm
 import torch
-from conftest import METHOD_CONF, build_reducer, method_names, tiny_vit
+from conftest import build_reducer, one_config_per_reducer, tiny_vit
 from helpers import run_capturing
-from omegaconf import OmegaConf
 
 import methods.kmedoids as kmedoids_module
 import methods.prune as prune_module
@@ -35,18 +34,8 @@ from methods.base import TokenReducer, TokenState
 from methods.prune import RandomPrune, random_generator
 from methods.tokens import keep_tokens, prefix_index
 
-
-def _one_config_per_reducer() -> list[str]:
-    """Method configs, one per reducer class: ``diffrate_deit_s`` and ``diffrate_deit_b`` run
-    DiffRate's code with other schedules, which capture as ``diffrate`` does."""
-    seen: dict[str, str] = {}
-    for name in method_names():
-        seen.setdefault(OmegaConf.load(METHOD_CONF / f"{name}.yaml").reducer._target_, name)
-    return sorted(seen.values())
-
-
 CASES = [
-    (n, knob) for n in _one_config_per_reducer() for knob in ("default", "budget") if n != "none" or knob == "default"
+    (n, knob) for n in one_config_per_reducer() for knob in ("default", "budget") if n != "none" or knob == "default"
 ]
 
 
@@ -210,7 +199,7 @@ def test_cuda_forward_has_no_sync(name, knob):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", [n for n in _one_config_per_reducer() if n != "none"])
+@pytest.mark.parametrize("name", [n for n in one_config_per_reducer() if n != "none"])
 def test_cuda_inductor_compiles_every_reduction_step(name):
     """Inductor lowers some operators to Triton only on CUDA (sorts, scans, scatters), so a
     reducer that compiles on the CPU can still fail to compile there, and a GPU's torch is not

@@ -1,0 +1,137 @@
+"""Every reducer's forward is device-clean, checked on a machine without a GPU.
+
+``tests/test_compile.py`` runs a forward under ``torch.cuda.set_sync_debug_mode("error")``, but
+only where CUDA is, and CI has none. Here the same DeiT-Tiny forward runs on fake tensors that
+say they live on CUDA (``FakeTensorMode``: shapes, dtypes and devices without data). A fake tensor
+has no value to read, so a host read (``.item()``, ``bool(tensor)``, a shape taken from a
+tensor's values) raises, and fake tensors check devices the way CUDA kernels do, so a constant
+built on the CPU (an index, a mask, a table) and mixed into the CUDA forward raises too; on a
+GPU that is an error or a copy and a sync in every forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import timm
+import torch
+from conftest import build_reducer, one_config_per_reducer
+from helpers import doc_blocks
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from bench.budget import solve_budget
+from fatr import FATR
+from methods import apply_reducer
+from methods.base import TokenReducer
+from methods.tokens import clear_constant_caches
+
+CASES = [(n, k) for n in one_config_per_reducer() for k in ("default", "budget") if n != "none" or k == "default"]
+
+
+@pytest.fixture(autouse=True)
+def _no_fake_constants_left() -> Iterator[None]:
+    """Cached shape constants are keyed by device: none built here may reach a real CUDA forward."""
+    clear_constant_caches()
+    yield
+    clear_constant_caches()
+
+
+@pytest.fixture(scope="module")
+def deit() -> nn.Module:
+    """The CPU model budgets are solved on (a knob depends on shapes alone)."""
+    return timm.create_model("deit_tiny_patch16_224").eval()
+
+
+def _keep_learned_decision(self: FATR) -> bool:
+    """FATR's host decision whether ω is non-zero, made where ω changes (never in a forward),
+    reads values, which fake tensors do not have: the test keeps the decision made on the CPU."""
+    self._learned_key = self._learned_version()
+    return self._learned
+
+
+def fake_cuda_forward(model: nn.Module, reducer: TokenReducer, batches: tuple[int, ...] = (2,)) -> list[torch.Tensor]:
+    """``model`` (built on the meta device) reduced by ``reducer``, run at each batch size on
+    fake CUDA tensors, all in one fake mode (cached constants are shared between forwards)."""
+    apply_reducer(model, reducer)
+    cuda = torch.device("cuda")
+    with FakeTensorMode():  # no default-device context: a tensor built without a device is on the CPU
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    fake = torch.empty(p.shape, dtype=p.dtype, device=cuda)
+                    module._parameters[name] = nn.Parameter(fake, p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=cuda)
+        with torch.no_grad():
+            return [model(torch.empty(b, 3, 224, 224, device=cuda)) for b in batches]
+
+
+@pytest.mark.parametrize(("name", "knob"), CASES)
+def test_forward_reads_no_value_and_stays_on_the_device(deit, monkeypatch, name, knob):
+    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
+    reducer = build_reducer(name)
+    if knob == "budget":
+        if reducer.budget_knob is None:
+            pytest.skip(f"{name} has no budget knob")
+        reducer, _ = solve_budget(reducer, 0.65, 0.02, deit, name)
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224").eval()
+    for batch, out in zip((1, 3), fake_cuda_forward(model, reducer, (1, 3)), strict=True):
+        assert out.shape == (batch, 1000) and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("kw", [{}, {"omega2_form": "logit", "prop_attn": True}])
+def test_fatr_with_learned_omega_reads_no_value(monkeypatch, kw):
+    """The re-weighted path (ω and the DC positional term non-zero) too."""
+    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
+    reducer = build_reducer("fatr", **kw)
+    reducer._learned = True
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224").eval()
+    assert fake_cuda_forward(model, reducer)[0].shape == (2, 1000)
+    assert reducer._learned
+
+
+def test_the_documented_user_reducer_is_device_clean():
+    """docs/adding-a-reducer.md's example, run from the page: its indices are built on the
+    tokens' device (an earlier version of the page built them on the CPU; this test fails on it)."""
+    (code,) = doc_blocks("python")
+    namespace: dict[str, object] = {}
+    exec(compile(code, "adding-a-reducer.md", "exec"), namespace)
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224").eval()
+    (out,) = fake_cuda_forward(model, namespace["EveryOther"]())
+    assert out.shape == (2, 1000)
+
+
+def test_a_constant_built_on_the_cpu_is_caught(monkeypatch):
+    """The check can fail: top-k pruning whose prefix index is built on the CPU."""
+    import methods.tokens as tokens
+
+    real = tokens.token_range
+    monkeypatch.setattr(tokens, "token_range", lambda start, stop, device: real(start, stop, torch.device("cpu")))
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224").eval()
+    with pytest.raises(Exception, match="same device"):
+        fake_cuda_forward(model, build_reducer("topk"))
+
+
+def test_a_host_read_is_caught(monkeypatch):
+    """The check can fail: a reducer that reads a value on the host."""
+
+    class Reads(TokenReducer):
+        def reduces_at(self, block: int) -> bool:
+            return block == 0
+
+        def reduce(self, state, block):
+            if bool(state.x.mean() > 0):
+                return state
+            return state
+
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224").eval()
+    with pytest.raises(Exception, match="local_scalar_dense|data-dependent|DataDependent"):
+        fake_cuda_forward(model, Reads())
