@@ -16,15 +16,16 @@ from collections.abc import Iterator
 import pytest
 import timm
 import torch
-from conftest import build_reducer, one_config_per_reducer
+from conftest import build_reducer, method_names, one_config_per_reducer
 from helpers import doc_blocks
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bench.budget import solve_budget
 from fatr import FATR
-from methods import apply_reducer
+from methods import apply_reducer, reduction_context
 from methods.base import TokenReducer
+from methods.patch import model_info
 from methods.tokens import clear_constant_caches
 
 CASES = [(n, k) for n in one_config_per_reducer() for k in ("default", "budget") if n != "none" or k == "default"]
@@ -81,6 +82,23 @@ def test_forward_reads_no_value_and_stays_on_the_device(deit, monkeypatch, name,
         model = timm.create_model("deit_tiny_patch16_224").eval()
     for batch, out in zip((1, 3), fake_cuda_forward(model, reducer, (1, 3)), strict=True):
         assert out.shape == (batch, 1000) and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("size", ["deit_small_patch16_224", "deit_base_patch16_224", "vit_large_patch16_224"])
+@pytest.mark.parametrize("name", [n for n in method_names() if n != "none"])
+def test_every_size_runs_the_token_counts_its_budget_was_solved_with(monkeypatch, size, name):
+    """Only DeiT-Tiny runs real forwards in CI; at the other sizes the speed table's budgets
+    are solved analytically from ``token_counts``. A fake forward at each size (other head
+    counts, widths and depths; ViT-L's 24 blocks) checks that it runs and that the tokens after
+    every block are the counts the budget was solved with."""
+    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
+    with torch.device("meta"):
+        model = timm.create_model(size).eval()
+    reducer, _ = solve_budget(build_reducer(name), 0.65, 0.02, model, name)
+    (out,) = fake_cuda_forward(model, reducer)
+    info = model_info(model)
+    want = [after for _, after in reducer.token_counts(info.num_prefix, info.num_patches, info.depth)]
+    assert out.shape == (2, 1000) and reduction_context(model).token_trace == want
 
 
 @pytest.mark.parametrize("kw", [{}, {"omega2_form": "logit", "prop_attn": True}])
