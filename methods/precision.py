@@ -2,9 +2,10 @@
 
 Distances and the DCT operator cancel large terms, so they are computed in float32 even when
 ``bench.latency.amp`` runs the model under bf16 autocast. ``torch.autocast`` refuses a device
-type it has no autocast for (the ``meta`` device the device-clean test runs on, other
-backends), so the region is entered only where autocast exists and is on: elsewhere nothing
-can lower the precision and there is nothing to turn off.
+type it has no autocast for (the ``meta`` device, where a forward computes shapes alone, say
+to count a large model's FLOPs without its weights; other backends), so the region is entered
+only where autocast exists and is on: elsewhere nothing can lower the precision and there is
+nothing to turn off.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ say they live on CUDA (``FakeTensorMode``: shapes, dtypes and devices without da
 has no value to read, so a host read (``.item()``, ``bool(tensor)``, a shape taken from a
 tensor's values) raises, and fake tensors check devices the way CUDA kernels do, so a constant
 built on the CPU (an index, a mask, a table) and mixed into the CUDA forward raises too; on a
-GPU that is an error or a copy and a sync in every forward.
+GPU that is an error or a copy and a sync in every forward. The same fake forwards run every
+method at DeiT-S, DeiT-B and ViT-L, and a forward on the meta device (shapes alone) runs too.
 """
 
 from __future__ import annotations
@@ -82,6 +83,20 @@ def test_forward_reads_no_value_and_stays_on_the_device(deit, monkeypatch, name,
         model = timm.create_model("deit_tiny_patch16_224").eval()
     for batch, out in zip((1, 3), fake_cuda_forward(model, reducer, (1, 3)), strict=True):
         assert out.shape == (batch, 1000) and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("name", one_config_per_reducer())
+def test_forward_on_the_meta_device_computes_shapes(monkeypatch, name):
+    """On the meta device (shapes without data or weights) too: DCT and the grouping reducers
+    turned autocast off with ``torch.autocast("meta")``, which does not exist (now
+    :func:`methods.precision.without_autocast`)."""
+    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224").eval()
+    apply_reducer(model, build_reducer(name))
+    with torch.no_grad():
+        out = model(torch.empty(2, 3, 224, 224, device="meta"))
+    assert out.shape == (2, 1000) and out.is_meta
 
 
 @pytest.mark.parametrize("size", ["deit_small_patch16_224", "deit_base_patch16_224", "vit_large_patch16_224"])
