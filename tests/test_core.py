@@ -7,7 +7,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import build_reducer, tiny_distilled_vit, tiny_vit
+from conftest import build_reducer, one_config_per_reducer, tiny_distilled_vit, tiny_vit
 from helpers import patch_sizes, run_capturing
 from omegaconf import OmegaConf
 
@@ -114,6 +114,20 @@ def test_bf16_autocast_runs(images):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(images)
         assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", one_config_per_reducer())
+def test_every_method_runs_in_a_half_precision_model(name, dtype):
+    """A model converted to bf16 or fp16 (``model.half()``, as many deploy it; the sweeps use
+    autocast instead): tokens, sizes and scores in the model's dtype, at the default knob of a
+    12-block model, and the logits stay finite."""
+    model = tiny_vit(depth=12).to(dtype)
+    apply_reducer(model, build_reducer(name))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        out = model(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
 
 
 def _reference_tome(x, metric, size, r, prefix):
