@@ -116,18 +116,22 @@ def test_bf16_autocast_runs(images):
         assert torch.isfinite(out.float()).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-model", "fp16-model"])
 @pytest.mark.parametrize("name", one_config_per_reducer())
-def test_every_method_runs_in_a_half_precision_model(name, dtype):
-    """A model converted to bf16 or fp16 (``model.half()``, as many deploy it; the sweeps use
-    autocast instead): tokens, sizes and scores in the model's dtype, at the default knob of a
-    12-block model, and the logits stay finite."""
-    model = tiny_vit(depth=12).to(dtype)
+def test_every_method_runs_in_half_precision(name, precision):
+    """Under bf16 autocast (as the GPU sweeps run) and in a model converted to bf16 or fp16
+    (``model.half()``, as many deploy): tokens, sizes and scores in lower precision, at the
+    default knob of a 12-block model, and the logits stay finite."""
+    model = tiny_vit(depth=12)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    autocast = precision == "bf16-autocast"
+    if not autocast:
+        dtype = torch.bfloat16 if precision == "bf16-model" else torch.float16
+        model, x = model.to(dtype), x.to(dtype)
     apply_reducer(model, build_reducer(name))
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(x)
-    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.isfinite(out.float()).all() and (autocast or out.dtype == x.dtype)
 
 
 def _reference_tome(x, metric, size, r, prefix):
