@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import timm
 import torch
-from conftest import build_reducer, method_names, one_config_per_reducer
+from conftest import build_reducer, one_config_per_reducer
 from helpers import doc_blocks
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -81,8 +81,9 @@ def test_forward_reads_no_value_and_stays_on_the_device(deit, monkeypatch, name,
         reducer, _ = solve_budget(reducer, 0.65, 0.02, deit, name)
     with torch.device("meta"):
         model = timm.create_model("deit_tiny_patch16_224").eval()
-    for batch, out in zip((1, 3), fake_cuda_forward(model, reducer, (1, 3)), strict=True):
-        assert out.shape == (batch, 1000) and out.device.type == "cuda"
+    batch = 1 if knob == "default" else 3  # both paths (some copy rows one way at batch 1)
+    (out,) = fake_cuda_forward(model, reducer, (batch,))
+    assert out.shape == (batch, 1000) and out.device.type == "cuda"
 
 
 @pytest.mark.parametrize("name", one_config_per_reducer())
@@ -99,8 +100,14 @@ def test_forward_on_the_meta_device_computes_shapes(monkeypatch, name):
     assert out.shape == (2, 1000) and out.is_meta
 
 
-@pytest.mark.parametrize("size", ["deit_small_patch16_224", "deit_base_patch16_224", "vit_large_patch16_224"])
-@pytest.mark.parametrize("name", [n for n in method_names() if n != "none"])
+SIZES = ("deit_small_patch16_224", "deit_base_patch16_224", "vit_large_patch16_224")
+SIZED_CASES = [(s, n) for s in SIZES for n in one_config_per_reducer() if n != "none"] + [
+    ("deit_small_patch16_224", "diffrate_deit_s"),  # DiffRate's schedules searched for these sizes
+    ("deit_base_patch16_224", "diffrate_deit_b"),
+]
+
+
+@pytest.mark.parametrize(("size", "name"), SIZED_CASES)
 def test_every_size_runs_the_token_counts_its_budget_was_solved_with(monkeypatch, size, name):
     """Only DeiT-Tiny runs real forwards in CI; at the other sizes the speed table's budgets
     are solved analytically from ``token_counts``. A fake forward at each size (other head
