@@ -2,7 +2,8 @@
 
 ``tests/test_compile.py`` runs a forward under ``torch.cuda.set_sync_debug_mode("error")``, but
 only where CUDA is, and CI has none. Here the same DeiT-Tiny forward runs on fake tensors that
-say they live on CUDA (``FakeTensorMode``: shapes, dtypes and devices without data). A fake tensor
+say they live on CUDA (``FakeTensorMode``: shapes, dtypes and devices without data; torch
+supports this without a GPU and in CPU-only builds, for tracing CUDA code). A fake tensor
 has no value to read, so a host read (``.item()``, ``bool(tensor)``, a shape taken from a
 tensor's values) raises, and fake tensors check devices the way CUDA kernels do, so a constant
 built on the CPU (an index, a mask, a table) and mixed into the CUDA forward raises too; on a
