@@ -8,7 +8,8 @@ has no value to read, so a host read (``.item()``, ``bool(tensor)``, a shape tak
 tensor's values) raises, and fake tensors check devices the way CUDA kernels do, so a constant
 built on the CPU (an index, a mask, a table) and mixed into the CUDA forward raises too; on a
 GPU that is an error or a copy and a sync in every forward. The same fake forwards run every
-method at DeiT-S, DeiT-B and ViT-L, and a forward on the meta device (shapes alone) runs too.
+method at DeiT-S, DeiT-B and ViT-L and at 1024 px, and a forward on the meta device (shapes
+alone) runs too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bench.budget import solve_budget
+from bench.models import set_resolution
 from fatr import FATR
 from methods import apply_reducer, reduction_context
 from methods.base import TokenReducer
@@ -68,8 +70,9 @@ def fake_cuda_forward(model: nn.Module, reducer: TokenReducer, batches: tuple[in
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=cuda)
+        size = model.patch_embed.img_size
         with torch.no_grad():
-            return [model(torch.empty(b, 3, 224, 224, device=cuda)) for b in batches]
+            return [model(torch.empty(b, 3, *size, device=cuda)) for b in batches]
 
 
 @pytest.mark.parametrize(("name", "knob"), CASES)
@@ -122,6 +125,24 @@ def test_every_size_runs_the_token_counts_its_budget_was_solved_with(monkeypatch
     info = model_info(model)
     want = [after for _, after in reducer.token_counts(info.num_prefix, info.num_patches, info.depth)]
     assert out.shape == (2, 1000) and reduction_context(model).token_trace == want
+
+
+@pytest.mark.parametrize("name", [n for n in one_config_per_reducer() if n != "none"])
+def test_high_resolution_runs_the_token_counts_it_claims(deit, monkeypatch, name):
+    """The scaling measurement runs every method up to 4096 px, which only a GPU reaches in
+    time: at 1024 px (4096 patches; DCT resamples by FFT above 512 tokens, pooling works on a
+    64×64 grid) the forward runs and leaves the counts ``token_counts`` gives for that grid."""
+    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
+    reducer = build_reducer(name)
+    if reducer.budget_knob is not None:
+        reducer, _ = solve_budget(reducer, 0.65, 0.02, deit, name)  # the knob is solved at 224 px
+    with torch.device("meta"):
+        model = set_resolution(timm.create_model("deit_tiny_patch16_224").eval(), 1024)
+    (out,) = fake_cuda_forward(model, reducer, (1,))
+    info = model_info(model)
+    assert info.num_patches == 64 * 64 and out.shape == (1, 1000)
+    want = [after for _, after in reducer.token_counts(info.num_prefix, info.num_patches, info.depth)]
+    assert reduction_context(model).token_trace == want
 
 
 @pytest.mark.parametrize("kw", [{}, {"omega2_form": "logit", "prop_attn": True}])
