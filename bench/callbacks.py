@@ -54,15 +54,50 @@ def check_sources(config: DictConfig) -> None:
     from bench.sources import check_random_weights, resolve_sources
 
     try:
-        swept = sweep_sizes(config)
+        groups = swept_sections(config)
     except Exception:  # noqa: BLE001 - the jobs check their own sources
         return
-    groups = {k.lstrip("+~").split("/")[0].split(".")[0] for k in swept}
     if not groups & {"model", "bench"}:
         check_random_weights(config.model, config.bench)
     if groups & {"model", "data"}:
         return
     resolve_sources(config, announce=False)
+
+
+def swept_sections(config: DictConfig) -> set[str]:
+    """The top-level sections (``bench``, ``model``, ...) a sweep varies between its jobs."""
+    return {k.lstrip("+~").split("/")[0].split(".")[0] for k in sweep_sizes(config)}
+
+
+def runs_here(config: DictConfig) -> bool:
+    """Whether the sweep's jobs run on this machine, one after another in this process (Hydra's
+    basic launcher, the default). Only then can a check that depends on the machine
+    (``device=auto``, CUDA graphs, batch sizes by device) be made for them before they start: a
+    cluster launcher runs them elsewhere."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith(".BasicLauncher")
+
+
+def check_settings(config: DictConfig) -> None:
+    """The jobs' own settings check (:func:`bench.validate.validate_settings`) once, before the
+    first job, when every job would make it on the same values: only ``method`` (or nothing the
+    check reads) is swept, and the jobs run here. Then a bad setting is one ``error:`` line for
+    the whole sweep, not one failed job per method; otherwise each job still checks its own."""
+    from omegaconf import OmegaConf
+
+    from bench.validate import SETTINGS_SECTIONS, read_config, validate_settings
+
+    try:
+        shared = runs_here(config) and not swept_sections(config) & SETTINGS_SECTIONS
+    except Exception:  # noqa: BLE001 - each job checks its own settings anyway
+        return
+    if shared:
+        from bench.job import resolve_device
+
+        cfg = read_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+        validate_settings(cfg)
+        resolve_device(cfg.device)  # device=mps, cuda without CUDA, cuda:N past the last GPU
 
 
 class SweepSummary(Callback):
@@ -88,6 +123,7 @@ class SweepSummary(Callback):
         self.stats = dict(config.get("stats") or {})
         try:
             check_writable(self.results_dir)
+            self.check_settings(config)
             check_sources(config)
         except BenchError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -98,6 +134,10 @@ class SweepSummary(Callback):
         self.bar = tqdm(
             total=self.total, desc="sweep", unit="job", position=0, disable=not config.get("progress", True)
         )
+
+    def check_settings(self, config: DictConfig) -> None:
+        """``bench.run``'s settings, once for the sweep where they are shared (:func:`check_settings`)."""
+        check_settings(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if self.bar is not None:

@@ -140,6 +140,9 @@ MEASUREMENT_SETTINGS: dict[str, Check] = {
 
 SETTINGS = {**BEFORE_SOURCES, **MEASUREMENT_SETTINGS}
 """Every checked setting: also what a value of the wrong type is told (:func:`config_error`)."""
+SETTINGS_SECTIONS = {key.split(".")[0] for key in SETTINGS} | {"device", "model", "bench"}
+"""The top-level sections :func:`validate_settings` reads (its checks' keys, the device, the
+model and bench sections of the random-weights and latency checks)."""
 
 POSITIVE = number(0.0, math.inf, lo_open=True)
 NON_NEGATIVE = number(0.0, math.inf, lo_open=False)

@@ -394,10 +394,11 @@ def test_bad_latency_settings_are_one_line_each_and_record_nothing(tmp_path):
 def test_a_jobs_error_line_is_not_glued_to_the_sweep_bar(tmp_path):
     """With progress bars on (the default), a job's ``error:`` line is written above the
     sweep's bar, on a line of its own, not appended to the bar's line (where a log or a
-    terminal showed ``sweep:   0%| ... error: ...``)."""
+    terminal showed ``sweep:   0%| ... error: ...``). The value is swept, so each job checks
+    its own (a setting every job shares is checked once, before the bar)."""
     root = image_folder(tmp_path / "val", 2, 1)
     with_bars = [o for o in FAST if o != "progress=false"]
-    out = run_cli(["method=tome", f"data.root={root}", *with_bars, "bench.latency.compile=turbo"], tmp_path)
+    out = run_cli(["method=tome", f"data.root={root}", *with_bars, "bench.latency.compile=turbo,warp"], tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "sweep:" in out.stderr  # the bar was drawn
     lines = out.stderr.splitlines()  # text mode: a bar's carriage returns end lines too

@@ -170,13 +170,29 @@ def test_batch_size_zero_and_a_mistyped_root_record_nothing_and_create_no_result
     args = ["method=tome", f"data.root={val}", *FAST, "bench.latency.batch_size=0"]
     out = run_cli(args, tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert _errors(out.stderr) == ["error: bench.latency.batch_size must be an integer >= 1, got 0"]
-    assert "Traceback" not in out.stderr and "1 job(s) failed" in out.stderr
+    # checked once for the sweep, before its first job: the one line is all it prints
+    assert out.stderr.strip() == "error: bench.latency.batch_size must be an integer >= 1, got 0"
     assert not (tmp_path / "results").exists()
 
     out = run_cli(["method=tome", f"data.root={val}x", *FAST], tmp_path)
     assert out.returncode == 2 and "data.root does not exist" in out.stderr
     assert not (tmp_path / "results").exists(), "a failed job must not leave an empty leaderboard"
+
+
+def test_a_bad_setting_shared_by_the_sweep_is_one_line_and_a_swept_one_fails_each_job(tmp_path, val):
+    """Checked once before the first job when every job would read the same value (only
+    ``method`` swept): one line, not one failed job per method. A swept setting is checked by
+    each job, which fails alone (the other values' jobs would still run)."""
+    out = run_cli(["method=tome,evit,pool", f"data.root={val}", *FAST, "bench.latency.compile=turbo"], tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == (
+        "error: bench.latency.compile must be one of eager, compile, max-autotune, cudagraphs, cpp-wrapper, got 'turbo'"
+    )
+    out = run_cli(["method=tome", f"data.root={val}", *FAST, "bench.latency.compile=turbo,warp"], tmp_path)
+    assert out.returncode == 2
+    assert [line.split(", got ")[-1] for line in _errors(out.stderr)] == ["'turbo'", "'warp'"]
+    assert "2 job(s) failed" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_a_job_that_fails_after_the_baseline_was_measured_records_nothing(tmp_path, val, monkeypatch):
