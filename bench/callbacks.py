@@ -101,9 +101,10 @@ def check_settings(config: DictConfig) -> None:
 
 
 class SweepSummary(Callback):
-    """Checks the results folder before the first job; at the end prints the summary, lists
-    skipped and failed jobs, regenerates the leaderboard and sets the exit status (2 when a
-    job failed, whatever the leaderboard does; 1 when only the leaderboard failed)."""
+    """Checks the results folder, the settings every job shares and the sources before the
+    first job; at the end prints the summary, lists skipped and failed jobs, regenerates the
+    leaderboard and sets the exit status (2 when a job failed, whatever the leaderboard does; 1
+    when only the leaderboard failed)."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
