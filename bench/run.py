@@ -68,11 +68,36 @@ def config_errors_in_one_line() -> Iterator[None]:
     A malformed override keeps Hydra's report.
 
     Hydra has no hook for composition errors: its ``run_and_report`` (``hydra._internal.utils``)
-    is wrapped for the duration; ``tests/test_config_schema.py`` runs the command to check it."""
+    is wrapped for the duration; ``tests/test_config_schema.py`` runs the command to check it.
+
+    In a sweep (``method=fatr,tome``) Hydra first composes the config to read ``hydra.mode``
+    (``Hydra.get_mode``); when that fails it swallows the error and composes again as a single
+    run, which refuses the comma list ("Ambiguous value for argument 'method=fatr,tome'")
+    before it reaches the real error. ``get_mode`` is wrapped too, so the error reported is the
+    first composition's."""
     import hydra._internal.utils as hydra_utils
+    from hydra._internal.hydra import Hydra
     from hydra.errors import ConfigCompositionException
+    from hydra.types import RunMode
 
     report = hydra_utils.run_and_report
+    get_mode = Hydra.get_mode
+    mode_errors: list[Exception] = []
+
+    def get_mode_keeping_its_error(self: Hydra, config_name: str | None, overrides: list[str]) -> Any:
+        mode = get_mode(self, config_name, overrides)
+        if mode is None:  # composition failed: compose again, as get_mode did, to keep the error
+            try:
+                self.compose_config(
+                    config_name=config_name,
+                    overrides=overrides,
+                    with_log_configuration=False,
+                    run_mode=RunMode.MULTIRUN,
+                    validate_sweep_overrides=False,
+                )
+            except Exception as e:  # noqa: BLE001 - reported below, where Hydra reports its own
+                mode_errors.append(e)
+        return mode
 
     def run_and_report(func: Callable[[], Any]) -> Any:
         def composed() -> Any:
@@ -82,7 +107,7 @@ def config_errors_in_one_line() -> Iterator[None]:
                 from bench.callbacks import close_sweep_bar
                 from bench.validate import config_error
 
-                error = config_error(e)
+                error = config_error(mode_errors[0] if mode_errors else e)
                 if error is None:
                     raise
                 close_sweep_bar(clear=True)  # Hydra composes a sweep's jobs after its bar is drawn
@@ -92,10 +117,12 @@ def config_errors_in_one_line() -> Iterator[None]:
         return report(composed)
 
     hydra_utils.run_and_report = run_and_report
+    Hydra.get_mode = get_mode_keeping_its_error  # type: ignore[method-assign]
     try:
         yield
     finally:
         hydra_utils.run_and_report = report
+        Hydra.get_mode = get_mode  # type: ignore[method-assign]
 
 
 def cli() -> None:

@@ -246,6 +246,27 @@ def test_a_misspelt_setting_on_the_command_line_names_the_sections_settings(tmp_
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench.latency.iters=abc"], "bench.latency.iters must be an integer >= 1, got 'abc'"),
+        (["bench.latency.itrs=5"], "bench.latency.itrs is not a setting; bench.latency has: "),
+        (["model=deit_huge"], "model=deit_huge: no such model; choose one of deit_base, deit_small, deit_tiny"),
+        (["finetune=nope"], "finetune=nope: no such finetune; choose one of calibrate, paper, quick"),
+    ],
+    ids=["wrong type", "misspelt", "group option", "finetune option"],
+)
+def test_in_a_sweep_of_methods_a_composition_error_is_its_own_line(tmp_path: Path, args, message):
+    """``python -m bench.run method=fatr,tome,evit`` with a bad setting: Hydra swallows the
+    composition error while reading the run mode and then reports the comma list as ambiguous
+    ("Ambiguous value for argument 'method=fatr,tome,evit'", exit 1); the real error is reported."""
+    module = "bench.finetune" if args[0].startswith("finetune") else "bench.run"
+    out = run_cli(["method=fatr,tome,evit", *args, "progress=false"], tmp_path, module=module)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"error: {message}") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
     "tree, key",
     [
         ({"model": {"nme": "x"}}, "model.nme"),
