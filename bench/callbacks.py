@@ -46,7 +46,8 @@ def count_jobs(config: DictConfig) -> int | None:
 def check_sources(config: DictConfig) -> None:
     """Find the sweep's weights and images once before its first job (downloading Imagenette
     there if it is the source), so an offline machine with nothing local gets one error line,
-    not one per job; random weights asked for accuracy or spectral numbers are refused here
+    not one per job; a checkpoint file or image folder that is missing (or empty, or not in the
+    ImageNet layout) and random weights asked for accuracy or spectral numbers are refused here
     too. A sweep over models, data folders or bench settings leaves that to each job.
 
     ``config`` is the sweep's composed tree, of ``bench.run`` (typed sections) or of
@@ -61,7 +62,13 @@ def check_sources(config: DictConfig) -> None:
         check_random_weights(config.model, config.bench)
     if groups & {"model", "data"}:
         return
-    resolve_sources(config, announce=False)
+    from bench.data import list_images
+    from bench.models import check_checkpoint_file
+
+    resolved = resolve_sources(config, announce=False)
+    if resolved.model.checkpoint:
+        check_checkpoint_file(resolved.model.checkpoint)
+    list_images(resolved.data.root)  # what every job reads first: the folder's classes and files
 
 
 def swept_sections(config: DictConfig) -> set[str]:
@@ -98,6 +105,25 @@ def check_settings(config: DictConfig) -> None:
         cfg = read_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
         validate_settings(cfg)
         resolve_device(cfg.device)  # device=mps, cuda without CUDA, cuda:N past the last GPU
+        check_image_sizes(cfg)
+
+
+def check_image_sizes(cfg: Any) -> None:
+    """``model.img_size`` and the scaling resolutions against the model's patch size, on the
+    architecture built on the meta device (no weights): each job checks them on its model, after
+    loading it. A model that is not a timm ViT is left to the job, which names the problem."""
+    import torch
+
+    from bench.models import create_model, set_resolution
+    from bench.validate import validate_for_model
+
+    with torch.device("meta"):
+        model = create_model(cfg.model.name)  # an unknown name: one line, as in the job
+    if getattr(model, "patch_embed", None) is None:
+        return
+    if cfg.model.img_size:
+        set_resolution(model, int(cfg.model.img_size))
+    validate_for_model(cfg, model)
 
 
 class SweepSummary(Callback):

@@ -38,12 +38,19 @@ def create_model(name: str, img_size: int | None = None, **kw) -> nn.Module:
     return timm.create_model(name, **kw)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def check_checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a checkpoint file that exists and is not empty (read by :func:`read_state_dict`;
+    a sweep checks it once before its first job)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise BenchError(f"checkpoint not found: {path} (set model.checkpoint=PATH or FATR_CHECKPOINT)")
     if path.stat().st_size == 0:
         raise BenchError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = check_checkpoint_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -195,6 +195,27 @@ def test_a_bad_setting_shared_by_the_sweep_is_one_line_and_a_swept_one_fails_eac
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.root=/no/such/folder", "data.root does not exist: /no/such/folder"),
+        ("model.checkpoint=/no/such/file.pt", "checkpoint not found: /no/such/file.pt"),
+        ("model.img_size=250", "image size 250 is not divisible by the patch size 16"),
+        ("bench.scaling.resolutions=[224,250]", "bench.scaling.resolutions [250] are not divisible by the patch size"),
+        ("device=mps", "device=mps: the harness measures on the CPU and CUDA only"),
+    ],
+    ids=["images", "weights", "image size", "scaling resolutions", "device"],
+)
+def test_what_every_job_shares_is_checked_once_before_the_first(tmp_path, val, override, message):
+    """The main command's form, three methods: a missing image folder or checkpoint, an image
+    size the patches do not divide, a device the harness cannot time: one line, not three failed
+    jobs and their list."""
+    out = run_cli(["method=fatr,tome,evit", f"data.root={val}", *FAST, override], tmp_path)
+    assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
+    assert out.stderr.startswith(f"error: {message}") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_job_that_fails_after_the_baseline_was_measured_records_nothing(tmp_path, val, monkeypatch):
     import dataclasses
 
@@ -236,7 +257,7 @@ def test_concurrent_sweeps_do_not_share_a_sweep_folder(tmp_path, val):
     """Hydra's default folder is a timestamp to the second: the second sweep used to list the
     first one's failure and exit 2. Both start here at once, with the default sweep folder."""
     ok = _sweep(["method=tome", f"data.root={val}", *FAST, *ACCURACY_ONLY], tmp_path)
-    bad = _sweep(["method=evit", "data.root=/nonexistent/val", *FAST], tmp_path)
+    bad = _sweep(["method=evit", f"data.root={val}", *FAST, "budget.macs_ratio=0.01"], tmp_path)  # fails in its job
     out_ok, err_ok = (s.decode() for s in ok.communicate(timeout=600))
     _, err_bad = (s.decode() for s in bad.communicate(timeout=600))
     assert ok.returncode == 0, err_ok[-2000:]
@@ -328,7 +349,8 @@ def test_failed_jobs_exit_2_even_when_the_leaderboard_breaks(tmp_path):
     append_record(results, _record("evit", "2026-01-02", "not a number"))  # a record that breaks sorting
     md = results / "leaderboard.md"
     md.write_text("previous leaderboard\n")
-    out = run_cli(["method=tome,evit", "data.root=/nonexistent/val", *FAST], tmp_path)
+    root = image_folder(tmp_path / "val", 2, 1)
+    out = run_cli(["method=tome,evit", f"data.root={root}", *FAST, "budget.macs_ratio=0.01"], tmp_path)  # per job
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "2 job(s) failed" in out.stderr
     assert "error: leaderboard not regenerated (TypeError" in out.stderr
