@@ -86,6 +86,16 @@ def runs_here(config: DictConfig) -> bool:
     return str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith(".BasicLauncher")
 
 
+def shared_by_every_job(config: DictConfig, sections: set[str]) -> bool:
+    """Whether every job of the sweep reads the same values in ``sections`` (none of them is
+    swept) and runs here (:func:`runs_here`): then a check of them made once, before the first
+    job, is each job's own. Where that cannot be told, each job checks its own."""
+    try:
+        return runs_here(config) and not swept_sections(config) & sections
+    except Exception:  # noqa: BLE001 - each job checks its own settings anyway
+        return False
+
+
 def check_settings(config: DictConfig) -> None:
     """The jobs' own settings check (:func:`bench.validate.validate_settings`) once, before the
     first job, when every job would make it on the same values: only ``method`` (or nothing the
@@ -95,17 +105,14 @@ def check_settings(config: DictConfig) -> None:
 
     from bench.validate import SETTINGS_SECTIONS, read_config, validate_settings
 
-    try:
-        shared = runs_here(config) and not swept_sections(config) & SETTINGS_SECTIONS
-    except Exception:  # noqa: BLE001 - each job checks its own settings anyway
+    if not shared_by_every_job(config, SETTINGS_SECTIONS):
         return
-    if shared:
-        from bench.job import resolve_device
+    from bench.job import resolve_device
 
-        cfg = read_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
-        validate_settings(cfg)
-        resolve_device(cfg.device)  # device=mps, cuda without CUDA, cuda:N past the last GPU
-        check_image_sizes(cfg)
+    cfg = read_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+    validate_settings(cfg)
+    resolve_device(cfg.device)  # device=mps, cuda without CUDA, cuda:N past the last GPU
+    check_image_sizes(cfg)
 
 
 def check_image_sizes(cfg: Any) -> None:

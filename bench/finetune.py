@@ -42,14 +42,10 @@ class FinetuneSummary(SweepSummary):
     def check_settings(self, config: DictConfig) -> None:
         """The recipe's values once for the sweep, where every job shares them (the job checks
         its own where ``finetune`` is swept or the jobs run elsewhere)."""
-        from bench.callbacks import runs_here, swept_sections
+        from bench.callbacks import shared_by_every_job
         from bench.validate import check_finetune_settings
 
-        try:
-            shared = runs_here(config) and "finetune" not in swept_sections(config)
-        except Exception:  # noqa: BLE001 - each job checks its own recipe anyway
-            return
-        if shared:
+        if shared_by_every_job(config, {"finetune"}):
             check_finetune_settings(config.finetune)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
