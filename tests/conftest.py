@@ -55,6 +55,25 @@ def one_config_per_reducer() -> list[str]:
     return sorted(seen.values())
 
 
+def knob_cases() -> list[tuple[str, str]]:
+    """``(method, knob)`` for every reducer class (:func:`one_config_per_reducer`): its default
+    knob, and its knob solved for a budget (``none`` has none)."""
+    return [(n, k) for n in one_config_per_reducer() for k in ("default", "budget") if n != "none" or k == "default"]
+
+
+def reducer_at(name: str, knob: str, model: torch.nn.Module) -> TokenReducer:
+    """``method=<name>`` at its default knob (``knob="default"``) or with the knob solved for
+    MACs 0.65 on ``model`` (``"budget"``, as the sweeps run it; a method without a knob skips)."""
+    from bench.budget import solve_budget
+
+    reducer = build_reducer(name)
+    if knob == "budget":
+        if reducer.budget_knob is None:
+            pytest.skip(f"{name} has no budget knob")
+        reducer, _ = solve_budget(reducer, 0.65, 0.02, model, name)
+    return reducer
+
+
 def method_arguments(name: str) -> set[str]:
     """The reducer arguments ``bench/conf/method/<name>.yaml`` sets (``blocks``, ``keep_rate``, ...)."""
     return set(OmegaConf.load(METHOD_CONF / f"{name}.yaml").reducer) - {"_target_"}

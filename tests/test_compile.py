@@ -19,24 +19,21 @@ from collections.abc import Callable, Iterator
 import pytest
 import timm
 import torch
-from conftest import build_reducer, one_config_per_reducer, tiny_vit
+from conftest import build_reducer, knob_cases, one_config_per_reducer, reducer_at, tiny_vit
 from helpers import run_capturing
 
 import methods.kmedoids as kmedoids_module
 import methods.prune as prune_module
-from bench.budget import solve_budget
 from bench.measure.flops import fvcore_macs
 from bench.measure.latency import compile_pair
 from fatr import FATR
 from fatr.reducer import DC_EMPTY, DC_SLOTS
 from methods import apply_reducer
-from methods.base import TokenReducer, TokenState
+from methods.base import TokenState
 from methods.prune import RandomPrune, random_generator
 from methods.tokens import keep_tokens, prefix_index
 
-CASES = [
-    (n, knob) for n in one_config_per_reducer() for knob in ("default", "budget") if n != "none" or knob == "default"
-]
+CASES = knob_cases()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,15 +55,6 @@ def images224() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
 
-def _reducer(name: str, knob: str, model: torch.nn.Module) -> TokenReducer:
-    reducer = build_reducer(name)
-    if knob == "budget":
-        if reducer.budget_knob is None:
-            pytest.skip(f"{name} has no budget knob")
-        reducer, _ = solve_budget(reducer, 0.65, 0.02, model, name)
-    return reducer
-
-
 def _compiled(model: torch.nn.Module, backend: str = "eager") -> Callable[[torch.Tensor], torch.Tensor]:
     torch._dynamo.reset()
     return torch.compile(model, fullgraph=True, backend=backend)
@@ -75,7 +63,7 @@ def _compiled(model: torch.nn.Module, backend: str = "eager") -> Callable[[torch
 # -- 1. one graph ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "knob"), CASES)
 def test_reduced_forward_is_one_graph(deit, images224, name, knob):
-    apply_reducer(deit, _reducer(name, knob, deit))
+    apply_reducer(deit, reducer_at(name, knob, deit))
     with torch.no_grad():
         want = deit(images224)
         got = _compiled(deit)(images224)  # fullgraph=True: any graph break raises
@@ -188,7 +176,7 @@ def test_cuda_forward_has_no_sync(name, knob):
     x = torch.randn(2, 3, 224, 224, device="cuda")
     with torch.no_grad():
         model(x)  # CUDA, cuBLAS and cuDNN start up outside the checked forward
-        apply_reducer(model, _reducer(name, knob, model))
+        apply_reducer(model, reducer_at(name, knob, model))
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -209,7 +197,7 @@ def test_cuda_inductor_compiles_every_reduction_step(name):
     shapes and nearly all of its decisions (rounding may flip a near tie)."""
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224").eval().cuda()
-    reducer = _reducer(name, "budget" if build_reducer(name).budget_knob else "default", model)
+    reducer = reducer_at(name, "budget" if build_reducer(name).budget_knob else "default", model)
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, steps, _ = run_capturing(model, reducer, x, trace_source=False)

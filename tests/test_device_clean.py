@@ -19,12 +19,11 @@ from collections.abc import Iterator
 import pytest
 import timm
 import torch
-from conftest import build_reducer, one_config_per_reducer
+from conftest import build_reducer, knob_cases, one_config_per_reducer, reducer_at
 from helpers import doc_blocks
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bench.budget import solve_budget
 from bench.models import set_resolution
 from fatr import FATR
 from methods import apply_reducer, reduction_context
@@ -32,12 +31,14 @@ from methods.base import TokenReducer
 from methods.patch import model_info
 from methods.tokens import clear_constant_caches
 
-CASES = [(n, k) for n in one_config_per_reducer() for k in ("default", "budget") if n != "none" or k == "default"]
+CASES = knob_cases()
 
 
 @pytest.fixture(autouse=True)
-def _no_fake_constants_left() -> Iterator[None]:
-    """Cached shape constants are keyed by device: none built here may reach a real CUDA forward."""
+def _no_fake_constants_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Cached shape constants are keyed by device: none built here may reach a real CUDA forward.
+    FATR keeps the decision whether ω is non-zero that it made on the CPU (:func:`_keep_learned_decision`)."""
+    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
     clear_constant_caches()
     yield
     clear_constant_caches()
@@ -54,6 +55,18 @@ def _keep_learned_decision(self: FATR) -> bool:
     reads values, which fake tensors do not have: the test keeps the decision made on the CPU."""
     self._learned_key = self._learned_version()
     return self._learned
+
+
+def meta_model(name: str = "deit_tiny_patch16_224") -> nn.Module:
+    """The architecture without weights (the meta device), in eval mode."""
+    with torch.device("meta"):
+        return timm.create_model(name).eval()
+
+
+def counted_tokens(model: nn.Module, reducer: TokenReducer) -> list[int]:
+    """Tokens after every block by ``reducer.token_counts``, the counts budgets are solved from."""
+    info = model_info(model)
+    return [after for _, after in reducer.token_counts(info.num_prefix, info.num_patches, info.depth)]
 
 
 def fake_cuda_forward(model: nn.Module, reducer: TokenReducer, batches: tuple[int, ...] = (2,)) -> list[torch.Tensor]:
@@ -76,28 +89,20 @@ def fake_cuda_forward(model: nn.Module, reducer: TokenReducer, batches: tuple[in
 
 
 @pytest.mark.parametrize(("name", "knob"), CASES)
-def test_forward_reads_no_value_and_stays_on_the_device(deit, monkeypatch, name, knob):
-    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
-    reducer = build_reducer(name)
-    if knob == "budget":
-        if reducer.budget_knob is None:
-            pytest.skip(f"{name} has no budget knob")
-        reducer, _ = solve_budget(reducer, 0.65, 0.02, deit, name)
-    with torch.device("meta"):
-        model = timm.create_model("deit_tiny_patch16_224").eval()
+def test_forward_reads_no_value_and_stays_on_the_device(deit, name, knob):
+    reducer = reducer_at(name, knob, deit)
+    model = meta_model()
     batch = 1 if knob == "default" else 3  # both paths (some copy rows one way at batch 1)
     (out,) = fake_cuda_forward(model, reducer, (batch,))
     assert out.shape == (batch, 1000) and out.device.type == "cuda"
 
 
 @pytest.mark.parametrize("name", one_config_per_reducer())
-def test_forward_on_the_meta_device_computes_shapes(monkeypatch, name):
+def test_forward_on_the_meta_device_computes_shapes(name):
     """On the meta device (shapes without data or weights) too: DCT and the grouping reducers
     turned autocast off with ``torch.autocast("meta")``, which does not exist (now
     :func:`methods.precision.without_autocast`)."""
-    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
-    with torch.device("meta"):
-        model = timm.create_model("deit_tiny_patch16_224").eval()
+    model = meta_model()
     apply_reducer(model, build_reducer(name))
     with torch.no_grad():
         out = model(torch.empty(2, 3, 224, 224, device="meta"))
@@ -112,47 +117,35 @@ SIZED_CASES = [(s, n) for s in SIZES for n in one_config_per_reducer() if n != "
 
 
 @pytest.mark.parametrize(("size", "name"), SIZED_CASES)
-def test_every_size_runs_the_token_counts_its_budget_was_solved_with(monkeypatch, size, name):
+def test_every_size_runs_the_token_counts_its_budget_was_solved_with(size, name):
     """Only DeiT-Tiny runs real forwards in CI; at the other sizes the speed table's budgets
     are solved analytically from ``token_counts``. A fake forward at each size (other head
     counts, widths and depths; ViT-L's 24 blocks) checks that it runs and that the tokens after
     every block are the counts the budget was solved with."""
-    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
-    with torch.device("meta"):
-        model = timm.create_model(size).eval()
-    reducer, _ = solve_budget(build_reducer(name), 0.65, 0.02, model, name)
+    model = meta_model(size)
+    reducer = reducer_at(name, "budget", model)
     (out,) = fake_cuda_forward(model, reducer)
-    info = model_info(model)
-    want = [after for _, after in reducer.token_counts(info.num_prefix, info.num_patches, info.depth)]
-    assert out.shape == (2, 1000) and reduction_context(model).token_trace == want
+    assert out.shape == (2, 1000) and reduction_context(model).token_trace == counted_tokens(model, reducer)
 
 
 @pytest.mark.parametrize("name", [n for n in one_config_per_reducer() if n != "none"])
-def test_high_resolution_runs_the_token_counts_it_claims(deit, monkeypatch, name):
+def test_high_resolution_runs_the_token_counts_it_claims(deit, name):
     """The scaling measurement runs every method up to 4096 px, which only a GPU reaches in
     time: at 1024 px (4096 patches; DCT resamples by FFT above 512 tokens, pooling works on a
     64×64 grid) the forward runs and leaves the counts ``token_counts`` gives for that grid."""
-    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
-    reducer = build_reducer(name)
-    if reducer.budget_knob is not None:
-        reducer, _ = solve_budget(reducer, 0.65, 0.02, deit, name)  # the knob is solved at 224 px
-    with torch.device("meta"):
-        model = set_resolution(timm.create_model("deit_tiny_patch16_224").eval(), 1024)
+    reducer = reducer_at(name, "budget", deit)  # the knob is solved at 224 px
+    model = set_resolution(meta_model(), 1024)
     (out,) = fake_cuda_forward(model, reducer, (1,))
-    info = model_info(model)
-    assert info.num_patches == 64 * 64 and out.shape == (1, 1000)
-    want = [after for _, after in reducer.token_counts(info.num_prefix, info.num_patches, info.depth)]
-    assert reduction_context(model).token_trace == want
+    assert model_info(model).num_patches == 64 * 64 and out.shape == (1, 1000)
+    assert reduction_context(model).token_trace == counted_tokens(model, reducer)
 
 
 @pytest.mark.parametrize("kw", [{}, {"omega2_form": "logit", "prop_attn": True}])
-def test_fatr_with_learned_omega_reads_no_value(monkeypatch, kw):
+def test_fatr_with_learned_omega_reads_no_value(kw):
     """The re-weighted path (ω and the DC positional term non-zero) too."""
-    monkeypatch.setattr(FATR, "refresh_learned", _keep_learned_decision)
     reducer = build_reducer("fatr", **kw)
     reducer._learned = True
-    with torch.device("meta"):
-        model = timm.create_model("deit_tiny_patch16_224").eval()
+    model = meta_model()
     assert fake_cuda_forward(model, reducer)[0].shape == (2, 1000)
     assert reducer._learned
 
@@ -163,8 +156,7 @@ def test_the_documented_user_reducer_is_device_clean():
     (code,) = doc_blocks("python")
     namespace: dict[str, object] = {}
     exec(compile(code, "adding-a-reducer.md", "exec"), namespace)
-    with torch.device("meta"):
-        model = timm.create_model("deit_tiny_patch16_224").eval()
+    model = meta_model()
     (out,) = fake_cuda_forward(model, namespace["EveryOther"]())
     assert out.shape == (2, 1000)
 
@@ -175,13 +167,12 @@ def test_a_constant_built_on_the_cpu_is_caught(monkeypatch):
 
     real = tokens.token_range
     monkeypatch.setattr(tokens, "token_range", lambda start, stop, device: real(start, stop, torch.device("cpu")))
-    with torch.device("meta"):
-        model = timm.create_model("deit_tiny_patch16_224").eval()
+    model = meta_model()
     with pytest.raises(Exception, match="same device"):
         fake_cuda_forward(model, build_reducer("topk"))
 
 
-def test_a_host_read_is_caught(monkeypatch):
+def test_a_host_read_is_caught():
     """The check can fail: a reducer that reads a value on the host."""
 
     class Reads(TokenReducer):
@@ -193,7 +184,6 @@ def test_a_host_read_is_caught(monkeypatch):
                 return state
             return state
 
-    with torch.device("meta"):
-        model = timm.create_model("deit_tiny_patch16_224").eval()
+    model = meta_model()
     with pytest.raises(Exception, match="local_scalar_dense|data-dependent|DataDependent"):
         fake_cuda_forward(model, Reads())
