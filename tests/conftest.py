@@ -145,17 +145,34 @@ def val_batch():
     return ds.images, ds.labels
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pytest_configure(config):
+    """In an xdist worker, torch gets the worker's share of the cores (and so do the
+    ``bench.run`` processes tests start, through ``OMP_NUM_THREADS``). Each process's torch
+    would otherwise take every core: two workers on two cores ran four spinning OpenMP threads,
+    and a job that takes 6 s alone took 54 s in the suite."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    share = max(1, _cores() // int(workers))
+    torch.set_num_threads(share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): two test processes, or up to four on a bigger machine.
     Most of the suite's time is single-threaded (a ``bench.run`` process starting, tracing a
-    model), so two workers on two cores take it from about 11 to about 8 minutes; more than
-    four would each hold a torch process's memory for little gain. No workers (0) for
+    model), so two workers on two cores take it from about 11 minutes to under 7, each with one
+    torch thread (:func:`pytest_configure`); more than four would each hold a torch process's
+    memory for little gain. No workers (0) for
     ``--benchmark-only``: pytest-benchmark times nothing under xdist, and timings taken next to
     another worker would be noise."""
     if config.getoption("benchmark_only", False):
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(2, min(4, cores))
+    return max(2, min(4, _cores()))
 
 
 def pytest_collection_modifyitems(config, items):
