@@ -16,6 +16,11 @@ that out by hand costs the lease, so the session is prepared in advance and run 
 - ``merge`` (here): appends the returned records to ``results/speed/runs.jsonl`` (records
   already there are skipped) and rewrites that folder's leaderboard.
 
+Inductor's compile cache travels too (:mod:`bench.compile_cache`): ``run`` packs it into
+``--out`` after each step that compiled something, ``merge`` keeps the archive in ``.gpu/``, the
+next ``prepare`` keeps it in the kit where it fits, and the next ``run`` unpacks it before its first
+step, so graphs that did not change since the last lease load instead of compiling.
+
 This module imports only the standard library at the top: on the GPU machine it runs before
 the harness's dependencies are installed.
 """
@@ -34,6 +39,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.compile_cache import pack_cache, unpack_cache
 
 KIT = Path(".gpu")
 """Everything ``prepare`` writes, git-ignored; the device call carries it (``carry=[".gpu"]``)."""
@@ -60,6 +67,15 @@ RESULTS_DIR = Path("/tmp/fatr-gpu-results")
 LOG_PATH = Path("/tmp/fatr-gpu-session.log")
 SITE_DIR = Path("/tmp/fatr-gpu-site")
 """Where the carried wheels are installed on the GPU machine."""
+CACHE_DIR = Path("/tmp/fatr-inductor-cache")
+"""Inductor's on-disk cache on the GPU machine (``TORCHINDUCTOR_CACHE_DIR``; Triton's kernels go
+under it too): seeded from the kit's archive, packed into ``--out`` after each step that changed it."""
+CACHE_ARCHIVE = "compile-cache.tgz"
+"""The compile cache as it travels (:mod:`bench.compile_cache`): back in ``--out``, then in the kit."""
+CACHE_ROOM = "cache-room-mib"
+"""A file in the kit: how many MiB the next archive may take, so that the kit still travels."""
+ARCHIVE_LIMIT_MIB = 15.0
+"""A file the device call brings back may be 16 MiB."""
 SPEED_ONLY = (
     "model.random_init=true",
     "bench.accuracy=false",
@@ -209,21 +225,38 @@ def commit_label(repo: Path) -> str:
     return git_commit(repo)
 
 
+def keep_archive(kit: Path, archive: bytes | None, room_mib: float) -> str:
+    """Put the last lease's compile cache (``archive``, read before the kit was rebuilt) back into
+    ``kit`` if it fits the ``room_mib`` left to carry; says what happened, in words."""
+    if archive is None:
+        return "no compile cache from an earlier lease: every model compiles from scratch"
+    mib = len(archive) / 2**20
+    if mib > room_mib:
+        return f"the compile cache from the last lease ({mib:.1f} MiB) is left out: {room_mib:.1f} MiB left to carry"
+    (kit / CACHE_ARCHIVE).write_bytes(archive)
+    return f"the compile cache from the last lease ({mib:.1f} MiB) travels too"
+
+
 def prepare(images: Path, repo: Path = Path(".")) -> int:
     if not images.is_dir():
         print(f"error: no images at {images} (pass --images PATH, an ImageNet val folder)", file=sys.stderr)
         return 2
     kit = repo / KIT
+    archive = (kit / CACHE_ARCHIVE).read_bytes() if (kit / CACHE_ARCHIVE).is_file() else None
     if kit.exists():
         shutil.rmtree(kit)
     wheels = build_wheels(kit / "wheels")
     copy_files(images, kit / DATASET)
     (kit / "commit").write_text(commit_label(repo) + "\n")
     size = tracked_mib(repo) + tree_mib([kit])
-    print(f"{len(wheels)} wheels and {images} copied into {kit}/; {size:.1f} MiB will travel")
     if size > TRAVEL_LIMIT_MIB:
         print(f"error: {size:.1f} MiB is over the {TRAVEL_LIMIT_MIB} MiB a device call may carry", file=sys.stderr)
         return 2
+    room = TRAVEL_LIMIT_MIB - size
+    (kit / CACHE_ROOM).write_text(f"{min(ARCHIVE_LIMIT_MIB, room):.1f}\n")
+    print(keep_archive(kit, archive, room))
+    size = tracked_mib(repo) + tree_mib([kit])
+    print(f"{len(wheels)} wheels and {images} copied into {kit}/; {size:.1f} MiB will travel")
     print('then, on the GPU machine (device tool): run(carry=[".gpu"], timeout_s=600,')
     print('    command="python3 -m bench.gpu_session run --deadline-s 540 --out $OUT")')
     return 0
@@ -419,6 +452,34 @@ def copy_back(results_dir: Path, log_path: Path, out: Path, since: float = 0.0, 
     shutil.copy2(log_path, out / "gpu-session.log")
 
 
+def archive_limit(kit: Path = KIT) -> float:
+    """MiB the compile cache may take on its way back: what ``prepare`` left room for in the kit,
+    at most :data:`ARCHIVE_LIMIT_MIB`."""
+    try:
+        return min(ARCHIVE_LIMIT_MIB, float((kit / CACHE_ROOM).read_text()))
+    except (OSError, ValueError):
+        return ARCHIVE_LIMIT_MIB
+
+
+def cache_state(cache: Path) -> tuple[int, float]:
+    """How many files the cache holds and when the newest was written: packed again only when
+    this changes (a step that compiled nothing, or only loaded, leaves it as it was)."""
+    files = [f for f in cache.rglob("*") if f.is_file()] if cache.is_dir() else []
+    return len(files), max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def bring_back_cache(out: Path, log, packed: tuple[int, float], limit_mib: float) -> tuple[int, float]:
+    """Pack the compile cache into ``out`` when it changed since ``packed``; returns its state."""
+    now = cache_state(CACHE_DIR)
+    if now == packed:
+        return packed
+    what = pack_cache(CACHE_DIR, out / CACHE_ARCHIVE, limit_mib)
+    print(what, flush=True)
+    log.write(f"{what}\n")
+    log.flush()
+    return now
+
+
 def run(
     deadline_s: float,
     out: Path,
@@ -459,12 +520,18 @@ def run(
     install_wheels(KIT / "wheels", site)
     env = dict(os.environ, PYTHONUNBUFFERED="1", FATR_GIT_COMMIT=(KIT / "commit").read_text().strip())
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path.cwd()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE_DIR)
     results_dir = RESULTS_DIR
     log_path = LOG_PATH
     log_path.parent.mkdir(parents=True, exist_ok=True)
     failed = False
     with log_path.open("w") as log:
         log.write(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env).stdout)
+        if (KIT / CACHE_ARCHIVE).is_file():
+            seeded = unpack_cache(KIT / CACHE_ARCHIVE, CACHE_DIR)
+            print(seeded, flush=True)
+            log.write(f"{seeded}\n")
+        packed, limit = cache_state(CACHE_DIR), archive_limit()
         for step in chosen:
             left = deadline_s - (time.monotonic() - start) - reserve_s
             if left < min_step_s:
@@ -482,6 +549,7 @@ def run(
             print(f"{step.name}: {what} ({time.monotonic() - start:.0f} s in)", flush=True)
             log.flush()
             copy_back(results_dir, log_path, out, since)
+            packed = bring_back_cache(out, log, packed, limit)
     copy_back(results_dir, log_path, out, since)
     return 1 if failed else 0
 
@@ -489,10 +557,11 @@ def run(
 # -- merge (here) ----------------------------------------------------------------------------------
 
 
-def merge(runs_file: Path, results_dir: Path) -> int:
+def merge(runs_file: Path, results_dir: Path, kit: Path = KIT) -> int:
     """Append the records of ``runs_file`` that ``results_dir`` lacks; rewrite its leaderboard;
     copy the reports that came back with it (``*.txt``, e.g. the kernel profile) into
-    ``results_dir/profiles``, replacing older ones of the same name (git keeps those)."""
+    ``results_dir/profiles``, replacing older ones of the same name (git keeps those); keep the
+    compile cache that came back with it in ``kit`` for the next lease."""
     if not runs_file.is_file():
         print(f"error: no run store at {runs_file} (the device call's runs.jsonl)", file=sys.stderr)
         return 2
@@ -509,6 +578,10 @@ def merge(runs_file: Path, results_dir: Path) -> int:
         (results_dir / "profiles").mkdir(parents=True, exist_ok=True)
         shutil.copy2(report, results_dir / "profiles" / report.name)
         print(results_dir / "profiles" / report.name)
+    if (runs_file.parent / CACHE_ARCHIVE).is_file():
+        kit.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(runs_file.parent / CACHE_ARCHIVE, kit / CACHE_ARCHIVE)
+        print(f"{kit / CACHE_ARCHIVE}: the compile cache, kept for the next lease")
     for path in write_leaderboard(results_dir):
         print(path)
     return 0
@@ -517,7 +590,9 @@ def merge(runs_file: Path, results_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("prepare", help="here: wheels, images and commit into .gpu/")
+    p = sub.add_parser(
+        "prepare", help="here: wheels, images and commit into .gpu/ (the last lease's compile cache kept where it fits)"
+    )
     p.add_argument(
         "--images",
         type=Path,
@@ -541,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         "(sixteen at a time finished none in 208 s on the H200 lease; fewer is untried)",
     )
     r.add_argument("overrides", nargs="*", help="replace a sweep override of the same key, e.g. method=evit")
-    m = sub.add_parser("merge", help="here: the returned records into results/speed")
+    m = sub.add_parser("merge", help="here: the returned records into results/speed, the compile cache into .gpu/")
     m.add_argument("runs_file", type=Path, help="the runs.jsonl the session brought back")
     m.add_argument(
         "--results-dir",

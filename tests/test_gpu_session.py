@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def kit(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session, "install_wheels", lambda wheels, target: None)
     monkeypatch.setattr(gpu_session, "PROBE", "print('probe')")
     # the session's fixed /tmp paths, private to this test (tests run in parallel)
-    for name in ("RESULTS_DIR", "LOG_PATH", "SITE_DIR", "WARM_DIR"):
+    for name in ("RESULTS_DIR", "LOG_PATH", "SITE_DIR", "WARM_DIR", "CACHE_DIR"):
         monkeypatch.setattr(gpu_session, name, tmp_path / "session" / name.lower())
     return tmp_path
 
@@ -228,3 +229,55 @@ def test_run_warms_a_compiled_step_before_timing_it_only_when_told_to(kit, tmp_p
     assert "warmed: 2 of 2" in log and "warm-up 1: $ " in log  # each job's last lines come back
     assert run(deadline_s=60.0, out=tmp_path / "out", reserve_s=0.0) == 0
     assert "warmed" not in capsys.readouterr().out
+
+
+def test_the_compile_cache_goes_out_with_the_records_and_comes_back_for_the_next_lease(
+    kit, tmp_path, monkeypatch, capsys
+):
+    """run unpacks the kit's archive into inductor's cache before the first step, points every
+    step at it, packs it into --out after a step that changed it (not after one that did not);
+    merge keeps the returned archive in the kit."""
+    cache = gpu_session.CACHE_DIR
+    seed = tmp_path / "seed"
+    (seed / "fxgraph" / "ab").mkdir(parents=True)
+    (seed / "fxgraph" / "ab" / "graph").write_text("from the last lease")
+    gpu_session.pack_cache(seed, kit / KIT / gpu_session.CACHE_ARCHIVE, 15)
+    compiles = (
+        "import os, pathlib; d = pathlib.Path(os.environ['TORCHINDUCTOR_CACHE_DIR']);"
+        f" assert d == pathlib.Path({str(cache)!r}), d;"
+        " assert (d / 'fxgraph' / 'ab' / 'graph').read_text() == 'from the last lease';"
+        " (d / 'triton' / '0' / 'k').mkdir(parents=True); (d / 'triton' / '0' / 'k' / 'kernel.cubin').write_text('new')"
+    )
+    compiled = Step("compiled", "compiles", ("timeit", "-n1", "-r1", compiles), sweep=False)
+    loads_only = Step("loads", "compiles nothing", ("timeit", "-n1", "-r1", "pass"), sweep=False)
+    monkeypatch.setattr(gpu_session, "STEPS", (compiled, loads_only))
+    out = tmp_path / "out"
+    assert run(deadline_s=120.0, out=out, reserve_s=0.0) == 0
+    said = capsys.readouterr().out
+    assert "compile cache: 1 file from the last lease" in said
+    assert said.count("compile cache: 2 of 2 entries packed for the next lease") == 1  # the second step changed nothing
+    with tarfile.open(out / gpu_session.CACHE_ARCHIVE) as tar:
+        assert sorted(tar.getnames()) == ["fxgraph/ab/graph", "triton/0/k/kernel.cubin"]
+
+    monkeypatch.setattr(bench.leaderboard, "write_leaderboard", lambda d: [])
+    (out / "runs.jsonl").write_text("")
+    assert merge(out / "runs.jsonl", tmp_path / "speed", kit=tmp_path / "next-kit") == 0
+    kept = tmp_path / "next-kit" / gpu_session.CACHE_ARCHIVE
+    assert kept.read_bytes() == (out / gpu_session.CACHE_ARCHIVE).read_bytes()
+    assert "the compile cache, kept for the next lease" in capsys.readouterr().out
+
+
+def test_prepare_carries_the_last_archive_only_where_it_fits_and_run_packs_within_the_room_left(tmp_path):
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    archive = b"x" * 2**20
+    assert gpu_session.keep_archive(kit, None, 5.0).startswith("no compile cache from an earlier lease")
+    assert gpu_session.keep_archive(kit, archive, 0.5).endswith("is left out: 0.5 MiB left to carry")
+    assert not (kit / gpu_session.CACHE_ARCHIVE).exists()
+    assert gpu_session.keep_archive(kit, archive, 5.0).endswith("(1.0 MiB) travels too")
+    assert (kit / gpu_session.CACHE_ARCHIVE).read_bytes() == archive
+    assert gpu_session.archive_limit(kit) == gpu_session.ARCHIVE_LIMIT_MIB  # no room file: the file limit
+    (kit / gpu_session.CACHE_ROOM).write_text("11.5\n")
+    assert gpu_session.archive_limit(kit) == 11.5
+    (kit / gpu_session.CACHE_ROOM).write_text("40\n")
+    assert gpu_session.archive_limit(kit) == gpu_session.ARCHIVE_LIMIT_MIB
