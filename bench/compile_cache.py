@@ -83,7 +83,13 @@ def unpack_cache(archive: Path, cache: Path) -> str:
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
-            tar.extractall(cache, filter="data")  # regular files inside ``cache`` only
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(cache, filter="data")  # regular files inside ``cache`` only
+            else:  # a Python without extraction filters: the same check by hand
+                for m in members:
+                    if not (m.isfile() or m.isdir()) or Path(m.name).is_absolute() or ".." in Path(m.name).parts:
+                        raise tarfile.TarError(f"{m.name!r} is not a plain file inside the cache")
+                tar.extractall(cache)
     except (tarfile.TarError, OSError, EOFError) as e:
         return f"compile cache: could not unpack {archive} ({e}); compiling from scratch"
     size = archive.stat().st_size / 2**20

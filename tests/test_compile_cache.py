@@ -73,3 +73,19 @@ def test_an_archive_cannot_write_outside_the_cache(tmp_path):
         tar.add(payload, arcname="../outside")
     said = unpack_cache(evil, tmp_path / "cache")
     assert "could not unpack" in said and not (tmp_path / "outside").exists()
+
+
+def test_a_python_without_extraction_filters_checks_the_archive_by_hand(tmp_path, monkeypatch):
+    evil = tmp_path / "evil.tgz"
+    payload = tmp_path / "payload"
+    payload.write_text("x")
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(payload, arcname="../outside")
+    monkeypatch.delattr(tarfile, "data_filter")
+    said = unpack_cache(evil, tmp_path / "cache")
+    assert "is not a plain file inside the cache" in said and not (tmp_path / "outside").exists()
+    good = tmp_path / "good.tgz"
+    with tarfile.open(good, "w:gz") as tar:
+        tar.add(payload, arcname="fxgraph/ab/graph")
+    assert unpack_cache(good, tmp_path / "cache").startswith("compile cache: 1 file from the last lease")
+    assert (tmp_path / "cache" / "fxgraph" / "ab" / "graph").read_text() == "x"
