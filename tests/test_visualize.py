@@ -265,3 +265,29 @@ def test_a_users_own_images_draw_and_a_failing_method_says_why(capsys, tmp_path)
     code = main(["method=none,tome", f"visualize.paths=[{a}]", "budget.macs_ratio=0.01", *args])
     assert code == 2 and out.is_file()
     assert _one_error(capsys).startswith("error: method tome: budget macs_ratio=0.01 is impossible")
+
+
+def test_long_file_names_do_not_run_into_the_next_rows_label(images, tmp_path, monkeypatch):
+    """A file name can be longer than a panel is high (ImageNet's ran into the next row's label
+    in a five-column figure): each row's label is broken into lines that fit beside its panel,
+    so no two rows' labels overlap."""
+    import bench.report.token_maps as token_maps
+
+    assert token_maps.fit_label("ILSVRC2012_val_00023559\ntench") == "ILSVRC2012_val_\n00023559\ntench"
+    assert token_maps.fit_label("abcdefghijklmnopqrstu", width=8) == "abcdefgh\nijklmnop\nqrstu"
+    extents = []
+
+    def measured_save(fig, out, *args, **kwargs):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        extents.extend(ax.yaxis.label.get_window_extent(renderer) for ax in fig.axes if ax.get_ylabel())
+        return save(fig, out, *args, **kwargs)
+
+    save = token_maps.save
+    monkeypatch.setattr(token_maps, "save", measured_save)
+    names = [f"ILSVRC2012_val_0002355{i}_taken_from_a_longer_path\ntench" for i in range(len(images))]
+    panel = MethodMaps("x", "x", [], f"{NO_SOURCE_MAP}: test")
+    draw_token_maps(_pictures(images), names, [panel], tmp_path / "x.png", "x", stages=(3, None))
+    assert len(extents) == 2 * len(images)
+    for upper, lower in zip(extents, extents[1:], strict=False):
+        assert lower.y1 <= upper.y0, "a row label runs into the next one"

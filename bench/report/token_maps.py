@@ -52,6 +52,8 @@ _TINTS = [
 """Twenty distinct tints (Trubetskoy's list); a token's tint depends on its index only."""
 _TINT_ALPHA = 0.5
 _PANEL_INCHES = 1.75
+_LABEL_CHARS = 16
+"""Characters of a row label's line that fit beside a panel (its height, at the label's size)."""
 _CHUNK = 8
 
 
@@ -380,6 +382,21 @@ def stage_name(stage: int | None) -> str:
     return "entering the last block" if stage is None else f"after block {stage}"
 
 
+def fit_label(text: str, width: int = _LABEL_CHARS) -> str:
+    """``text`` with every line longer than ``width`` broken, after the last ``_``, ``-`` or
+    space that keeps the part within ``width`` (else at ``width``): a row label runs along the
+    panel's height, and ImageNet's file names (``ILSVRC2012_val_00023559``) ran into the next
+    row's label."""
+    out = []
+    for line in text.split("\n"):
+        while len(line) > width:
+            cut = max(line.rfind(sep, 0, width) for sep in "_- ") + 1 or width
+            out.append(line[:cut].rstrip())
+            line = line[cut:]
+        out.append(line)
+    return "\n".join(out)
+
+
 def draw_token_maps(
     pictures: np.ndarray,
     names: Sequence[str],
@@ -397,7 +414,8 @@ def draw_token_maps(
             row = i * len(stages) + s
             first = axes[row * n_cols]
             first.imshow(picture, interpolation="nearest")
-            first.set_ylabel(names[i] if len(stages) == 1 else f"{names[i]}\n{stage_name(stage)}", fontsize=7)
+            label = names[i] if len(stages) == 1 else f"{names[i]}\n{stage_name(stage)}"
+            first.set_ylabel(fit_label(label), fontsize=7)
             for j, method in enumerate(methods):
                 ax = axes[row * n_cols + 1 + j]
                 if method.problem:
