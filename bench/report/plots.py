@@ -76,6 +76,8 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> Path | None:
 
 def plot_differences(df: pd.DataFrame, path: Path) -> Path | None:
     """Per group and budget: each method's paired Δ top-1 from the best, with its interval."""
+    from matplotlib.ticker import MaxNLocator
+
     need = {"top1_d_best", "top1_d_best_lo", "top1_d_best_hi"}
     if not need <= set(df.columns):
         return None
@@ -111,6 +113,8 @@ def plot_differences(df: pd.DataFrame, path: Path) -> Path | None:
         title = f"MACs target {budget:.2f}"
         ax.set_title(title + (f"\n{group_title(key)}" if several_groups else ""), fontsize=8)
         ax.set_xlabel("Δ top-1 vs best at this budget (points)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # a narrow panel's default ticks ran together
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="x")
     for ax in axes[len(panels) :]:
         ax.axis("off")
