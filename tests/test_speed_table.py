@@ -101,6 +101,7 @@ def test_the_legend_names_each_method_once_and_each_timing_mode_once(tmp_path, m
 
     def capture(fig, path, title, legend=None, **_):
         seen["texts"] = [text for _, text in legend]
+        seen["handles"] = {text: handle for handle, text in legend}
         seen["panels"] = [ax.get_title() for ax in fig.axes if ax.axison]
         return path
 
@@ -115,3 +116,8 @@ def test_the_legend_names_each_method_once_and_each_timing_mode_once(tmp_path, m
         "compiled (C++ wrapper), hollow",
     ]
     assert seen["panels"] == ["CPU test (2 threads), fp32, batch 1", "CPU test (2 threads), fp32, batch 32"]
+    # a timing mode's sample is its line alone (a marker hid a dash-dot's pattern), but the
+    # C++ wrapper's hollow marker, which is what tells it apart
+    modes = ["eager", "compiled (inductor)", "compiled (C++ wrapper), hollow"]
+    assert [seen["handles"][m].get_marker() for m in modes] == ["None", "None", "o"]
+    assert seen["handles"]["compiled (C++ wrapper), hollow"].get_markerfacecolor() == "none"

@@ -42,7 +42,7 @@ MODE_STYLES: dict[str, tuple[object, str]] = {
     "compile": ("--", "compiled (inductor)"),
     "max-autotune": ((0, (5, 2, 1, 2, 1, 2)), "compiled (max-autotune)"),
     CPP_WRAPPER: (":", "compiled (C++ wrapper), hollow"),
-    "cudagraphs": ("-.", "CUDA graphs"),
+    "cudagraphs": ((0, (4, 1.5, 1, 1.5)), "CUDA graphs"),
 }
 """Line style and legend text of each ``bench.latency.compile`` mode (another mode: dashed)."""
 
@@ -89,8 +89,10 @@ def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
     legend.append((Line2D([], [], linestyle="none"), "line style: timing"))
     for mode in sorted(d["latency_mode"].dropna().unique(), key=lambda m: (m != EAGER, m)):
         style, text = _mode_style(mode)
-        face = "none" if mode == CPP_WRAPPER else "black"
-        legend.append((Line2D([], [], color="black", linestyle=style, marker="o", mfc=face), text))
+        # a line alone: a marker in the middle of the short sample hid all but one dash of a
+        # dash-dot, and CUDA graphs looked like eager; only the hollow marker means something
+        marker = {"marker": "o", "mfc": "none"} if mode == CPP_WRAPPER else {}
+        legend.append((Line2D([], [], color="black", linestyle=style, **marker), text))
     return save(fig, path, title, legend=legend)
 
 
