@@ -448,3 +448,29 @@ def test_cuda_graph_timings_record_no_peak_memory(vit, quiet_machine):
     assert "peak_mem_mb" not in df.columns  # the old records' 0.0 is not shown
     eager = _record("pool", "t2", {"batch_size": [2]}, **_timed([2]), peak_mem_mb=5.0)
     assert table([eager])["peak_mem_mb"].tolist() == [5.0]
+
+
+def test_the_budget_legend_sits_below_the_x_label_in_a_short_panel(tmp_path, monkeypatch):
+    """A group of two methods gets the shortest panel; the bar chart's 'MACs target' legend
+    used to sit at a share of the panel's height below it, on top of the x axis label."""
+    from bench.report import plots
+
+    records = []
+    for method in ("none", "a", "b"):
+        r = _record(method, "1", {"batch_size": [256]}, **_timed([256]))
+        records.append(r)
+    seen = {}
+
+    def measured_save(fig, path, *args, **kwargs):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        bars = fig.axes[0]
+        seen["label"] = bars.xaxis.label.get_window_extent(renderer)
+        seen["ticks"] = [t.get_window_extent(renderer) for t in bars.get_xticklabels() if t.get_text()]
+        seen["legend"] = bars.get_legend().get_window_extent(renderer)
+        return path
+
+    monkeypatch.setattr(plots, "save", measured_save)
+    plots.plot_latency(table(records), tmp_path / "latency.png")
+    assert seen["legend"].y1 <= seen["label"].y0, "the legend overlaps the x label"
+    assert all(seen["legend"].y1 <= t.y0 for t in seen["ticks"])
