@@ -76,6 +76,9 @@ CACHE_ROOM = "cache-room-mib"
 """A file in the kit: how many MiB the next archive may take, so that the kit still travels."""
 ARCHIVE_LIMIT_MIB = 15.0
 """A file the device call brings back may be 16 MiB."""
+ROOM_MARGIN_MIB = 1.0
+"""Left free when ``prepare`` sizes the next archive: the tree grows with the commits made before
+the next lease, and an archive that no longer fits is left out whole."""
 SPEED_ONLY = (
     "model.random_init=true",
     "bench.accuracy=false",
@@ -253,7 +256,7 @@ def prepare(images: Path, repo: Path = Path(".")) -> int:
         print(f"error: {size:.1f} MiB is over the {TRAVEL_LIMIT_MIB} MiB a device call may carry", file=sys.stderr)
         return 2
     room = TRAVEL_LIMIT_MIB - size
-    (kit / CACHE_ROOM).write_text(f"{min(ARCHIVE_LIMIT_MIB, room):.1f}\n")
+    (kit / CACHE_ROOM).write_text(f"{max(0.0, min(ARCHIVE_LIMIT_MIB, room - ROOM_MARGIN_MIB)):.1f}\n")
     print(keep_archive(kit, archive, room))
     size = tracked_mib(repo) + tree_mib([kit])
     print(f"{len(wheels)} wheels and {images} copied into {kit}/; {size:.1f} MiB will travel")
