@@ -258,7 +258,8 @@ def prepare(images: Path, repo: Path = Path(".")) -> int:
     room = TRAVEL_LIMIT_MIB - size
     (kit / CACHE_ROOM).write_text(f"{max(0.0, min(ARCHIVE_LIMIT_MIB, room - ROOM_MARGIN_MIB)):.1f}\n")
     print(keep_archive(kit, archive, room))
-    size = tracked_mib(repo) + tree_mib([kit])
+    if (kit / CACHE_ARCHIVE).is_file():
+        size += tree_mib([kit / CACHE_ARCHIVE])
     print(f"{len(wheels)} wheels and {images} copied into {kit}/; {size:.1f} MiB will travel")
     print('then, on the GPU machine (device tool): run(carry=[".gpu"], timeout_s=600,')
     print('    command="python3 -m bench.gpu_session run --deadline-s 540 --out $OUT")')
@@ -471,15 +472,18 @@ def cache_state(cache: Path) -> tuple[int, float]:
     return len(files), max((f.stat().st_mtime for f in files), default=0.0)
 
 
-def bring_back_cache(out: Path, log, packed: tuple[int, float], limit_mib: float) -> tuple[int, float]:
-    """Pack the compile cache into ``out`` when it changed since ``packed``; returns its state."""
-    now = cache_state(CACHE_DIR)
-    if now == packed:
-        return packed
-    what = pack_cache(CACHE_DIR, out / CACHE_ARCHIVE, limit_mib)
+def tell(log, what: str) -> None:
+    """A line for the call's output (what the device tool shows) and for the session log."""
     print(what, flush=True)
     log.write(f"{what}\n")
     log.flush()
+
+
+def bring_back_cache(out: Path, log, packed: tuple[int, float], limit_mib: float) -> tuple[int, float]:
+    """Pack the compile cache into ``out`` when it changed since ``packed``; returns its state."""
+    now = cache_state(CACHE_DIR)
+    if now != packed:
+        tell(log, pack_cache(CACHE_DIR, out / CACHE_ARCHIVE, limit_mib))
     return now
 
 
@@ -531,9 +535,7 @@ def run(
     with log_path.open("w") as log:
         log.write(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env).stdout)
         if (KIT / CACHE_ARCHIVE).is_file():
-            seeded = unpack_cache(KIT / CACHE_ARCHIVE, CACHE_DIR)
-            print(seeded, flush=True)
-            log.write(f"{seeded}\n")
+            tell(log, unpack_cache(KIT / CACHE_ARCHIVE, CACHE_DIR))
         packed, limit = cache_state(CACHE_DIR), archive_limit()
         for step in chosen:
             left = deadline_s - (time.monotonic() - start) - reserve_s

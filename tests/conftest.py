@@ -14,6 +14,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
+from bench.measure.latency import cpu_count
 from methods import TokenReducer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,10 +146,6 @@ def val_batch():
     return ds.images, ds.labels
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def pytest_configure(config):
     """In an xdist worker, torch gets the worker's share of the cores (and so do the
     ``bench.run`` processes tests start, through ``OMP_NUM_THREADS``). Each process's torch
@@ -157,7 +154,7 @@ def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
-    share = max(1, _cores() // int(workers))
+    share = max(1, cpu_count() // int(workers))
     torch.set_num_threads(share)
     os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
@@ -172,7 +169,7 @@ def pytest_xdist_auto_num_workers(config):
     another worker would be noise."""
     if config.getoption("benchmark_only", False):
         return 0
-    return max(2, min(4, _cores()))
+    return max(2, min(4, cpu_count()))
 
 
 def pytest_collection_modifyitems(config, items):

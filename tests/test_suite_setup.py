@@ -10,7 +10,7 @@ import torch
 
 def test_each_xdist_worker_takes_its_share_of_the_cores_and_passes_it_to_its_subprocesses(monkeypatch):
     threads = torch.get_num_threads()
-    monkeypatch.setattr(conftest, "_cores", lambda: 4)
+    monkeypatch.setattr(conftest, "cpu_count", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         for workers, share in (("2", 2), ("3", 1), ("8", 1)):
@@ -25,7 +25,7 @@ def test_each_xdist_worker_takes_its_share_of_the_cores_and_passes_it_to_its_sub
 
 def test_a_users_thread_setting_for_subprocesses_is_kept(monkeypatch):
     threads = torch.get_num_threads()
-    monkeypatch.setattr(conftest, "_cores", lambda: 4)
+    monkeypatch.setattr(conftest, "cpu_count", lambda: 4)
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     try:
