@@ -137,6 +137,27 @@ def test_the_torch_that_measured_is_named_where_records_carry_it():
     assert "torch" not in text
 
 
+def test_rows_of_two_gpus_get_a_table_each_and_never_stand_in_for_each_other():
+    """An H100 lease after H200 ones: a method's H100 ratio is not its H200 one, so each device
+    is its own table (a method met on one and missed on the other shows both)."""
+    rows = [
+        _row("tome", device="NVIDIA H200", mode="cudagraphs", precision="bf16", speedup_b256=0.9),
+        _row("evit", device="NVIDIA H200", mode="cudagraphs", precision="bf16", speedup_b256=1.2),
+        _row("tome", device="NVIDIA H100 80GB HBM3", mode="cudagraphs", precision="bf16", speedup_b256=1.1),
+        _row("pool", device="NVIDIA H100 80GB HBM3", mode="eager", precision="bf16", speedup_b256=0.5),
+    ]
+    lines = target_lines(pd.DataFrame(rows), _target("GPU, DeiT-Tiny bf16"))
+    text = "\n".join(lines)
+    h100, h200 = text.split("**GPU, DeiT-Tiny bf16, batch 256, CUDA graphs: no reducer slower than unreduced (on ")[1:]
+    assert h100.startswith("NVIDIA H100 80GB HBM3)**") and h200.startswith("NVIDIA H200)**")
+    assert "| tome | ≥ 1.000 | 1.100 | yes |" in h100 and "evit" not in h100.split("meet it")[0]
+    assert "1 of 1 methods meet it (2 more not measured at these settings: evit, pool). Measured on NVIDIA H100" in h100
+    assert "| tome | ≥ 1.000 | 0.900 | **no** |" in h200 and "| evit | ≥ 1.000 | 1.200 | yes |" in h200
+    assert "1 of 2 methods meet it (1 more not measured at these settings: pool). Measured on NVIDIA H200;" in h200
+    one = target_lines(pd.DataFrame(rows[:2]), _target("GPU, DeiT-Tiny bf16"))
+    assert one[0] == "**GPU, DeiT-Tiny bf16, batch 256, CUDA graphs: no reducer slower than unreduced**"
+
+
 def test_a_target_without_rows_says_so_and_a_folder_without_any_gets_no_section():
     df = pd.DataFrame([_row("fatr", speedup_b1=1.1)])
     text = "\n".join(targets_section(df))

@@ -11,8 +11,10 @@ its Python wrapper (``compile``) or its C++ one (``cpp-wrapper``), both models c
 each mode is its own column, and a method meets the target in either.
 
 :func:`targets_section` writes one table per target that has rows, every cell from the
-leaderboard's table (never typed by hand), saying on which device and how each was timed. A
-target without rows is listed as not measured, so a missing GPU run is visible, not silent.
+leaderboard's table (never typed by hand), saying on which device and how each was timed; rows
+of several devices (leases on an H200 and an H100) get a table per device, since a ratio holds
+only on the machine that measured it. A target without rows is listed as not measured, so a
+missing GPU run is visible, not silent.
 """
 
 from __future__ import annotations
@@ -147,11 +149,27 @@ def _cell(value: float, needed: float, strict: bool) -> str:
 
 
 def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
-    """The markdown of one target: one row per method, one value column per compile mode."""
+    """The markdown of one target: one row per method, one value column per compile mode; one
+    table per device where its rows come from several (an H100's ratio is not an H200's, and a
+    row of one must not stand in for the other's)."""
+    devices = sorted({str(d) for mode in t.modes for d in _rows(df, t, mode)["device"]})
+    if len(devices) < 2:
+        return _device_lines(df, t, t.title)
+    every_method = set(df["method"].astype(str))
+    lines = []
+    for device in devices:
+        on_device = df[df["device"].astype(str) == device]
+        lines += _device_lines(on_device, t, f"{t.title} (on {device})", others=every_method)
+    return lines
+
+
+def _device_lines(df: pd.DataFrame, t: Target, title: str, others: set[str] | None = None) -> list[str]:
+    """:func:`target_lines` for rows of one device; ``others``: every method of the folder (the
+    ones not measured here are listed), by default those of ``df``."""
     ratios = paper_ratios(t.model) if t.needed is None else {}
     parts = {mode: _rows(df, t, mode) for mode in t.modes}
     parts = {mode: p for mode, p in parts.items() if not p.empty}
-    lines = [f"**{t.title}**", ""]
+    lines = [f"**{title}**", ""]
     if not parts:
         return [*lines, "Not measured in this folder.", ""]
     devices = sorted({str(d) for p in parts.values() for d in p["device"]})
@@ -178,7 +196,7 @@ def target_lines(df: pd.DataFrame, t: Target) -> list[str]:
     batch = split_batch(t.column)[1]
     spans = [(mode, baseline_span(p, batch)) for mode, p in parts.items()] if batch is not None else []
     spans = [f"{span} {mode}" for mode, span in spans if span]
-    others = set(df["method"].astype(str)) - set(methods) - {"none"}
+    others = (set(df["method"].astype(str)) if others is None else others) - set(methods) - {"none"}
     unmeasured = sorted(m for m in others if _needed(t, m, ratios) is not None)  # rows elsewhere, none here
     lines += [
         "",
