@@ -151,6 +151,20 @@ STEPS: tuple[Step, ...] = (
         ),
         sweep=False,
     ),
+    Step(
+        "profile-compiled",
+        "which inductor kernels a compiled DeiT-Tiny bf16 batch-256 forward spends its GPU time in: the unreduced "
+        "model, ToMe (slower than unreduced under CUDA graphs) and FATR (about even)",
+        (
+            "bench.kernel_profile",
+            "--methods=none,tome,fatr",
+            "--batch=256",
+            "--amp",
+            "--compile=compile",
+            f"--out={RESULTS_DIR / 'profile-deit-tiny-bf16-b256-compiled.txt'}",
+        ),
+        sweep=False,
+    ),
     _sweep(
         "small-base-fp32-cudagraphs",
         "the table: DeiT-S and DeiT-B fp32 with CUDA graphs, batch 256",

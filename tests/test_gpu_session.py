@@ -74,6 +74,12 @@ def test_the_tests_and_the_issue_targets_come_first_and_every_sweep_composes():
             args = kernel_profile.parser().parse_args(cmd[3:])
             assert args.out.parent == RESULTS_DIR and set(args.methods.split(",")) == {"none", *ALL_METHODS.split(",")}
             continue
+        if step.name == "profile-compiled":  # compiled as the CUDA-graphs sweep compiles, without the graphs
+            assert cmd[1:3] == ["-m", "bench.kernel_profile"]
+            args = kernel_profile.parser().parse_args(cmd[3:])
+            assert args.out.parent == RESULTS_DIR and args.compile == "compile" and args.amp and args.batch == 256
+            assert args.methods.split(",")[0] == "none"
+            continue
         if not step.sweep:
             assert cmd[1:4] == ["-m", "pytest", "tests/test_compile.py"]
             continue

@@ -531,6 +531,9 @@ COMPILE_TEXT = {
 }
 """How each mode is named in records' settings lines, leaderboard headings and plots."""
 GPU_ONLY_MODES = ("cudagraphs",)
+CALLS_TO_COMPILE = {"cudagraphs": 3}
+"""Calls until a mode runs what it will run from then on: CUDA graphs record on the later calls
+of a shape (the first runs the compiled kernels without a graph); other modes, one."""
 
 DEFAULT_BATCH_SIZES = {"cpu": (1, 32), "cuda": (1, 256)}
 """``bench.latency.batch_size=auto`` (or null), by device type: batch 1 (what one user waits for)
@@ -654,19 +657,28 @@ def _top1(model: nn.Module, x: Tensor, amp: bool, what: str) -> Tensor:
     return out.argmax(-1).cpu()
 
 
+def compiled_model(model: nn.Module, mode: str) -> nn.Module:
+    """``model`` as ``mode`` runs it (:data:`COMPILE_MODES`; eager: ``model`` itself): one static
+    graph (``fullgraph``: a graph break would leave part of the forward eager, and a block
+    compiled per token count until dynamo's recompile limit, then eager, timed as if compiled);
+    under CUDA graphs every call a graph step of its own (:class:`_StepMarked`). Compiling
+    happens on the first calls."""
+    options = COMPILE_MODES[mode]
+    if options is None:
+        return model
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, **options)
+    return _StepMarked(compiled) if mode in GPU_ONLY_MODES else compiled
+
+
 def _compile_one(
     model: nn.Module, x: Tensor, sizes: list[int], mode: str, amp: bool, what: str
 ) -> tuple[nn.Module, float, Tensor]:
     """``model`` compiled, the seconds until every batch size ran compiled (CUDA graphs: three
     times, since they record on the later calls), and its top-1 on the largest batch."""
-    options = COMPILE_MODES[mode] or {}
-    calls = 3 if mode in GPU_ONLY_MODES else 1
+    calls = CALLS_TO_COMPILE.get(mode, 1)
     t0 = time.perf_counter()
     try:
-        # fullgraph: a graph break would leave part of the forward eager (and a block compiled per
-        # token count until dynamo's recompile limit, then eager), timed as if compiled.
-        compiled = torch.compile(model, dynamic=False, fullgraph=True, **options)
-        runner = _StepMarked(compiled) if mode in GPU_ONLY_MODES else compiled
+        runner = compiled_model(model, mode)
         top1 = torch.empty(0, dtype=torch.long)
         with _inference(), _autocast(x.device, amp):
             for n in sizes:
