@@ -131,6 +131,12 @@ def main(argv: list[str]) -> int:
         return 0
     methods, overrides, own = _split(argv)
     try:
+        flags = [a for a in argv if a.startswith("-")]
+        if flags:
+            raise BenchError(
+                f"{flags[0]}: this tool takes key=value overrides, not flags (those of bench.finetune, e.g. "
+                "finetune.batch_size=64, and steps, warmup, out); see --help"
+            )
         steps, warmup = _counts(own)
         rows = []
         for method in methods:

@@ -650,7 +650,9 @@ def test_train_throughput_times_each_method_and_refuses_bad_settings(folder, tmp
     "args, message",
     [
         (["steps=abc"], "steps and warmup must be integers"),
-        (["--x"], "LexerNoViableAltException"),
+        (["--x"], "--x: this tool takes key=value overrides, not flags"),
+        (["--batch=0"], "--batch=0: this tool takes key=value overrides, not flags"),
+        (["step s=1"], "LexerNoViableAltException"),  # a malformed override: Hydra's own words
         (["finetune=nope"], "Could not find 'finetune/nope'"),
         (["method=nope"], "Could not find 'method/nope'"),
     ],
