@@ -27,7 +27,7 @@ from bench.train.data import SeededImages, check_disjoint, list_train_images, tr
 from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
 from bench.train.losses import needs_labels
 from bench.train.trainer import LAST, METRICS, Recipe, init_distributed, read_metrics, train
-from bench.validate import check_finetune_settings
+from bench.validate import check_finetune_settings, read_config
 from methods import ReducerConfigError, apply_reducer
 from methods.identity import NoReduction
 
@@ -88,6 +88,23 @@ def set_drop_path(model: nn.Module, rate: float) -> None:
         blk.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
 
 
+EVALUATED_SECTIONS = ("method", "model", "data", "budget", "bench", "device", "seed", "progress")
+"""What the evaluation hands ``bench.run``'s job (:func:`evaluation_config`), besides resume and
+the results folder."""
+
+
+def check_evaluated_settings(cfg: DictConfig) -> None:
+    """The settings the evaluation will read, typed by ``bench.run``'s schema before anything
+    trains: ``finetune.yaml`` is a plain tree, so ``budget=0.5`` (a value for a section) or
+    ``bench.latency.iters=abc`` would otherwise stop the run only after training, or as a
+    traceback. One line, as ``bench.run`` says it."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    plain = {k: tree[k] for k in EVALUATED_SECTIONS if k in tree}
+    if isinstance(plain.get("data"), dict):  # the training images are fine-tuning's, not the evaluation's
+        plain["data"] = {k: v for k, v in plain["data"].items() if not k.startswith("train_")}
+    read_config(plain)
+
+
 def evaluation_config(cfg: DictConfig, checkpoint: Path | None, resume: bool) -> DictConfig:
     """The ``bench.run`` config that evaluates ``checkpoint`` (None: the method off the shelf)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -129,6 +146,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, save, evaluate; returns the fine-tuned model's record (rank 0), else None."""
     keep_freed_memory()  # training steps on the CPU stop paying page faults too (bench/allocator.py)
     check_finetune_settings(cfg.finetune)  # finetune.lr=abc, batch_size=0: one line, before anything loads
+    check_evaluated_settings(cfg)  # budget=0.5, bench.latency.iters=abc: the same, not after training
     check_trainable_weights(cfg.model)  # random weights: refused before anything is loaded
     dist_, device = init_distributed(resolve_device(cfg.device))
     cfg = resolve_sources(cfg, announce=dist_.rank == 0)  # the teacher's weights and the eval images, said once

@@ -216,6 +216,8 @@ def config_error(error: BaseException) -> BenchError | None:
     if not isinstance(cause, ValidationError) or not cause.full_key:
         return None
     key = re.sub(r"(\[\d+\])+$", "", str(cause.full_key))  # an element of a list: the list's setting
+    if schema_section(key) is not None:  # budget=0.5: a value given to a section of settings
+        return section_given_a_value(key)
     check = SETTINGS.get(key)
     message = check(key, cause.value) if check is not None else None
     return BenchError(message or f"{key}: {str(cause.msg).splitlines()[0]}")
@@ -244,13 +246,45 @@ def _section(schema: Any, name: str) -> Any:
     return factory if callable(factory) and dataclasses.is_dataclass(factory) else None
 
 
+def schema_section(key: str) -> Any:
+    """The dataclass of the schema's section at the dotted ``key`` (``bench.latency``); None where
+    ``key`` is a plain setting, an open section or not in the schema."""
+    section: Any = Config
+    for part in key.split("."):
+        section = _section(section, part)
+    return section if dataclasses.is_dataclass(section) else None
+
+
+def section_given_a_value(key: str) -> BenchError:
+    """One line for ``budget=0.5``: ``key`` is a section of the schema, not a setting; the
+    message names the settings it has."""
+    names = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(schema_section(key)))
+    return BenchError(f"{key} is a section of settings, not a value; set one of {names}")
+
+
+def first_section_given_a_value(tree: Any, schema: Any = Config, prefix: str = "") -> str | None:
+    """The first key of a plain ``tree`` that holds a value where ``schema`` has a section
+    (merging it into the schema would fail without naming the key)."""
+    if not isinstance(tree, (dict, DictConfig)):
+        return None
+    for name, value in tree.items():
+        section = _section(schema, str(name))
+        if section is None:
+            continue
+        key = f"{prefix}{name}"
+        if not isinstance(value, (dict, DictConfig)):
+            return key
+        inner = first_section_given_a_value(value, section, f"{key}.")
+        if inner is not None:
+            return inner
+    return None
+
+
 def unknown_setting(key: str) -> BenchError:
     """One line for a key the schema does not have (a misspelt setting), naming the settings
     its section does have, so the fix is in the message."""
     parent, _, _ = key.rpartition(".")
-    section: Any = Config
-    for part in parent.split(".") if parent else []:
-        section = _section(section, part)
+    section = schema_section(parent) if parent else Config
     if not dataclasses.is_dataclass(section):
         return BenchError(f"{key} is not a setting")
     names = ", ".join(f.name for f in dataclasses.fields(section))
@@ -283,6 +317,9 @@ def read_config(cfg: Config | DictConfig | dict[str, Any]) -> Config:
     extra = first_unknown_key(cfg, Config)
     if extra is not None:  # ``+bench.latency.foo=1`` gets past Hydra's schema; typing would drop it
         raise unknown_setting(extra)
+    section = first_section_given_a_value(cfg)
+    if section is not None:
+        raise section_given_a_value(section)
     try:
         return typed(cfg)
     except OmegaConfBaseException as e:

@@ -197,6 +197,26 @@ def test_an_unknown_setting_or_group_option_is_named_and_a_malformed_override_is
         "model=deit_huge: no such model; choose one of deit_base, deit_small, deit_tiny, vit_large"
     )
     assert config_error(ConfigCompositionException("a malformed override")) is None
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["method=tome", "bench.latency=3"])
+    assert str(config_error(e.value)) == (
+        "bench.latency is a section of settings, not a value; set one of bench.latency.enabled, "
+        "bench.latency.batch_size, bench.latency.compile, bench.latency.warmup, bench.latency.iters, "
+        "bench.latency.tolerance, bench.latency.max_seconds, bench.latency.max_iters, bench.latency.amp, "
+        "bench.latency.threads"
+    )
+
+
+def test_a_value_given_to_a_section_names_the_section_in_a_plain_tree_too():
+    """Merging ``{"budget": 0.5}`` into the schema fails without naming the key ("config: Merge
+    error: float is not a subclass of BudgetConfig"); the message names it and its settings."""
+    with pytest.raises(
+        BenchError, match=r"^budget is a section of settings, not a value; set one of budget.macs_ratio"
+    ):
+        read_config({"budget": 0.5})
+    with pytest.raises(BenchError, match=r"^bench.latency is a section of settings, not a value; set one of bench."):
+        read_config({"bench": {"latency": None}})
+    assert read_config({"method": {"name": "tome", "reducer": {"r": 3}}}).method.reducer == {"r": 3}  # open section
 
 
 def test_a_plain_tree_is_typed_at_the_door_with_the_same_messages():
@@ -252,8 +272,12 @@ def test_a_misspelt_setting_on_the_command_line_names_the_sections_settings(tmp_
         (["bench.latency.itrs=5"], "bench.latency.itrs is not a setting; bench.latency has: "),
         (["model=deit_huge"], "model=deit_huge: no such model; choose one of deit_base, deit_small, deit_tiny"),
         (["finetune=nope"], "finetune=nope: no such finetune; choose one of calibrate, paper, quick"),
+        (
+            ["budget=0.5"],
+            "budget is a section of settings, not a value; set one of budget.macs_ratio, budget.tolerance",
+        ),
     ],
-    ids=["wrong type", "misspelt", "group option", "finetune option"],
+    ids=["wrong type", "misspelt", "group option", "finetune option", "a value for a section"],
 )
 def test_in_a_sweep_of_methods_a_composition_error_is_its_own_line(tmp_path: Path, args, message):
     """``python -m bench.run method=fatr,tome,evit`` with a bad setting: Hydra swallows the

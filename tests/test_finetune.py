@@ -365,6 +365,11 @@ def val(tmp_path_factory):
             ["data.train_root={train}", "finetune.images=null", "finetune.epochs=0.01"],
             r"^finetune.epochs=0.01 of 8 images is no image",
         ),
+        (  # finetune.yaml is a plain tree: the evaluation's settings are typed before training (was a traceback)
+            ["data.train_root={train}", "budget=0.5"],
+            r"^budget is a section of settings, not a value; set one of budget.macs_ratio, budget.tolerance$",
+        ),
+        (["data.train_root={train}", "bench.latency.iters=abc"], r"^bench.latency.iters must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_refused_before_training(overrides, message, val, folder, tmp_path):
