@@ -82,12 +82,13 @@ def list_images(root: str | Path, require_known_classes: bool = True) -> list[tu
     return items
 
 
-def spread(n_total: int, limit: int | None) -> list[int]:
-    """Indices of an evenly spaced, deterministic subset, so quick runs still span the classes."""
+def spread(n_total: int, limit: int | None, key: str = "data.limit") -> list[int]:
+    """Indices of an evenly spaced, deterministic subset, so quick runs still span the classes
+    (``key``: the setting ``limit`` came from, for the error)."""
     if limit is None or limit >= n_total:
         return list(range(n_total))
     if limit <= 0:
-        raise BenchError(f"data.limit must be positive, got {limit}")
+        raise BenchError(f"{key} must be positive, got {limit}")
     return [i * n_total // limit for i in range(limit)]
 
 

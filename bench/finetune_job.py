@@ -27,7 +27,7 @@ from bench.train.data import SeededImages, check_disjoint, list_train_images, tr
 from bench.train.finetuned import read_finetuned, save_finetuned, save_reducer_state
 from bench.train.losses import needs_labels
 from bench.train.trainer import LAST, METRICS, Recipe, init_distributed, read_metrics, train
-from bench.validate import check_finetune_settings, read_config
+from bench.validate import check_finetune_run, check_finetune_settings, read_config, validate_settings
 from methods import ReducerConfigError, apply_reducer
 from methods.identity import NoReduction
 
@@ -94,15 +94,17 @@ the results folder."""
 
 
 def check_evaluated_settings(cfg: DictConfig) -> None:
-    """The settings the evaluation will read, typed by ``bench.run``'s schema before anything
-    trains: ``finetune.yaml`` is a plain tree, so ``budget=0.5`` (a value for a section) or
-    ``bench.latency.iters=abc`` would otherwise stop the run only after training, or as a
-    traceback. One line, as ``bench.run`` says it."""
+    """The settings the evaluation will read, typed and checked as ``bench.run`` checks them,
+    before anything trains, and fine-tuning's own (``resume``, ``data.train_limit``):
+    ``finetune.yaml`` is a plain tree, so ``budget=0.5`` (a value for a section) was a traceback,
+    and ``seed=-1`` or ``bench.latency.iters=0`` stopped the run only after training. One line,
+    as ``bench.run`` says it."""
     tree = OmegaConf.to_container(cfg, resolve=True)
+    check_finetune_run(tree)
     plain = {k: tree[k] for k in EVALUATED_SECTIONS if k in tree}
     if isinstance(plain.get("data"), dict):  # the training images are fine-tuning's, not the evaluation's
         plain["data"] = {k: v for k, v in plain["data"].items() if not k.startswith("train_")}
-    read_config(plain)
+    validate_settings(read_config(plain))
 
 
 def evaluation_config(cfg: DictConfig, checkpoint: Path | None, resume: bool) -> DictConfig:

@@ -174,6 +174,19 @@ builds the recipe: ``finetune.lr=abc`` ended in a traceback, ``finetune.batch_si
 division by zero."""
 
 
+FINETUNE_RUN_SETTINGS: dict[str, Check] = {
+    "data.train_limit": integer(1, nullable=True),
+    "resume": flag,
+}
+"""``bench.finetune``'s own settings outside the recipe (its ``resume`` continues a training run:
+true or false, not ``bench.run``'s ``busy``)."""
+
+
+def check_finetune_run(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`BenchError` for the first of :data:`FINETUNE_RUN_SETTINGS` the run cannot use."""
+    _check(cfg, FINETUNE_RUN_SETTINGS)
+
+
 def check_finetune_settings(recipe: Mapping[str, Any]) -> None:
     """Raise :class:`BenchError` for the first value of the ``finetune`` section ``recipe`` the
     job cannot use, before anything loads; keys a recipe file adds of its own pass untouched."""

@@ -370,6 +370,17 @@ def val(tmp_path_factory):
             r"^budget is a section of settings, not a value; set one of budget.macs_ratio, budget.tolerance$",
         ),
         (["data.train_root={train}", "bench.latency.iters=abc"], r"^bench.latency.iters must be an integer >= 1"),
+        # the evaluation's value checks too, before training (seed=-1 trained, then the evaluation refused it)
+        (["data.train_root={train}", "seed=-1"], r"^seed must be an integer >= 0, got -1$"),
+        (["data.train_root={train}", "bench.latency.iters=0"], r"^bench.latency.iters must be an integer >= 1, got 0$"),
+        (
+            ["data.train_root={train}", "resume=maybe"],
+            r"^resume must be true or false, got 'maybe'$",
+        ),  # trained as true
+        (
+            ["data.train_root={train}", "data.train_limit=0"],
+            r"^data.train_limit must be an integer >= 1 or null, got 0$",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_training(overrides, message, val, folder, tmp_path):

@@ -56,7 +56,7 @@ def list_train_images(root: str | Path | None, need_labels: bool, limit: int | N
             f"loss needs labels but {bad.relative_to(path)} in {path} is not under an ImageNet wnid folder "
             "(<wnid>/<file>.JPEG, e.g. n01440764/x.JPEG); use loss=kd to train from the teacher alone"
         )
-    keep = spread(len(files), limit)
+    keep = spread(len(files), limit, "data.train_limit")
     return TrainImages([files[i] for i in keep], [labels[i] for i in keep], str(path))
 
 
