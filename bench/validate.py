@@ -174,6 +174,15 @@ builds the recipe: ``finetune.lr=abc`` ended in a traceback, ``finetune.batch_si
 division by zero."""
 
 
+BUDGET_SETTINGS = {k: v for k, v in BEFORE_SOURCES.items() if k.startswith("budget.")}
+
+
+def check_budget(cfg: Config | Mapping[str, Any]) -> None:
+    """The ``budget`` section's values (``bench.visualize`` solves every method's budget from it:
+    checked once, before any method is drawn)."""
+    _check(cfg, BUDGET_SETTINGS)
+
+
 FINETUNE_RUN_SETTINGS: dict[str, Check] = {
     "data.train_limit": integer(1, nullable=True),
     "resume": flag,

@@ -42,6 +42,7 @@ from bench.results_io import check_writable
 from bench.run import USER_ERRORS
 from bench.sources import RANDOM_WEIGHTS, REAL_WEIGHTS, resolve_sources
 from bench.terminal import say
+from bench.validate import check_budget
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULT_METHODS = ["fatr", "tome", "evit"]
@@ -122,6 +123,7 @@ def _as_list(value: object) -> list:
 def read_settings(cfg: DictConfig) -> Settings:
     """The checked ``visualize`` section: a count or existing files, block indices, an output
     path whose folder can be written."""
+    check_budget(cfg)  # budget.macs_ratio=2: one line, before any method is drawn
     vis = cfg.visualize
     paths = [Path(str(p)).expanduser() for p in _as_list(vis.get("paths"))]
     for p in paths:
@@ -247,8 +249,9 @@ def prepare_pictures(cfg: DictConfig, settings: Settings) -> tuple[DictConfig, P
     return cfg, pictures, denormalize(pictures.inputs, data["mean"], data["std"])
 
 
-def token_maps(overrides: Sequence[str]) -> tuple[Path, list[str]]:
-    """Draw the figure the command draws; returns its path and one line per method that failed."""
+def token_maps(overrides: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """Draw the figure the command draws; returns its path (None where every method failed:
+    nothing drawn, nothing overwritten) and one line per method that failed."""
     methods, rest = split_methods(overrides)
     cfgs = compose_configs(methods, rest)
     settings = read_settings(cfgs[0])
@@ -265,6 +268,8 @@ def token_maps(overrides: Sequence[str]) -> tuple[Path, list[str]]:
                 say(f"error: {error}")
                 errors.append(error)
             bar.update()
+        if len(errors) == len(cfgs):  # nothing to draw (each error said): keep the figure an earlier call wrote
+            return None, errors
         bar.set_postfix_str("drawing")
         title = _title(cfg, settings.stages, len(pictures.names))
         path = draw_token_maps(shown, pictures.names, panels, settings.out, title, settings.stages)
@@ -277,7 +282,7 @@ def write_token_maps(results_dir: str | Path, methods: str, overrides: Sequence[
     MACs 0.65 on four validation images, the tokens entering the last block. ``bench.publish``
     calls it after the sweeps; a method that cannot be drawn raises :class:`BenchError`."""
     path, errors = token_maps([f"method={methods}", f"results_dir={results_dir}", *PUBLISHED, *overrides])
-    if errors:
+    if errors or path is None:
         raise BenchError("token maps: " + "; ".join(errors))
     return path
 
@@ -306,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    print(f"token maps: {path}")
+    if path is not None:
+        print(f"token maps: {path}")
     return 2 if errors else 0
 
 

@@ -244,6 +244,25 @@ def test_a_sweep_of_anything_but_methods_is_one_line(capsys, tmp_path):
     assert code == 2 and "only method= takes a comma-separated list" in _one_error(capsys)
 
 
+@pytest.mark.parametrize("value", ["2", "0", "abc"])
+def test_a_budget_out_of_range_is_one_line_before_any_method_is_drawn(capsys, tmp_path, value):
+    code = main(["method=tome,evit", f"budget.macs_ratio={value}", f"visualize.out={tmp_path}/t.png"])
+    assert code == 2 and "budget.macs_ratio must be a number in (0, 1] or null, got" in _one_error(capsys)
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_when_every_method_fails_the_last_figure_is_kept(capsys, tmp_path):
+    """A figure of input images and "not drawn" panels only would replace the one an earlier
+    call drew; with nothing to draw, the old one stays, each method's error is said, status 2."""
+    (a,) = _user_images(tmp_path)[:1]
+    out = tmp_path / "maps.png"
+    out.write_bytes(b"the earlier figure")
+    args = [f"model.checkpoint={RANDOM_WEIGHTS}", "progress=false", f"visualize.out={out}", f"visualize.paths=[{a}]"]
+    code = main(["method=tome", "method.reducer.r=-3", *args])
+    assert code == 2 and out.read_bytes() == b"the earlier figure"
+    assert _one_error(capsys) == "error: method tome: cannot build method 'tome': ToMe r must be >= 0, got -3"
+
+
 def _user_images(folder):
     paths = []
     for i, mode in enumerate(("RGB", "L")):  # any image files, any mode; no labels
