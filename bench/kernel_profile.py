@@ -81,8 +81,6 @@ def profile_forward(
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         warm_seconds = time.perf_counter() - start
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(iters):
                 with torch.profiler.record_function("forward"):
