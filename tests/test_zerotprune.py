@@ -98,6 +98,24 @@ def test_vhf_drops_uniform_and_collapsed_heads_and_eir_is_a_root_mean_square():
     assert torch.allclose(aggregate_heads(none_kept, 1, (0.01, 0.7)), aggregate_heads(none_kept, 1, None))
 
 
+@pytest.mark.parametrize("fill", [None, float("nan"), 2.0])  # mixed; no head inside (NaN, above the range)
+def test_the_head_filter_keeps_exactly_the_heads_of_its_range(fill, monkeypatch):
+    """The filter's mask, written with fewer operators, is ``lo <= var <= hi`` (every head where
+    none is inside) bit for bit: at the bounds, beyond them, for NaN and infinite variances."""
+    import methods.zerotprune as zerotprune
+
+    lo, hi = 0.01, 0.7
+    var = torch.tensor([[lo, hi, 0.5, 0.0099, 0.7001, float("nan"), float("inf"), -float("inf")]])
+    if fill is not None:
+        var = torch.full_like(var, fill)
+    monkeypatch.setattr(zerotprune, "head_variance", lambda patch_scores: var)  # the filter's input, chosen
+    scores = torch.rand(1, var.shape[1], 6) + 0.1
+    plain = (var >= lo) & (var <= hi)
+    keep = torch.where(plain.sum(-1, keepdim=True) > 0, plain.float(), 1.0)
+    want = ((scores.square() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).sqrt()
+    assert torch.equal(aggregate_heads(scores, 1, (lo, hi)), want)
+
+
 def test_sub_attention_is_the_softmax_over_the_kept_keys():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 3, 9, 9, generator=g)
