@@ -191,9 +191,10 @@ def aggregate_heads(scores: Tensor, num_prefix: int, var_range: Sequence[float] 
     else:
         # ``clamp == var`` is ``lo <= var <= hi`` (NaN in neither), and ``any`` is a positive count
         # of 0/1 flags: the same masks in five operators instead of seven, twice per pruning block
+        # (a float 1.0 in ``where``: fvcore's JIT tracer has no ``where`` with a bool scalar)
         var = head_variance(scores[..., num_prefix:])
         inside = var.clamp(var_range[0], var_range[1]) == var
-        keep = torch.where(inside.any(-1, keepdim=True), inside, True).to(scores.dtype)
+        keep = torch.where(inside.any(-1, keepdim=True), inside.to(scores.dtype), 1.0)
     return ((scores.square() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).sqrt()
 
 
