@@ -148,8 +148,8 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, save, evaluate; returns the fine-tuned model's record (rank 0), else None."""
     keep_freed_memory()  # training steps on the CPU stop paying page faults too (bench/allocator.py)
     check_finetune_settings(cfg.finetune)  # finetune.lr=abc, batch_size=0: one line, before anything loads
+    check_trainable_weights(cfg.model)  # random weights: refused before anything is loaded (its own reason first)
     check_evaluated_settings(cfg)  # budget=0.5, bench.latency.iters=abc: the same, not after training
-    check_trainable_weights(cfg.model)  # random weights: refused before anything is loaded
     dist_, device = init_distributed(resolve_device(cfg.device))
     cfg = resolve_sources(cfg, announce=dist_.rank == 0)  # the teacher's weights and the eval images, said once
     method = cfg.method.name
