@@ -40,13 +40,19 @@ class FinetuneSummary(SweepSummary):
             super().on_multirun_start(config, **kwargs)
 
     def check_settings(self, config: DictConfig) -> None:
-        """The recipe's values once for the sweep, where every job shares them (the job checks
-        its own where ``finetune`` is swept or the jobs run elsewhere)."""
+        """The recipe's values, and the settings the evaluation will read, once for the sweep
+        where every job shares them (each job checks its own where they are swept or the jobs
+        run elsewhere)."""
         from bench.callbacks import shared_by_every_job
-        from bench.validate import check_finetune_settings
+        from bench.finetune_job import check_evaluated_settings
+        from bench.sources import check_trainable_weights
+        from bench.validate import SETTINGS_SECTIONS, check_finetune_settings
 
         if shared_by_every_job(config, {"finetune"}):
             check_finetune_settings(config.finetune)
+        if shared_by_every_job(config, SETTINGS_SECTIONS | {"data"}):  # budget=0.5: once, not once per method
+            check_trainable_weights(config.model)
+            check_evaluated_settings(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if _main_process():

@@ -99,7 +99,7 @@ def check_evaluated_settings(cfg: DictConfig) -> None:
     ``finetune.yaml`` is a plain tree, so ``budget=0.5`` (a value for a section) was a traceback,
     and ``seed=-1`` or ``bench.latency.iters=0`` stopped the run only after training. One line,
     as ``bench.run`` says it."""
-    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     check_finetune_run(tree)
     plain = {k: tree[k] for k in EVALUATED_SECTIONS if k in tree}
     if isinstance(plain.get("data"), dict):  # the training images are fine-tuning's, not the evaluation's

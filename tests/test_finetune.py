@@ -429,6 +429,22 @@ def test_a_config_group_option_that_is_not_there_is_one_line(override, message, 
     assert [line for line in out.stderr.splitlines() if line.strip()] == [message]
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("budget=0.5", "error: budget is a section of settings, not a value; set one of budget.macs_ratio, "),
+        ("seed=-1", "error: seed must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_bad_evaluation_setting_of_a_sweep_is_one_line_before_any_job(override, message, tmp_path):
+    """Shared by every method of the sweep, so said once (it was one failed job per method),
+    before the training folder is even looked for."""
+    out = run_cli(["method=tome,evit", override], tmp_path, timeout=300, module="bench.finetune")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+
+
 def compose_finetune(overrides: list[str]):
     return compose(overrides, "finetune")
 
