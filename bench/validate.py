@@ -284,24 +284,6 @@ def section_given_a_value(key: str) -> BenchError:
     return BenchError(f"{key} is a section of settings, not a value; set one of {names}")
 
 
-def first_section_given_a_value(tree: Any, schema: Any = Config, prefix: str = "") -> str | None:
-    """The first key of a plain ``tree`` that holds a value where ``schema`` has a section
-    (merging it into the schema would fail without naming the key)."""
-    if not isinstance(tree, (dict, DictConfig)):
-        return None
-    for name, value in tree.items():
-        section = _section(schema, str(name))
-        if section is None:
-            continue
-        key = f"{prefix}{name}"
-        if not isinstance(value, (dict, DictConfig)):
-            return key
-        inner = first_section_given_a_value(value, section, f"{key}.")
-        if inner is not None:
-            return inner
-    return None
-
-
 def unknown_setting(key: str) -> BenchError:
     """One line for a key the schema does not have (a misspelt setting), naming the settings
     its section does have, so the fix is in the message."""
@@ -313,18 +295,21 @@ def unknown_setting(key: str) -> BenchError:
     return BenchError(f"{key} is not a setting; {parent or 'the top level'} has: {names}")
 
 
-def first_unknown_key(tree: Any, schema: Any, prefix: str = "") -> str | None:
-    """The first key of ``tree`` (a config section, nested) that the ``schema`` dataclass lacks;
-    sections typed ``Any`` (a method's ``reducer``) and Hydra's own node are open."""
+def first_misfit_key(tree: Any, schema: Any, prefix: str = "") -> str | None:
+    """The first key of ``tree`` (a config section, nested) that the ``schema`` dataclass lacks,
+    or that holds a value where the schema has a section (``budget=0.5``: merging it into the
+    schema would fail without naming the key); sections typed ``Any`` (a method's ``reducer``)
+    and Hydra's own node are open. :func:`schema_section` tells the two apart."""
     if not dataclasses.is_dataclass(schema) or not hasattr(tree, "keys"):
         return None
     names = {f.name for f in dataclasses.fields(schema)}
     for key in tree.keys():
         if not prefix and key == "hydra":
             continue
-        if key not in names:
+        section = _section(schema, key)
+        if key not in names or (section is not None and not hasattr(tree[key], "keys")):
             return f"{prefix}{key}"
-        found = first_unknown_key(tree[key], _section(schema, key), f"{prefix}{key}.")
+        found = first_misfit_key(tree[key], section, f"{prefix}{key}.")
         if found is not None:
             return found
     return None
@@ -336,12 +321,9 @@ def read_config(cfg: Config | DictConfig | dict[str, Any]) -> Config:
     of the wrong type refused in one line."""
     if isinstance(cfg, Config):
         return cfg
-    extra = first_unknown_key(cfg, Config)
-    if extra is not None:  # ``+bench.latency.foo=1`` gets past Hydra's schema; typing would drop it
-        raise unknown_setting(extra)
-    section = first_section_given_a_value(cfg)
-    if section is not None:
-        raise section_given_a_value(section)
+    misfit = first_misfit_key(cfg, Config)
+    if misfit is not None:  # ``+bench.latency.foo=1`` gets past Hydra's schema; typing would drop it
+        raise section_given_a_value(misfit) if schema_section(misfit) is not None else unknown_setting(misfit)
     try:
         return typed(cfg)
     except OmegaConfBaseException as e:

@@ -301,9 +301,9 @@ def test_in_a_sweep_of_methods_a_composition_error_is_its_own_line(tmp_path: Pat
 )
 def test_keys_the_schema_lacks_are_refused_by_name(tree, key):
     from bench.errors import BenchError
-    from bench.validate import first_unknown_key
+    from bench.validate import first_misfit_key
 
-    assert first_unknown_key(OmegaConf.create(tree), Config) == key
+    assert first_misfit_key(OmegaConf.create(tree), Config) == key
     if key is not None:
         with pytest.raises(BenchError, match=rf"^{re.escape(key)} is not a setting; "):
             read_config(OmegaConf.create(tree))
