@@ -88,9 +88,8 @@ def set_drop_path(model: nn.Module, rate: float) -> None:
         blk.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
 
 
-EVALUATED_SECTIONS = ("method", "model", "data", "budget", "bench", "device", "seed", "progress")
-"""What the evaluation hands ``bench.run``'s job (:func:`evaluation_config`), besides resume and
-the results folder."""
+EVALUATED = ("method", "model", "data", "budget", "bench", "results_dir", "device", "seed", "progress")
+"""What the evaluation hands ``bench.run``'s job (:func:`evaluation_config`), with ``resume``."""
 
 
 def check_evaluated_settings(cfg: DictConfig) -> None:
@@ -99,37 +98,24 @@ def check_evaluated_settings(cfg: DictConfig) -> None:
     ``finetune.yaml`` is a plain tree, so ``budget=0.5`` (a value for a section) was a traceback,
     and ``seed=-1`` or ``bench.latency.iters=0`` stopped the run only after training. One line,
     as ``bench.run`` says it."""
-    tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    check_finetune_run(tree)
-    plain = {k: tree[k] for k in EVALUATED_SECTIONS if k in tree}
-    if isinstance(plain.get("data"), dict):  # the training images are fine-tuning's, not the evaluation's
-        plain["data"] = {k: v for k, v in plain["data"].items() if not k.startswith("train_")}
-    validate_settings(read_config(plain))
+    check_finetune_run(cfg)
+    validate_settings(read_config(evaluation_config(cfg, None, False)))
 
 
 def evaluation_config(cfg: DictConfig, checkpoint: Path | None, resume: bool) -> DictConfig:
-    """The ``bench.run`` config that evaluates ``checkpoint`` (None: the method off the shelf)."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    """The ``bench.run`` config that evaluates ``checkpoint`` (None: the method off the shelf).
+
+    Built from the resolved tree as it is: a value given where a section belongs (``budget=0.5``)
+    is passed on for :func:`bench.validate.read_config` to name, not tripped over here."""
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    tree = {k: resolved[k] for k in EVALUATED if k in resolved}
+    if isinstance(tree.get("data"), dict):  # the training images are fine-tuning's, not the evaluation's
+        tree["data"] = {k: v for k, v in tree["data"].items() if not k.startswith("train_")}
     if checkpoint is not None:
-        model["checkpoint"] = str(checkpoint)
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if not k.startswith("train_")}
-    budget = OmegaConf.to_container(cfg.budget, resolve=True)
-    if cfg.method.name == "none":
-        budget["macs_ratio"] = None  # the unreduced model has no budget: it is the reference
-    return OmegaConf.create(
-        {
-            "method": OmegaConf.to_container(cfg.method, resolve=True),
-            "model": model,
-            "data": data,
-            "budget": budget,
-            "bench": OmegaConf.to_container(cfg.bench, resolve=True),
-            "resume": resume,
-            "results_dir": cfg.results_dir,
-            "device": cfg.device,
-            "seed": cfg.seed,
-            "progress": cfg.progress,
-        }
-    )
+        tree["model"]["checkpoint"] = str(checkpoint)
+    if cfg.method.name == "none" and isinstance(tree.get("budget"), dict):
+        tree["budget"]["macs_ratio"] = None  # the unreduced model has no budget: it is the reference
+    return OmegaConf.create({**tree, "resume": resume})
 
 
 def loss_curve(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
