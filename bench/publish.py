@@ -91,6 +91,16 @@ def commands(
     ]
 
 
+def record_count(results_dir: str | Path) -> int:
+    """Records in the run store: a sweep that adds none was refused before its first job (a bad
+    override, no images, no device) or failed in every job, and so would the sweeps after it."""
+    runs = Path(results_dir) / RUNS_FILE
+    if not runs.is_file():
+        return 0
+    with runs.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def move_aside(results_dir: Path) -> Path | None:
     """Move the old run store and per-image outcomes into ``results/local/published-<time>/``,
     then carry back the records this command cannot regenerate: fine-tuned ones (made by
@@ -129,11 +139,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.fresh and (archive := move_aside(Path(args.results_dir))):
         print(f"old run store moved to {archive}")
-    failed = []
-    for what, cmd in todo:
+    failed, not_run = [], 0
+    for i, (what, cmd) in enumerate(todo):
         print(f"\n== {what}: python {shlex.join(cmd[1:])}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            failed.append(what)
+        before = record_count(args.results_dir)
+        if subprocess.run(cmd).returncode == 0:
+            continue
+        failed.append(what)
+        if record_count(args.results_dir) == before and (left := len(todo) - i - 1):
+            print(
+                f"error: that sweep recorded nothing; the {left} sweep(s) after it take the same overrides "
+                "and would fail the same way, so none was run (fix the error above and publish again)",
+                file=sys.stderr,
+            )
+            not_run = left
+            break
     from bench.leaderboard import SUMMARY_FILE, sync_documents, write_leaderboard
 
     write_leaderboard(args.results_dir)
@@ -148,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as e:
             failed.append(f"token maps ({e})")
     if failed:
-        print(f"\n{len(failed)} sweep(s) failed: {'; '.join(failed)}", file=sys.stderr)
+        skipped = f" ({not_run} not run)" if not_run else ""
+        print(f"\n{len(failed)} sweep(s) failed{skipped}: {'; '.join(failed)}", file=sys.stderr)
         return 2
     print(f"\npublished results regenerated in {args.results_dir}/: look at every plot before committing")
     return 0

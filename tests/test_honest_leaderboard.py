@@ -391,3 +391,32 @@ def test_fresh_publish_carries_the_fine_tuned_records_over(tmp_path, monkeypatch
     assert [r["config_hash"] for r in read_records(archive)] == ["aaaa", "bbbb"]
     assert (archive / "preds" / "a.npz").exists()
     assert move_aside(tmp_path / "empty") is None
+
+
+def test_publish_stops_after_a_sweep_that_recorded_nothing(tmp_path, monkeypatch, capsys):
+    """A bad override refuses every sweep alike: publish runs the first, sees it record nothing,
+    and says so once instead of failing the same way in every later sweep. A sweep that failed
+    in some jobs but recorded others does not stop the ones after it."""
+    import bench.leaderboard
+    import bench.publish as publish
+
+    results = tmp_path / "speed"
+    ran: list[list[str]] = []
+
+    def fake_run(cmd, records_added: int):
+        ran.append(cmd)
+        for i in range(records_added):
+            append_record(results, {"config_hash": f"{len(ran)}-{i}"})
+        return subprocess.CompletedProcess(cmd, 2)
+
+    monkeypatch.setattr(bench.leaderboard, "write_leaderboard", lambda d: None)
+    monkeypatch.setattr(publish.subprocess, "run", lambda cmd: fake_run(cmd, 0))
+    assert publish.main(["--speed", "--results-dir", str(results), "bench.latency.compile=turbo"]) == 2
+    err = capsys.readouterr().err
+    assert len(ran) == 1 and f"the {len(publish.SPEED_SWEEPS) - 1} sweep(s) after it" in err
+    assert f"1 sweep(s) failed ({len(publish.SPEED_SWEEPS) - 1} not run)" in err
+
+    ran.clear()
+    monkeypatch.setattr(publish.subprocess, "run", lambda cmd: fake_run(cmd, 1))
+    assert publish.main(["--speed", "--results-dir", str(results)]) == 2
+    assert len(ran) == len(publish.SPEED_SWEEPS) and "not run" not in capsys.readouterr().err
