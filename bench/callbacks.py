@@ -112,13 +112,16 @@ def check_settings(config: DictConfig) -> None:
     cfg = read_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
     validate_settings(cfg)
     resolve_device(cfg.device)  # device=mps, cuda without CUDA, cuda:N past the last GPU
-    check_image_sizes(cfg)
+    model = check_image_sizes(cfg)
+    if model is not None and shared_by_every_job(config, {"method", "budget"}):
+        check_reachable_budget(cfg, model)
 
 
-def check_image_sizes(cfg: Any) -> None:
+def check_image_sizes(cfg: Any) -> Any:
     """``model.img_size`` and the scaling resolutions against the model's patch size, on the
     architecture built on the meta device (no weights): each job checks them on its model, after
-    loading it. A model that is not a timm ViT is left to the job, which names the problem."""
+    loading it. Returns that model, at the image size; None for a model that is not a timm ViT,
+    left to the job, which names the problem."""
     import torch
 
     from bench.models import create_model, set_resolution
@@ -127,10 +130,24 @@ def check_image_sizes(cfg: Any) -> None:
     with torch.device("meta"):
         model = create_model(cfg.model.name)  # an unknown name: one line, as in the job
     if getattr(model, "patch_embed", None) is None:
-        return
+        return None
     if cfg.model.img_size:
         set_resolution(model, int(cfg.model.img_size))
     validate_for_model(cfg, model)
+    return model
+
+
+def check_reachable_budget(cfg: Any, model: Any) -> None:
+    """The job's budget solved on the weightless ``model`` (MACs are counted from shapes), when
+    the sweep is that one job: a budget its method cannot reach is then one ``error:`` line
+    before anything is loaded, as the job would say it. In a sweep over methods a budget one of
+    them cannot reach fails that job alone. (A fine-tuned checkpoint is evaluated only with the
+    method and budget it was trained at, which the job checks: solvable, then.)"""
+    from bench.budget import solve_budget
+    from bench.job import build_reducer_from_config
+
+    reducer = build_reducer_from_config(cfg.method)
+    solve_budget(reducer, cfg.budget.macs_ratio, cfg.budget.tolerance, model, cfg.method.name)
 
 
 class SweepSummary(Callback):

@@ -112,6 +112,17 @@ def test_hydra_launchers_run_a_two_method_sweep(tmp_path, val, launcher):
     assert (tmp_path / "results" / "leaderboard.md").exists()
 
 
+def test_an_impossible_budget_of_a_single_run_is_refused_before_the_job(tmp_path, val):
+    """One method at one budget: the budget is solved on the weightless model before the job,
+    so the run is one error line and status 2, no job launched and no results folder."""
+    out = run_cli(["method=evit", "budget.macs_ratio=0.05", f"data.root={val}", *FAST], tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "budget macs_ratio=0.05 is impossible for method evit" in errors[0]
+    assert "Launching" not in out.stdout + out.stderr and "job(s) failed" not in out.stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_an_impossible_budget_fails_one_job_not_the_sweep(tmp_path, val):
     args = [
         "method=evit",
