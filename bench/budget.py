@@ -127,17 +127,23 @@ def refuse_overridden_knob(
 
 
 def solve_budget(
-    reducer: TokenReducer, macs_ratio: float | None, tolerance: float, model, method: str = ""
+    reducer: TokenReducer,
+    macs_ratio: float | None,
+    tolerance: float,
+    model,
+    method: str = "",
+    overrides: list[str] | None = None,
 ) -> tuple[TokenReducer, dict]:
     """``reducer`` at the MACs budget (as configured when ``macs_ratio`` is None, and always for
     the unreduced model) and the fields the run store records about the budget. Shared by
-    evaluation and fine-tuning, so a fine-tuned method runs at the knob it was trained with."""
+    evaluation and fine-tuning, so a fine-tuned method runs at the knob it was trained with.
+    ``overrides``: see :func:`refuse_overridden_knob`."""
     from methods.patch import model_info
 
     budget: dict = {"macs_ratio_target": macs_ratio}
     if isinstance(reducer, NoReduction):
         return reducer, budget
-    refuse_overridden_knob(reducer, macs_ratio, method)
+    refuse_overridden_knob(reducer, macs_ratio, method, overrides)
     if macs_ratio is None:
         if reducer.budget_knob:  # the method's own knob: shown so that its rows can be told apart
             budget.update(knob=reducer.budget_knob, knob_value=reducer.hparams.get(reducer.budget_knob))

@@ -114,7 +114,7 @@ def check_settings(config: DictConfig) -> None:
     resolve_device(cfg.device)  # device=mps, cuda without CUDA, cuda:N past the last GPU
     model = check_image_sizes(cfg)
     if model is not None and shared_by_every_job(config, {"method", "budget"}):
-        check_reachable_budget(cfg, model)
+        check_reducer(cfg, model, list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or []))
 
 
 def check_image_sizes(cfg: Any) -> Any:
@@ -137,17 +137,25 @@ def check_image_sizes(cfg: Any) -> Any:
     return model
 
 
-def check_reachable_budget(cfg: Any, model: Any) -> None:
-    """The job's budget solved on the weightless ``model`` (MACs are counted from shapes), when
-    the sweep is that one job: a budget its method cannot reach is then one ``error:`` line
-    before anything is loaded, as the job would say it. In a sweep over methods a budget one of
-    them cannot reach fails that job alone. (A fine-tuned checkpoint is evaluated only with the
-    method and budget it was trained at, which the job checks: solvable, then.)"""
-    from bench.budget import solve_budget
-    from bench.job import build_reducer_from_config
+def check_reducer(cfg: Any, model: Any, overrides: list[str]) -> None:
+    """The job's reducer built, its budget solved and patched into the weightless ``model`` (all
+    from shapes: :func:`bench.job.reduce_model`), when the sweep is that one job: a budget its
+    knob cannot reach, a knob set beside a budget, blocks past the model's depth or a missing ω
+    file are then one ``error:`` line before anything is loaded, as the job would say it. In a
+    sweep over methods each job checks its own and fails alone. (A fine-tuned checkpoint is
+    evaluated only with the method and budget it was trained at, which the job checks.)"""
+    from bench.errors import BenchError
+    from bench.job import reduce_model
+    from methods import ReducerConfigError, UnsupportedModelError
 
-    reducer = build_reducer_from_config(cfg.method)
-    solve_budget(reducer, cfg.budget.macs_ratio, cfg.budget.tolerance, model, cfg.method.name)
+    try:
+        reduce_model(cfg, model, overrides)
+    except (ReducerConfigError, UnsupportedModelError) as e:  # the job's one line, as bench.run words it
+        raise BenchError(str(e)) from None
+    except BenchError:
+        raise
+    except Exception:  # noqa: BLE001 - not bad input: the job meets it with its weights, and reports it
+        return
 
 
 class SweepSummary(Callback):

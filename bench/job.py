@@ -284,6 +284,22 @@ def _record(
     return record
 
 
+def reduce_model(cfg: Config, model: nn.Module, overrides: list[str] | None = None) -> tuple[TokenReducer, dict]:
+    """Build the configured reducer, solve its budget on ``model`` and patch it in; returns the
+    reducer and the budget's record fields. Shapes are all it reads, so the sweep runs it on the
+    weightless model before its only job, to refuse what the job would (:mod:`bench.callbacks`).
+    ``overrides``: the command line's, for :func:`bench.budget.refuse_overridden_knob` (default:
+    this job's)."""
+    method = cfg.method.name
+    reducer = build_reducer_from_config(cfg.method)
+    reducer, budget = solve_budget(reducer, cfg.budget.macs_ratio, cfg.budget.tolerance, model, method, overrides)
+    try:
+        apply_reducer(model, reducer)
+    except ReducerConfigError as e:
+        raise BenchError(f"method {method}: {e}") from None
+    return reducer, budget
+
+
 def run_job(cfg: Config | DictConfig) -> dict[str, Any] | None:
     """Run one job; returns its record, or None when ``resume`` skipped it.
 
@@ -315,12 +331,7 @@ def run_job(cfg: Config | DictConfig) -> dict[str, Any] | None:
     if img_size:
         set_resolution(model, int(img_size))
     validate_for_model(cfg, model)
-    reducer = build_reducer_from_config(cfg.method)
-    reducer, budget = solve_budget(reducer, cfg.budget.macs_ratio, cfg.budget.tolerance, model, method)
-    try:
-        apply_reducer(model, reducer)
-    except ReducerConfigError as e:
-        raise BenchError(f"method {method}: {e}") from None
+    reducer, budget = reduce_model(cfg, model)
     notes = reducer.notes()
     for note in notes:
         say(f"warning: method {method}: {note}")

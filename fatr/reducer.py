@@ -297,7 +297,8 @@ class FATR(KeepRateReducer):
         notice such edits themselves (:meth:`_learned_nonzero`).
         """
         params = self._learned_params()
-        self._learned = any(bool(p.detach().any()) for p in params if p.numel())
+        # on the meta device (a weightless model, patched to check a run's settings) nothing has a value
+        self._learned = any(bool(p.detach().any()) for p in params if p.numel() and not p.is_meta)
         self._learned_key = self._learned_version()
         return self._learned
 

@@ -112,15 +112,25 @@ def test_hydra_launchers_run_a_two_method_sweep(tmp_path, val, launcher):
     assert (tmp_path / "results" / "leaderboard.md").exists()
 
 
-def test_an_impossible_budget_of_a_single_run_is_refused_before_the_job(tmp_path, val):
-    """One method at one budget: the budget is solved on the weightless model before the job,
-    so the run is one error line and status 2, no job launched and no results folder."""
-    out = run_cli(["method=evit", "budget.macs_ratio=0.05", f"data.root={val}", *FAST], tmp_path)
+@pytest.mark.parametrize(
+    "method,override,message",
+    [
+        ("evit", "budget.macs_ratio=0.05", "budget macs_ratio=0.05 is impossible for method evit"),
+        ("evit", "method.reducer.blocks=[3,9,16]", "reduction block index 16 is outside the model's depth"),
+        ("evit", "method.reducer.keep_rate=0.5", "method.reducer.keep_rate=0.5 was set explicitly"),
+        ("fatr", "method.reducer.omega_path=/nonexistent/omega.pt", "FATR omega file not found"),  # patched on meta
+    ],
+)
+def test_a_bad_reducer_setting_of_a_single_run_is_refused_before_the_job(tmp_path, val, method, override, message):
+    """One method at one budget: the reducer is built, its budget solved and patched into the
+    weightless model before the job, so what the job would refuse is one error line and status
+    2, with no job launched and no results folder."""
+    out = run_cli([f"method={method}", override, f"data.root={val}", *FAST], tmp_path)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [errors[0]] and "budget macs_ratio=0.05 is impossible for method evit" in errors[0]
-    assert "Launching" not in out.stdout + out.stderr and "job(s) failed" not in out.stderr
-    assert not (tmp_path / "results").exists()
+    assert errors == [errors[0]] and message in errors[0], out.stderr[-2000:]
+    assert "Launching" not in out.stdout + out.stderr and "Warning" not in out.stderr
+    assert "job(s) failed" not in out.stderr and not (tmp_path / "results").exists()
 
 
 def test_an_impossible_budget_fails_one_job_not_the_sweep(tmp_path, val):

@@ -176,3 +176,17 @@ def test_fatr_errors():
         apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=16))
     with pytest.raises(ReducerConfigError, match="omega file not found"):
         apply_reducer(tiny_vit(), build_reducer("fatr", blocks=[1], dc_grid=2, omega_path="/nonexistent.pt"))
+
+
+def test_fatr_patches_a_weightless_model():
+    """The sweep checks a run's reducer on the model built on the meta device (no weights):
+    FATR binds there, and ω, which has no values there, counts as not learned."""
+    import timm
+
+    from fatr import FATR
+
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    reducer = FATR(keep_rate=0.7)
+    apply_reducer(model, reducer)
+    assert not reducer.refresh_learned()
