@@ -158,7 +158,11 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except HydraException as e:  # a malformed override or an unknown config option
-        print(f"error: {str(e).splitlines()[0]} (overrides are those of bench.finetune; see --help)", file=sys.stderr)
+        from bench.validate import unknown_group_option
+
+        named = unknown_group_option(e)  # method=nope: the options the group has, as bench.run says it
+        why = str(named) if named else f"{str(e).splitlines()[0]} (overrides are those of bench.finetune; see --help)"
+        print(f"error: {why}", file=sys.stderr)
         return 2
     return 0
 

@@ -685,8 +685,8 @@ def test_train_throughput_times_each_method_and_refuses_bad_settings(folder, tmp
         (["--x"], "--x: this tool takes key=value overrides, not flags"),
         (["--batch=0"], "--batch=0: this tool takes key=value overrides, not flags"),
         (["step s=1"], "LexerNoViableAltException"),  # a malformed override: Hydra's own words
-        (["finetune=nope"], "Could not find 'finetune/nope'"),
-        (["method=nope"], "Could not find 'method/nope'"),
+        (["finetune=nope"], "finetune=nope: no such finetune; choose one of calibrate, paper, quick"),
+        (["method=nope"], "method=nope: no such method; choose one of ats,"),
     ],
 )
 def test_train_throughput_bad_arguments_are_one_line(args, message, capsys):
