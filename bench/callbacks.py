@@ -112,6 +112,15 @@ def check_settings(config: DictConfig) -> None:
     cfg = read_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
     validate_settings(cfg)
     resolve_device(cfg.device)  # device=mps, cuda without CUDA, cuda:N past the last GPU
+    check_model_and_reducer(config, cfg)
+
+
+def check_model_and_reducer(config: DictConfig, cfg: Any) -> None:
+    """The image sizes against the model (:func:`check_image_sizes`) and, when every job also
+    runs the same method at the same budget, its reducer on that weightless model
+    (:func:`check_reducer`); ``cfg`` is the jobs' typed config, ``config`` the sweep's tree."""
+    from omegaconf import OmegaConf
+
     model = check_image_sizes(cfg)
     if model is not None and shared_by_every_job(config, {"method", "budget"}):
         check_reducer(cfg, model, list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or []))

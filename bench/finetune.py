@@ -43,7 +43,7 @@ class FinetuneSummary(SweepSummary):
         """The recipe's values, and the settings the evaluation will read, once for the sweep
         where every job shares them (each job checks its own where they are swept or the jobs
         run elsewhere)."""
-        from bench.callbacks import shared_by_every_job
+        from bench.callbacks import check_model_and_reducer, shared_by_every_job
         from bench.finetune_job import check_evaluated_settings
         from bench.sources import check_trainable_weights
         from bench.validate import SETTINGS_SECTIONS, check_finetune_settings
@@ -52,7 +52,7 @@ class FinetuneSummary(SweepSummary):
             check_finetune_settings(config.finetune)
         if shared_by_every_job(config, SETTINGS_SECTIONS | {"data"}):  # budget=0.5: once, not once per method
             check_trainable_weights(config.model)
-            check_evaluated_settings(config)
+            check_model_and_reducer(config, check_evaluated_settings(config))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if _main_process():

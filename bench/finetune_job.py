@@ -18,6 +18,7 @@ from torch import nn
 
 from bench.allocator import keep_freed_memory
 from bench.budget import solve_budget
+from bench.config import Config
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config, resolve_device, run_job
 from bench.models import load_model, set_resolution
@@ -92,14 +93,16 @@ EVALUATED = ("method", "model", "data", "budget", "bench", "results_dir", "devic
 """What the evaluation hands ``bench.run``'s job (:func:`evaluation_config`), with ``resume``."""
 
 
-def check_evaluated_settings(cfg: DictConfig) -> None:
+def check_evaluated_settings(cfg: DictConfig) -> Config:
     """The settings the evaluation will read, typed and checked as ``bench.run`` checks them,
     before anything trains, and fine-tuning's own (``resume``, ``data.train_limit``):
     ``finetune.yaml`` is a plain tree, so ``budget=0.5`` (a value for a section) was a traceback,
     and ``seed=-1`` or ``bench.latency.iters=0`` stopped the run only after training. One line,
-    as ``bench.run`` says it."""
+    as ``bench.run`` says it. Returns the evaluation's typed config."""
     check_finetune_run(cfg)
-    validate_settings(read_config(evaluation_config(cfg, None, False)))
+    typed = read_config(evaluation_config(cfg, None, False))
+    validate_settings(typed)
+    return typed
 
 
 def evaluation_config(cfg: DictConfig, checkpoint: Path | None, resume: bool) -> DictConfig:

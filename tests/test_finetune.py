@@ -445,6 +445,23 @@ def test_a_bad_evaluation_setting_of_a_sweep_is_one_line_before_any_job(override
     assert len(lines) == 1 and lines[0].startswith(message), out.stderr
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("budget.macs_ratio=0.05", "error: budget macs_ratio=0.05 is impossible for method tome"),
+        ("method.reducer.r=4", "error: method.reducer.r=4 was set explicitly, but budget.macs_ratio=0.65"),
+    ],
+)
+def test_a_reducer_one_run_cannot_use_is_one_line_before_training(override, message, tmp_path):
+    """One method at one budget: its reducer is set up on the weightless model before the job,
+    as bench.run does, so nothing is launched and the training folder is never looked for."""
+    out = run_cli(["method=tome", override], tmp_path, timeout=300, module="bench.finetune")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+    assert "Launching" not in out.stdout
+
+
 def compose_finetune(overrides: list[str]):
     return compose(overrides, "finetune")
 
