@@ -159,9 +159,7 @@ def check_reducer(cfg: Any, model: Any, overrides: list[str]) -> None:
 
     try:
         reduce_model(cfg, model, overrides)
-    except (ReducerConfigError, UnsupportedModelError) as e:  # the job's one line, as bench.run words it
-        raise BenchError(str(e)) from None
-    except BenchError:
+    except (BenchError, ReducerConfigError, UnsupportedModelError):  # bad input: the job's one line, now
         raise
     except Exception:  # noqa: BLE001 - not bad input: the job meets it with its weights, and reports it
         return
@@ -185,6 +183,7 @@ class SweepSummary(Callback):
         global _ACTIVE
         from bench.errors import BenchError
         from bench.results_io import check_writable
+        from methods import ReducerConfigError, UnsupportedModelError
 
         self.sweep_dir = os.path.abspath(str(config.hydra.sweep.dir))
         self.results_dir = str(config.results_dir)
@@ -193,7 +192,7 @@ class SweepSummary(Callback):
             check_writable(self.results_dir)
             self.check_settings(config)
             check_sources(config)
-        except BenchError as e:
+        except (BenchError, ReducerConfigError, UnsupportedModelError) as e:  # Hydra would warn and go on
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         _ACTIVE = self
