@@ -92,8 +92,10 @@ def commands(
 
 
 def record_count(results_dir: str | Path) -> int:
-    """Records in the run store: a sweep that adds none was refused before its first job (a bad
-    override, no images, no device) or failed in every job, and so would the sweeps after it."""
+    """Records in the run store. A first sweep (every method on the default model) that adds
+    none was refused before its first job (a bad override, no images, no device) or failed in
+    every job: so would the sweeps after it. A later sweep may fail for reasons of its own (a
+    model size, a compile mode), and the ones after it still run."""
     runs = Path(results_dir) / RUNS_FILE
     if not runs.is_file():
         return 0
@@ -146,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run(cmd).returncode == 0:
             continue
         failed.append(what)
-        if record_count(args.results_dir) == before and (left := len(todo) - i - 1):
+        if i == 0 and record_count(args.results_dir) == before and (left := len(todo) - 1):
             print(
-                f"error: that sweep recorded nothing; the {left} sweep(s) after it take the same overrides "
-                "and would fail the same way, so none was run (fix the error above and publish again)",
+                f"error: the first sweep recorded nothing; the {left} sweep(s) after it take the same overrides, "
+                "images and device, so none was run (fix the error above and publish again)",
                 file=sys.stderr,
             )
             not_run = left

@@ -395,8 +395,9 @@ def test_fresh_publish_carries_the_fine_tuned_records_over(tmp_path, monkeypatch
 
 def test_publish_stops_after_a_sweep_that_recorded_nothing(tmp_path, monkeypatch, capsys):
     """A bad override refuses every sweep alike: publish runs the first, sees it record nothing,
-    and says so once instead of failing the same way in every later sweep. A sweep that failed
-    in some jobs but recorded others does not stop the ones after it."""
+    and says so once instead of failing the same way in every later sweep. A first sweep that
+    failed in some jobs but recorded others, or a later one that recorded nothing, does not stop
+    the ones after it."""
     import bench.leaderboard
     import bench.publish as publish
 
@@ -413,10 +414,12 @@ def test_publish_stops_after_a_sweep_that_recorded_nothing(tmp_path, monkeypatch
     monkeypatch.setattr(publish.subprocess, "run", lambda cmd: fake_run(cmd, 0))
     assert publish.main(["--speed", "--results-dir", str(results), "bench.latency.compile=turbo"]) == 2
     err = capsys.readouterr().err
-    assert len(ran) == 1 and f"the {len(publish.SPEED_SWEEPS) - 1} sweep(s) after it" in err
+    assert len(ran) == 1 and f"the first sweep recorded nothing; the {len(publish.SPEED_SWEEPS) - 1} sweep(s)" in err
     assert f"1 sweep(s) failed ({len(publish.SPEED_SWEEPS) - 1} not run)" in err
 
-    ran.clear()
-    monkeypatch.setattr(publish.subprocess, "run", lambda cmd: fake_run(cmd, 1))
-    assert publish.main(["--speed", "--results-dir", str(results)]) == 2
-    assert len(ran) == len(publish.SPEED_SWEEPS) and "not run" not in capsys.readouterr().err
+    for first_adds in (1, 0):  # the first sweep records a job, then every later one records nothing
+        ran.clear()
+        monkeypatch.setattr(publish.subprocess, "run", lambda cmd, n=first_adds: fake_run(cmd, n if not ran else 0))
+        assert publish.main(["--speed", "--results-dir", str(results)]) == 2
+        assert len(ran) == (len(publish.SPEED_SWEEPS) if first_adds else 1)
+        assert ("not run" in capsys.readouterr().err) == (not first_adds)
