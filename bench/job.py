@@ -23,9 +23,10 @@ from bench.config import BenchConfig, Config, MethodConfig
 from bench.data import ImageSet, load_imagenet_folder
 from bench.errors import BenchError, record_skip
 from bench.measure.accuracy import accuracy_job, accuracy_metrics, cached_predictions
+from bench.measure.busy import mark_busy_batches, slower_than_usual, timing_settings
 from bench.measure.cache import MeasurementCache, unreduced_cache
 from bench.measure.flops import flops_job
-from bench.measure.latency import latency_job, mark_busy_batches, slower_than_usual, timing_settings, unreduced_latency
+from bench.measure.latency import latency_job, unreduced_latency
 from bench.measure.outcomes import Outcomes, outcomes_of, save_outcomes
 from bench.measure.packed_linear import packed_linear_kernels
 from bench.measure.phases import PhaseClock
@@ -209,7 +210,7 @@ def _flag_slow_machine(
     cfg: Config, metrics: dict[str, Any], device: torch.device, finetuned: Finetuned | None, method: str
 ) -> None:
     """Mark the latency busy where the unreduced model ran much slower than the run store's
-    earlier records at the same settings usually did (:func:`bench.measure.latency.slower_than_usual`): a
+    earlier records at the same settings usually did (:func:`bench.measure.busy.slower_than_usual`): a
     contended host that neither the load average nor the timings' spread shows."""
     if "latency_batches" not in metrics:
         return

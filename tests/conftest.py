@@ -14,7 +14,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from bench.measure.latency import cpu_count
+from bench.measure.busy import cpu_count
 from methods import TokenReducer
 
 REPO = Path(__file__).resolve().parents[1]

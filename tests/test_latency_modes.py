@@ -21,6 +21,7 @@ from bench import job as job_module
 from bench.config import LatencyConfig
 from bench.errors import BenchError
 from bench.leaderboard import latest_per_config, markdown, result_key, summary, table
+from bench.measure import busy as busy_module
 from bench.measure import latency as latency_module
 from bench.measure.cache import CACHE_DIR
 from bench.measure.flops import VitShape
@@ -40,7 +41,7 @@ from methods import apply_reducer
 @pytest.fixture
 def quiet_machine(monkeypatch):
     monkeypatch.setattr(latency_module, "load_average", lambda: 0.0)
-    monkeypatch.setattr(latency_module, "BUSY_SPREAD", math.inf)
+    monkeypatch.setattr(busy_module, "BUSY_SPREAD", math.inf)
 
 
 def _scripted(pairs):

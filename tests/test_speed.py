@@ -21,12 +21,14 @@ from conftest import build_reducer, tiny_vit
 from bench import job as job_module
 from bench.config import ModelConfig
 from bench.data import ImageSet
+from bench.measure import busy as busy_module
 from bench.measure import latency as latency_module
 from bench.measure import scaling as scaling_module
 from bench.measure import spectral as spectral_module
+from bench.measure.busy import busy_reason, relative_spread
 from bench.measure.cache import CACHE_DIR, MeasurementCache, device_fingerprint, unreduced_cache, weights_fingerprint
 from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
-from bench.measure.latency import StopRule, busy_reason, measure_latency, relative_spread
+from bench.measure.latency import StopRule, measure_latency
 from bench.measure.phases import PhaseClock, time_table
 from bench.measure.scaling import analytic_gmacs, at_resolution, scaling_metrics
 from bench.store import device_name, read_records
@@ -159,7 +161,7 @@ def test_a_disabled_cache_writes_nothing(tmp_path):
 def quiet_machine(monkeypatch):
     """No load and no spread: the busy flag is tested on its own below."""
     monkeypatch.setattr(latency_module, "load_average", lambda: 0.0)
-    monkeypatch.setattr(latency_module, "BUSY_SPREAD", math.inf)
+    monkeypatch.setattr(busy_module, "BUSY_SPREAD", math.inf)
 
 
 def _forget_this_process():
@@ -300,7 +302,7 @@ def test_scaling_timing_reads_memory_in_its_warm_up_too(vit, images, warmup):
 
 def test_busy_machine_is_flagged(vit, images, monkeypatch):
     cpu = torch.device("cpu")
-    cpus = latency_module.cpu_count()
+    cpus = busy_module.cpu_count()
     assert busy_reason(cpu, [10.0, 10.1, 9.9], load=cpus + 2.0) == f"load {cpus + 2.0:.1f} on {cpus} CPUs"
     assert busy_reason(cpu, [10.0, 10.1, 9.9], load=0.1) is None
     assert busy_reason(cpu, [10.0, 14.0, 10.0, 15.0, 9.0], load=0.1).startswith("unreduced timings spread")
@@ -470,7 +472,7 @@ def _timed(ms_by_batch: dict[int, float], model="deit_tiny_patch16_224", mode="e
 
 def test_an_unreduced_timing_far_above_the_stores_median_at_the_same_settings_is_slower_than_usual():
     now = _timed({1: 25.0, 32: 600.0})
-    settings = latency_module.timing_settings(now)
+    settings = busy_module.timing_settings(now)
     usual = [_timed({1: ms, 32: 580.0}) for ms in (17.0, 17.5, 21.0)]  # a quiet day: median 17.5
     store = [
         *usual,
@@ -479,16 +481,16 @@ def test_an_unreduced_timing_far_above_the_stores_median_at_the_same_settings_is
         _timed({1: 5.0, 32: 100.0}, model="deit_small_patch16_224"),
         {"model": "deit_tiny_patch16_224", "metrics": "not a dict"},
     ]
-    reasons = latency_module.slower_than_usual(now["metrics"], settings, store)
+    reasons = busy_module.slower_than_usual(now["metrics"], settings, store)
     assert reasons == {
         1: "unreduced 25.0 ms, 43% slower than the median of the 3 recorded here at these settings (17.5 ms)"
     }  # batch 32 is 3% over: usual
     quiet_max = _timed({1: 21.5, 32: 580.0})["metrics"]  # 23% over the median: a quiet day's spread
-    assert latency_module.slower_than_usual(quiet_max, settings, store) == {}
-    assert latency_module.slower_than_usual(now["metrics"], settings, usual[:2]) == {}  # two are no "usual"
+    assert busy_module.slower_than_usual(quiet_max, settings, store) == {}
+    assert busy_module.slower_than_usual(now["metrics"], settings, usual[:2]) == {}  # two are no "usual"
     metrics = {**now["metrics"], "latency_busy": True, "latency_busy_reason": "batch 32: spread 12%"}
     metrics["latency_busy_b32"], metrics["latency_busy_reason_b32"] = True, "spread 12%"
-    latency_module.mark_busy_batches(metrics, reasons)
+    busy_module.mark_busy_batches(metrics, reasons)
     assert metrics["latency_busy"] and metrics["latency_busy_b1"]
     assert metrics["latency_busy_reason"] == f"batch 1: {reasons[1]}; batch 32: spread 12%"
 

@@ -29,8 +29,9 @@ from bench.budget import command_line_overrides, refuse_overridden_knob
 from bench.data import load_imagenet_folder
 from bench.errors import BenchError
 from bench.leaderboard import summary
+from bench.measure.busy import JITTER_MS, timing_spread
 from bench.measure.flops import VitShape
-from bench.measure.latency import JITTER_MS, peak_memory_mb, timing_spread
+from bench.measure.latency import peak_memory_mb
 from bench.measure.scaling import scaling_metrics
 from bench.report.row_notes import measured_settings
 from bench.report.scaling import mark_busy, scaling_section

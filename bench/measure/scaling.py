@@ -32,9 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.config import ScalingConfig
+from bench.measure.busy import describe_busy
 from bench.measure.cache import latency_key
 from bench.measure.flops import VitShape, analytic_macs, fvcore_macs
-from bench.measure.latency import describe_busy, time_forward
+from bench.measure.latency import time_forward
 from bench.models import set_resolution
 from bench.store import now_iso
 from bench.terminal import say
@@ -83,7 +84,7 @@ class ScalingPoint(_ScalingPointRequired, total=False):
     peak_mem_mb_batch: float
     busy: bool
     """Measured points only: the method's timings here spread beyond ``BUSY_SPREAD`` and
-    ``JITTER_MS``, or the load exceeded the CPUs (:func:`bench.measure.latency.describe_busy`);
+    ``JITTER_MS``, or the load exceeded the CPUs (:func:`bench.measure.busy.describe_busy`);
     absent in records from before per-point flags."""
     busy_unreduced: bool
     """The same for the unreduced model's timings at this point."""
