@@ -60,8 +60,17 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
     recs = [r for r in records if "scaling" in r.get("metrics", {})]
     if not recs:
         return []
-    from bench.report.style import figure, label_styles, lines_by_method, log_ticks, save
+    path = plot_scaling(scaling_points(recs), recs, results_dir)
+    append_markdown(results_dir, scaling_table(recs))
+    return [path]
 
+
+LATENCY_B1 = "latency ms (batch 1)"
+
+
+def scaling_points(recs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per method (and the unreduced model, from the first record) and resolution:
+    tokens, batch-1 latency, GMACs, and whether the latency was extrapolated or timed busy."""
     rows = []
 
     def add(label: str, s: ScalingPoint, latency: Any, gmacs: Any, busy: Any) -> None:
@@ -69,7 +78,7 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
             {
                 "method": label,
                 "tokens": s["tokens"],
-                "latency ms (batch 1)": latency,
+                LATENCY_B1: latency,
                 "GMACs": gmacs,
                 "extrapolated": bool(s.get("extrapolated", False)),
                 "busy": bool(busy),
@@ -81,8 +90,15 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
             add(method_label(r), s, s["latency_ms_b1"], s["gmacs"], s.get("busy"))
     for s in _scaling(recs[0])["scaling"]:
         add("unreduced", s, s["latency_ms_b1_unreduced"], s["gmacs_unreduced"], s.get("busy_unreduced"))
-    d = pd.DataFrame(rows)
-    lat = "latency ms (batch 1)"
+    return pd.DataFrame(rows)
+
+
+def plot_scaling(d: pd.DataFrame, recs: list[dict[str, Any]], results_dir: Path) -> Path:
+    """``scaling.png``: latency and GMACs against tokens, log-log; extrapolated latencies dashed
+    from the last measured point on, busy ones hollow."""
+    from bench.report.style import figure, label_styles, lines_by_method, log_ticks, save
+
+    lat = LATENCY_B1
     fig, axes = figure(2, 12, 4.8)
     measured = d[~d["extrapolated"]].dropna(subset=[lat])
     lines_by_method(axes[0], measured, "tokens", lat)
@@ -104,13 +120,18 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
         ax.set_yscale("log")
         log_ticks(ax, d["tokens"])
         ax.tick_params(axis="x", labelrotation=45)
-    path = save(
+    return save(
         fig,
         results_dir / "scaling.png",
         f"Cost vs tokens ({min(d['tokens'])} → {max(d['tokens'])} tokens), {recs[0].get('device')}",
         legend_ax=axes[0],
     )
 
+
+def scaling_table(recs: list[dict[str, Any]]) -> list[str]:
+    """The leaderboard's "High-resolution scaling" section: per method the fitted exponents,
+    the resolution at the base latency, the latency at the claim's resolution, and the verdict
+    on the claim from the best of them."""
     lines = [
         "",
         "## High-resolution scaling",
@@ -180,5 +201,4 @@ def scaling_section(records: list[dict[str, Any]], results_dir: Path) -> list[Pa
             f"{best[0]:.0f}× the base latency at {best[2]}² ({how}).",
         ]
     lines.append("")
-    append_markdown(results_dir, lines)
-    return [path]
+    return lines
