@@ -30,7 +30,7 @@ from torch.autograd import DeviceType
 from bench.budget import solve_budget
 from bench.errors import BenchError
 from bench.job import build_reducer_from_config
-from bench.measure.latency import CALLS_TO_COMPILE, COMPILE_MODES, COMPILE_TEXT, GPU_ONLY_MODES, compiled_model
+from bench.measure.compiling import CALLS_TO_COMPILE, COMPILE_MODES, COMPILE_TEXT, GPU_ONLY_MODES, compiled_model
 from bench.models import load_model
 from bench.report.labels import METHOD_CONF
 from bench.store import git_commit

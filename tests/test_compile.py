@@ -24,8 +24,8 @@ from helpers import run_capturing
 
 import methods.kmedoids as kmedoids_module
 import methods.prune as prune_module
+from bench.measure.compiling import compile_pair
 from bench.measure.flops import fvcore_macs
-from bench.measure.latency import compile_pair
 from fatr import FATR
 from fatr.reducer import DC_EMPTY, DC_SLOTS
 from methods import apply_reducer

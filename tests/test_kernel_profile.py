@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import kernel_profile
-from bench.measure import latency
+from bench.measure import compiling
 
 
 def test_a_report_names_the_setting_and_each_method_with_its_reducer_share(tmp_path, capsys):
@@ -62,12 +62,12 @@ def test_a_compiled_profile_says_how_it_ran_and_leaves_out_the_reducer_share(tmp
     """``--compile``: the forward as that mode of ``bench.latency.compile`` runs it (dynamo's
     eager backend here, to keep the test fast: the same capture, no kernels generated). The
     reducer's range would be traced away, so no share is claimed; the compile time is given."""
-    monkeypatch.setitem(latency.COMPILE_MODES, "compile", {"backend": "eager"})
+    monkeypatch.setitem(compiling.COMPILE_MODES, "compile", {"backend": "eager"})
     out = tmp_path / "profile.txt"
     argv = ["--methods=none,tome", "--model=test_vit", "--iters=1", "--rows=3", "--device=cpu", "--compile=compile"]
-    graphs = latency.compiled_graphs()
+    graphs = compiling.compiled_graphs()
     assert kernel_profile.main([*argv, f"--out={out}"]) == 0
-    assert latency.compiled_graphs() >= graphs + 2  # each model ran as one captured graph
+    assert compiling.compiled_graphs() >= graphs + 2  # each model ran as one captured graph
     text = out.read_text()
     assert "test_vit (random weights), batch 1, fp32, torch.compile (inductor), MACs ratio 0.65" in text
     tome = text.split("## tome")[1]

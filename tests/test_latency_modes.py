@@ -22,16 +22,13 @@ from bench.config import LatencyConfig
 from bench.errors import BenchError
 from bench.leaderboard import latest_per_config, markdown, result_key, summary, table
 from bench.measure import busy as busy_module
+from bench.measure import compiling as compiling_module
 from bench.measure import latency as latency_module
 from bench.measure.cache import CACHE_DIR
+from bench.measure.compiling import TimedPair, compile_pair
 from bench.measure.flops import VitShape
-from bench.measure.latency import (
-    TimedPair,
-    compile_pair,
-    latency_batch_sizes,
-    measure_batches,
-    unreduced_latency,
-)
+from bench.measure.forward_context import inference
+from bench.measure.latency import latency_batch_sizes, measure_batches, unreduced_latency
 from bench.report.summary import timed_days
 from bench.store import read_records
 from bench.validate import memory_needs, read_config
@@ -308,7 +305,7 @@ def test_a_failed_compile_in_a_job_saves_its_traceback_and_says_where(vit, image
         raise ValueError("The argument '-1 + ((0))' is not comparable.")
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(latency_module, "job_output_dir", lambda: tmp_path)
+    monkeypatch.setattr(compiling_module, "job_output_dir", lambda: tmp_path)
     with pytest.raises(BenchError) as e:
         compile_pair(vit, copy.deepcopy(vit), images, [1], "cudagraphs")
     saved = tmp_path / "compile-traceback.txt"
@@ -342,7 +339,7 @@ def test_a_compiled_job_records_its_mode_compile_times_and_agreement(tmp_path, m
     """A whole job, compiled (dynamo's eager backend: see the module docstring): the compile time
     of each model apart from its timings, no graph compiled inside a timed loop, top-1 equal to
     eager's, and the mode in the record, the unreduced record, the row and the cache key."""
-    monkeypatch.setitem(latency_module.COMPILE_MODES, "compile", {"backend": "eager"})
+    monkeypatch.setitem(compiling_module.COMPILE_MODES, "compile", {"backend": "eager"})
     root = image_folder(tmp_path / "val", 2, 1)
     results = tmp_path / "results"
     job_module._BASELINES.clear()
@@ -420,7 +417,7 @@ def test_a_model_timed_in_inference_mode_still_trains(name):
     overrides = dict([option.split("=")]) if option else {}
     model = apply_reducer(tiny_distilled_vit(depth=12), build_reducer(method, **overrides))  # default schedules
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with latency_module._inference():
+    with inference():
         assert torch.is_inference_mode_enabled()
         eager = model(x)
     model.train()

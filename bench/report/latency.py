@@ -17,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.measure.latency import COMPILE_TEXT, PER_BATCH_KEYS
+from bench.measure.compiling import COMPILE_TEXT
+from bench.measure.latency import PER_BATCH_KEYS
 
 EAGER = "eager"
 CPP_WRAPPER = "cpp-wrapper"
