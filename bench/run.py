@@ -3,8 +3,10 @@
 The primary config sets ``hydra.mode: MULTIRUN``, so comma-separated values sweep without
 ``-m``. Bad input that every job shares (a setting, the device, the images or weights) stops
 the sweep before its first job with one line on stderr and status 2
-(:class:`bench.callbacks.SweepSummary`). Bad input of one job (a swept value, a budget one
-method cannot reach) ends that job with one line, never a traceback; the other jobs of the
+(:class:`bench.callbacks.SweepSummary`), and so does what a run of one method at one budget
+could not do with its reducer (a budget its knob cannot reach). Bad input of one job (a swept
+value, a budget one method of several cannot reach) ends that job with one line, never a
+traceback; the other jobs of the
 sweep still run, and the sweep exits with status 2 after listing the failed jobs. An
 unexpected exception (a bug) is reported the same way, its traceback saved in the job's
 folder. Ctrl-C stops the sweep with one line and status 130. A value of the wrong type for the

@@ -265,12 +265,13 @@ def test_concurrent_sweeps_do_not_share_a_sweep_folder(tmp_path, val):
     """Hydra's default folder is a timestamp to the second: the second sweep used to list the
     first one's failure and exit 2. Both start here at once, with the default sweep folder."""
     ok = _sweep(["method=tome", f"data.root={val}", *FAST, *ACCURACY_ONLY], tmp_path)
-    bad = _sweep(["method=evit", f"data.root={val}", *FAST, "budget.macs_ratio=0.01"], tmp_path)  # fails in its job
+    # a swept budget fails in each job (one method at one budget would be refused before any job)
+    bad = _sweep(["method=evit", f"data.root={val}", *FAST, "budget.macs_ratio=0.01,0.02"], tmp_path)
     out_ok, err_ok = (s.decode() for s in ok.communicate(timeout=600))
     _, err_bad = (s.decode() for s in bad.communicate(timeout=600))
     assert ok.returncode == 0, err_ok[-2000:]
     assert "failed" not in err_ok and "evit" not in out_ok
-    assert bad.returncode == 2 and "1 job(s) failed" in err_bad and "tome" not in err_bad
+    assert bad.returncode == 2 and "2 job(s) failed" in err_bad and "tome" not in err_bad
     folders = sorted((tmp_path / "outputs" / "multirun").iterdir())
     assert len(folders) == 2 and all((f / "multirun.yaml").exists() for f in folders)
     sweep_dirs = {r["sweep_dir"] for r in read_records(tmp_path / "results")}
