@@ -6,12 +6,11 @@ the sweep before its first job with one line on stderr and status 2
 (:class:`bench.callbacks.SweepSummary`), and so does what a run of one method at one budget
 could not do with its reducer (a budget its knob cannot reach). Bad input of one job (a swept
 value, a budget one method of several cannot reach) ends that job with one line, never a
-traceback; the other jobs of the
-sweep still run, and the sweep exits with status 2 after listing the failed jobs. An
-unexpected exception (a bug) is reported the same way, its traceback saved in the job's
-folder. Ctrl-C stops the sweep with one line and status 130. A value of the wrong type for the
-typed schema (``bench.latency.iters=abc``, see :mod:`bench.config`) stops the sweep before
-its first job, with one line and status 2.
+traceback; the other jobs of the sweep still run, and the sweep exits with status 2 after
+listing the failed jobs. An unexpected exception (a bug) is reported the same way, its
+traceback saved in the job's folder. Ctrl-C stops the sweep with one line and status 130.
+A value of the wrong type for the typed schema (``bench.latency.iters=abc``, see
+:mod:`bench.config`) stops the sweep before its first job, with one line and status 2.
 """
 
 from __future__ import annotations
