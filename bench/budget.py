@@ -7,6 +7,7 @@ solve takes microseconds and needs no forward pass.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from bench.errors import BenchError
@@ -60,8 +61,12 @@ def match_budget(
     lo, hi = reducer.budget_range
 
     def cost(value: float) -> tuple[TokenReducer, int]:
-        r = reducer.with_knob(value)
-        return r, _macs(r, shape, info)
+        # a trial knob's bind may warn (FATR: an ω file fitted at another keep_rate) at every step
+        # of the search; the solved reducer says it once, when the caller applies it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = reducer.with_knob(value)
+            return r, _macs(r, shape, info)
 
     # MACs fall as r grows (ToMe) and rise as keep_rate grows: find the direction first.
     (_, c_lo), (_, c_hi) = cost(lo), cost(hi)

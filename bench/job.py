@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -295,9 +296,15 @@ def reduce_model(cfg: Config, model: nn.Module, overrides: list[str] | None = No
     reducer = build_reducer_from_config(cfg.method)
     reducer, budget = solve_budget(reducer, cfg.budget.macs_ratio, cfg.budget.tolerance, model, method, overrides)
     try:
-        apply_reducer(model, reducer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            apply_reducer(model, reducer)
     except ReducerConfigError as e:
         raise BenchError(f"method {method}: {e}") from None
+    noted = set(reducer.notes())  # the job prints and records these: not twice
+    for w in caught:
+        if str(w.message) not in noted:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return reducer, budget
 
 

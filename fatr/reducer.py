@@ -123,6 +123,11 @@ def fatr_reduce(
     return state.replace(x=x, size=size, pos=pos, source=source, grid=None, reduced=True, extra=extra)
 
 
+def _setting(value: object) -> str:
+    """A setting as a note shows it: floats to four decimals (a solved ``keep_rate``)."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 class FATR(KeepRateReducer):
     """Frequency-aware token reduction (Lee et al., NeurIPS 2025).
 
@@ -210,6 +215,7 @@ class FATR(KeepRateReducer):
         self.dc_pos = nn.ParameterDict()
         self._learned = False
         self._learned_key: tuple[int, ...] = ()
+        self._omega_mismatch: str | None = None
         self.refresh_learned()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -228,11 +234,13 @@ class FATR(KeepRateReducer):
         self.refresh_learned()
 
     # -- ω and the DC positional term ----------------------------------------------------------
-    def load_omega(self, path: str | Path) -> dict:
+    def load_omega(self, path: str | Path, warn: bool = True) -> dict:
         """Load ω (and DC positional terms, if saved) from a file; returns its metadata.
 
         Reads a reducer ``state_dict`` or the older ``{"omega1", "omega2", "meta"}`` files,
-        whose per-block ω2 ``(depth,)`` is broadcast to every head.
+        whose per-block ω2 ``(depth,)`` is broadcast to every head. Settings the file was fitted
+        with that differ from this FATR's are a warning (``warn``) and one of :meth:`notes`, which
+        the harness prints and records with the run.
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -271,13 +279,20 @@ class FATR(KeepRateReducer):
             "dc_grid": self.hparams["dc_grid"],
         }
         differ = [k for k in mine if k in meta and meta[k] != mine[k]]
+        self._omega_mismatch = None
         if differ:
-            warnings.warn(
-                f"omega file {path} was fitted with {', '.join(f'{k}={meta[k]}' for k in differ)}; "
-                f"this FATR uses {', '.join(f'{k}={mine[k]}' for k in differ)}",
-                stacklevel=2,
+            self._omega_mismatch = (
+                f"omega file {path} was fitted with {', '.join(f'{k}={_setting(meta[k])}' for k in differ)}; "
+                f"this FATR uses {', '.join(f'{k}={_setting(mine[k])}' for k in differ)}"
             )
+            if warn:
+                warnings.warn(self._omega_mismatch, stacklevel=2)
         return meta
+
+    def notes(self) -> list[str]:
+        """The ω file's fitting settings where they differ from this FATR's (a budget solved to
+        a slightly other ``keep_rate`` than the one ω was fitted at, say)."""
+        return [*super().notes(), *([self._omega_mismatch] if self._omega_mismatch else [])]
 
     def _learned_params(self) -> list[nn.Parameter]:
         return [self.omega1, self.omega2, *self.dc_pos.values()]

@@ -190,3 +190,34 @@ def test_fatr_patches_a_weightless_model():
     reducer = FATR(keep_rate=0.7)
     apply_reducer(model, reducer)
     assert not reducer.refresh_learned()
+
+
+def test_an_omega_file_fitted_at_another_keep_rate_is_one_note_not_a_warning_per_budget_step(tmp_path):
+    """Budget matching binds FATR once per bisection step, and each bind loads the ω file: the
+    difference from the file's fitting settings was a warning per step. The search is silent
+    now; the solved reducer says it when applied, and holds it as a note (which the harness
+    prints and records, instead of the warning)."""
+    import warnings
+
+    from bench.budget import match_budget
+    from bench.measure.flops import VitShape
+    from fatr import FATR
+    from methods.patch import model_info
+
+    model = tiny_vit()
+    fitted = FATR(blocks=[1], dc_grid=2, keep_rate=0.7)
+    apply_reducer(model, fitted)
+    torch.save({**fitted.state_dict(), "meta": {"keep_rate": 0.7}}, tmp_path / "omega.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning during budget matching fails the test
+        asked = FATR(blocks=[1], dc_grid=2, omega_path=str(tmp_path / "omega.pt"))
+        solved = match_budget(asked, 0.8, VitShape.of(model), model_info(model)).reducer
+    with pytest.warns(UserWarning, match="was fitted with keep_rate=0.7000") as said:
+        apply_reducer(tiny_vit(), solved)
+    assert len(said) == 1 and solved.hparams["keep_rate"] != 0.7
+    assert solved.notes() == [
+        f"omega file {tmp_path / 'omega.pt'} was fitted with keep_rate=0.7000; "
+        f"this FATR uses keep_rate={solved.hparams['keep_rate']:.4f}"
+    ]
+    with pytest.warns(UserWarning, match="was fitted with keep_rate=0.7000"):  # loaded by hand: still a warning
+        solved.load_omega(tmp_path / "omega.pt")
