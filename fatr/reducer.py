@@ -234,13 +234,13 @@ class FATR(KeepRateReducer):
         self.refresh_learned()
 
     # -- ω and the DC positional term ----------------------------------------------------------
-    def load_omega(self, path: str | Path, warn: bool = True) -> dict:
+    def load_omega(self, path: str | Path) -> dict:
         """Load ω (and DC positional terms, if saved) from a file; returns its metadata.
 
         Reads a reducer ``state_dict`` or the older ``{"omega1", "omega2", "meta"}`` files,
         whose per-block ω2 ``(depth,)`` is broadcast to every head. Settings the file was fitted
-        with that differ from this FATR's are a warning (``warn``) and one of :meth:`notes`, which
-        the harness prints and records with the run.
+        with that differ from this FATR's are a warning and one of :meth:`notes`, which the
+        harness prints and records with the run instead.
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -285,8 +285,7 @@ class FATR(KeepRateReducer):
                 f"omega file {path} was fitted with {', '.join(f'{k}={_setting(meta[k])}' for k in differ)}; "
                 f"this FATR uses {', '.join(f'{k}={_setting(mine[k])}' for k in differ)}"
             )
-            if warn:
-                warnings.warn(self._omega_mismatch, stacklevel=2)
+            warnings.warn(self._omega_mismatch, stacklevel=2)
         return meta
 
     def notes(self) -> list[str]:
