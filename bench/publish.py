@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and (archive := move_aside(Path(args.results_dir))):
         print(f"old run store moved to {archive}")
     failed, not_run = [], 0
+    before = record_count(args.results_dir)  # the first sweep's measure of having recorded anything
     for i, (what, cmd) in enumerate(todo):
         print(f"\n== {what}: python {shlex.join(cmd[1:])}", flush=True)
-        before = record_count(args.results_dir)
         if subprocess.run(cmd).returncode == 0:
             continue
         failed.append(what)
