@@ -33,7 +33,34 @@ METHOD_COLORS = {
 }
 """Neighbours in the tables (fatr/random, evit/topk, dpcknn/kmedoids) get unlike hues."""
 OTHER_COLORS = ["#e377c2", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*"]
+MARKERS = ["o", "s", "^", "v", "<", ">", "D", "d", "P", "X"]
+"""Filled markers that stay unlike at the plots' small sizes (a pentagon, a hexagon and an
+octagon all read as circles there; the C++-wrapper timings are drawn hollow, which a line
+marker such as ``x`` cannot be)."""
+METHOD_MARKERS = {
+    "unreduced": "o",
+    "none": "o",
+    "fatr": "o",
+    "tome": "s",
+    "evit": "^",
+    "topk": "v",
+    "random": "D",
+    "pool": "P",
+    "ppt": "X",
+    "ats": "<",
+    "diffrate": ">",
+    "mctf": "d",
+    "kmedoids": "v",
+    "dpcknn": "X",
+    "pitome": "D",
+    "tofu": "s",
+    "dct": "^",
+    "zerotprune": "o",
+}
+"""With sixteen methods some colours are near (the browns of pool, ATS and PPT; the blues of ToMe,
+DCT and DPC-kNN): the marker tells those apart, so that a method can be found by its symbol
+where the lines crowd. Ten shapes for sixteen methods: a shape used twice goes to methods of
+unlike hue."""
 
 
 def figure(ncols: int = 1, width: float = 7.0, height: float = 4.5, nrows: int = 1):
@@ -60,6 +87,14 @@ def base_method(label: str) -> str:
     return re.split(r"[\s@(]", label.strip(), maxsplit=1)[0]
 
 
+def method_marker(name: str) -> str:
+    """The fixed marker of a method (a user's method gets a stable one from its name)."""
+    base = base_method(name)
+    if base in METHOD_MARKERS:
+        return METHOD_MARKERS[base]
+    return MARKERS[zlib.crc32(base.encode()) % len(MARKERS)]
+
+
 def method_color(name: str) -> str:
     """The fixed colour of a method (a user's method gets a stable one from its name)."""
     base = base_method(name)
@@ -69,8 +104,8 @@ def method_color(name: str) -> str:
 
 
 def label_styles(labels: Iterable[str]) -> tuple[dict[str, tuple], dict[str, str]]:
-    """Colour and marker per label: a method's own colour for its plain label, lighter and
-    darker shades of it (and other markers) for its variants."""
+    """Colour and marker per label: a method's own colour and marker for its plain label,
+    lighter and darker shades of the colour (and the markers after its own) for its variants."""
     from matplotlib.colors import to_rgb
 
     by_method: dict[str, list[str]] = {}
@@ -79,11 +114,12 @@ def label_styles(labels: Iterable[str]) -> tuple[dict[str, tuple], dict[str, str
     colors, markers = {}, {}
     for method, group in by_method.items():
         base = to_rgb(method_color(method))
+        first = MARKERS.index(method_marker(method))
         for k, label in enumerate(group):
             toward = (1.0, 1.0, 1.0) if k % 2 else (0.0, 0.0, 0.0)
             t = 0.0 if k == 0 else min(0.6, 0.2 * ((k + 1) // 2))
             colors[label] = tuple(b + (w - b) * t for b, w in zip(base, toward, strict=True))
-            markers[label] = MARKERS[k % len(MARKERS)]
+            markers[label] = MARKERS[(first + k) % len(MARKERS)]
     return colors, markers
 
 
