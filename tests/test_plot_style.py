@@ -1,4 +1,5 @@
-"""Figures a reader can decode: every method found by its colour and marker."""
+"""Figures a reader can decode: every method found by its colour and marker, and the accuracy
+figure's methods not buried under one method's variants."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import itertools
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from matplotlib.colors import to_rgb
 
+from bench.report import plots
 from bench.report.style import MARKERS, METHOD_COLORS, METHOD_MARKERS, label_styles, method_marker
 
 BUILT_IN = sorted(p.stem for p in (Path(__file__).parents[1] / "bench" / "conf" / "method").glob("*.yaml"))
@@ -37,3 +40,38 @@ def test_a_plain_label_has_its_methods_marker_and_variants_others():
     assert markers["tome (prop_attn=False)"] != markers["tome"]
     assert colors["tome (prop_attn=False)"] != colors["tome"]
     assert markers["mine"] == method_marker("mine") == method_marker("mine (k=2)") != markers["mine (k=2)"]
+
+
+def _rows(labels: list[tuple[str, str]]) -> pd.DataFrame:
+    group = {"model": "m", "dataset": "d", "images": 10, "device": "cpu", "latency_mode": "eager"}
+    out = [{**group, "method": "none", "label": "none", "top1": 80.0, "gmacs": 1.0}]
+    for k, (method, label) in enumerate(labels):
+        out.append({**group, "method": method, "label": label, "top1": 70.0 + k, "gmacs": 0.65})
+    return pd.DataFrame(out).assign(latency_precision="fp32")
+
+
+def _drawn(monkeypatch, df: pd.DataFrame, tmp_path: Path) -> list[tuple[str, list[str]]]:
+    seen = []
+
+    def capture(fig, path, title, legend_ax=None, **_):
+        for ax in legend_ax:
+            seen.append((ax.get_title(), sorted(ax.get_legend_handles_labels()[1])))
+        return path
+
+    monkeypatch.setattr(plots, "save", capture)
+    assert plots.plot_pareto(df, tmp_path / "pareto.png") is not None
+    return seen
+
+
+def test_the_accuracy_figure_draws_variants_in_a_panel_of_their_own(monkeypatch, tmp_path):
+    df = _rows([("fatr", "fatr"), ("fatr", "fatr (score=std)"), ("tome", "tome"), ("evit", "evit")])
+    (own_title, own), (var_title, var) = _drawn(monkeypatch, df, tmp_path)
+    assert own_title.endswith("each method's own configuration")
+    assert own == ["evit", "fatr", "tome", "unreduced"]
+    assert var_title.endswith("variants, beside their method")
+    assert var == ["fatr", "fatr (score=std)", "unreduced"]  # other methods stay in the first panel
+
+
+def test_without_variants_the_accuracy_figure_is_one_panel(monkeypatch, tmp_path):
+    df = _rows([("fatr", "fatr"), ("tome", "tome")])
+    assert _drawn(monkeypatch, df, tmp_path) == [("m on d (10 images), cpu", ["fatr", "tome", "unreduced"])]

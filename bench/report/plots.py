@@ -26,17 +26,37 @@ def _bars(d: pd.DataFrame, y: str) -> np.ndarray | None:
     return np.nan_to_num(err, nan=0.0)
 
 
+def _pareto_panels(groups: list[tuple[tuple, pd.DataFrame]]) -> list[tuple[tuple, pd.DataFrame, str]]:
+    """Per group, a panel of each method's own configuration and, where the group holds
+    variants (another setting than the method's default, such as FATR's fidelity sweeps), a
+    panel of the variants next to their methods' own lines: a dozen variants of one method
+    drawn among sixteen methods hid the comparison the figure is for."""
+    panels = []
+    for key, g in groups:
+        reduced = g[g["method"] != "none"]
+        own = reduced["label"] == reduced["method"]
+        base = g[g["method"] == "none"]
+        if own.all():
+            panels.append((key, g, ""))
+            continue
+        varied = reduced.loc[~own, "method"].unique()
+        panels.append((key, pd.concat([reduced[own], base]), "each method's own configuration"))
+        beside = reduced[own & reduced["method"].isin(varied)]
+        panels.append((key, pd.concat([reduced[~own], beside, base]), "variants, beside their method"))
+    return panels
+
+
 def plot_pareto(df: pd.DataFrame, path: Path) -> Path | None:
     """Top-1 vs fvcore GMACs per configuration, with each point's 95% interval."""
     d = df.dropna(subset=["top1", "gmacs"])
-    groups = _groups(d)
-    if not groups:
+    panels = _pareto_panels(_groups(d))
+    if not panels:
         return None
     colors, markers = label_styles(d.loc[d["method"] != "none", "label"])
-    ncols = min(2, len(groups))
-    nrows = math.ceil(len(groups) / ncols)
+    ncols = 1 if len(panels) <= 2 else 2  # one above the other: the README shows it at page width
+    nrows = math.ceil(len(panels) / ncols)
     fig, axes = figure(ncols, 8.0 * ncols, 5.0 * nrows, nrows=nrows)
-    for ax, (key, g) in zip(axes, groups, strict=False):
+    for ax, (key, g, what) in zip(axes, panels, strict=False):
         for label, line in g[g["method"] != "none"].groupby("label", sort=True):
             line = line.sort_values("gmacs")
             ax.errorbar(
@@ -65,13 +85,13 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> Path | None:
                 label="unreduced",
                 zorder=5,
             )
-        ax.set_title(group_title(key), fontsize=9)
+        ax.set_title(group_title(key) + (f"\n{what}" if what else ""), fontsize=9)
         ax.set_xlabel("GMACs per image (fvcore)")
         ax.set_ylabel("top-1 accuracy (%), 95% interval")
         ax.grid(alpha=0.3)
-    for ax in axes[len(groups) :]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
-    return save(fig, path, "Accuracy vs compute (bars: 95% interval of each top-1)", legend_ax=axes[: len(groups)])
+    return save(fig, path, "Accuracy vs compute (bars: 95% interval of each top-1)", legend_ax=axes[: len(panels)])
 
 
 def plot_differences(df: pd.DataFrame, path: Path) -> Path | None:
