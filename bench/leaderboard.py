@@ -251,7 +251,7 @@ def _generate(
     from bench.report.plots import plot_differences, plot_latency, plot_pareto
     from bench.report.scaling import scaling_section
     from bench.report.spectral import spectral_section
-    from bench.report.speed import plot_speed_by_size
+    from bench.report.speed import plot_speed_by_size, plot_speed_grid
     from bench.report.summary import summary_markdown, summary_sections
     from bench.report.variants import variants_section
 
@@ -271,6 +271,7 @@ def _generate(
     if not df.empty and "speedup" in df:
         paths.append(plot_latency(df, out / "latency.png"))
         paths.append(plot_speed_by_size(df, out / "speed_by_size.png"))
+        paths.append(plot_speed_grid(df, out / "speed_grid.png"))
     paths = [p for p in paths if p is not None]
     paths += spectral_section(main_group, out)
     paths += scaling_section(main_group, out)

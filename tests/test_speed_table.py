@@ -121,3 +121,76 @@ def test_the_legend_names_each_method_once_and_each_timing_mode_once(tmp_path, m
     modes = ["eager", "compiled (inductor)", "compiled (C++ wrapper), hollow"]
     assert [seen["handles"][m].get_marker() for m in modes] == ["None", "None", "o"]
     assert seen["handles"]["compiled (C++ wrapper), hollow"].get_markerfacecolor() == "none"
+
+
+def _grid_rows() -> pd.DataFrame:
+    """Two methods on two models, eager and compiled on a CPU, one GPU setting; the compiled
+    DeiT-Small row of ``slow`` was timed on a busy host."""
+    out = []
+    for model, gmacs in (("deit_small_patch16_224 (random weights)", 4.6), ("deit_tiny_patch16_224", 1.26)):
+        out.append({"model": model, "method": "none", "label": "none", "gmacs": gmacs, "budget": None})
+        for method, gain in (("slow", 0.9), ("fast", 1.3)):
+            for mode, device, batch in (("eager", "CPU x (2 threads)", 1), ("compile", "CPU x (2 threads)", 1)):
+                out.append(
+                    {
+                        "model": model,
+                        "method": method,
+                        "label": method,
+                        "gmacs": 0.65 * gmacs,
+                        "budget": 0.65,
+                        "device": device,
+                        "latency_mode": mode,
+                        f"speedup_b{batch}": gain + (0.1 if mode == "compile" else 0.0),
+                        "latency_busy_reason": "busy" if (method, mode, gmacs) == ("slow", "compile", 4.6) else None,
+                    }
+                )
+        out.append(
+            {
+                "model": model,
+                "method": "fast",
+                "label": "fast",
+                "budget": 0.65,
+                "device": "NVIDIA H9",
+                "latency_mode": "eager",
+                "latency_precision": "bf16",
+                "speedup_b256": 2.0,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def test_the_speed_grid_groups_settings_and_puts_the_models_side_by_side():
+    from bench.report.speed import speed_grid
+
+    values, busy, order = speed_grid(_grid_rows())
+    tiny, small = "deit_tiny_patch16_224", "deit_small_patch16_224 (random weights)"
+    assert order == [
+        ("CPU x (2 threads)", "fp32", 1, "eager", tiny),
+        ("CPU x (2 threads)", "fp32", 1, "eager", small),
+        ("CPU x (2 threads)", "fp32", 1, "compile", tiny),
+        ("CPU x (2 threads)", "fp32", 1, "compile", small),
+        ("NVIDIA H9", "bf16", 256, "eager", tiny),
+        ("NVIDIA H9", "bf16", 256, "eager", small),
+    ]
+    assert list(values.index) == ["fast", "slow"]  # by median speedup
+    assert values.loc["slow"].tolist()[:4] == pytest.approx([0.9, 0.9, 1.0, 1.0])
+    assert values.loc["slow"].isna().tolist()[4:] == [True, True]  # never timed there: no cell
+    assert busy.loc["slow"].tolist() == [False, False, False, True, False, False]
+    assert not busy.loc["fast"].any()
+
+
+def test_the_speed_grid_needs_two_settings_at_one_budget(tmp_path, monkeypatch):
+    from bench.report import speed
+
+    df = _grid_rows()
+    one = df[(df["model"] == "deit_tiny_patch16_224") & (df["latency_mode"] != "compile")]
+    one = one[one["device"] != "NVIDIA H9"]
+    assert speed.speed_grid(one) is None and speed.plot_speed_grid(one, tmp_path / "a.png") is None
+    assert speed.speed_grid(pd.concat([df, df.assign(budget=0.5)])) is None
+    seen = {}
+    monkeypatch.setattr(speed, "save", lambda fig, path, title, **_: seen.update(title=title, ax=fig.axes[0]) or path)
+    speed.plot_speed_grid(df, tmp_path / "b.png")
+    cells = [t.get_text() for t in seen["ax"].texts]
+    assert "1.00*" in cells and "2.00" in cells and len(cells) == 10
+    assert "*: timed on a busy host" in seen["title"] and "measured on CPU x (2 threads); NVIDIA H9" in seen["title"]
+    assert seen["ax"].get_xticklabels()[0].get_text() == "deit_tiny\nCPU fp32\nbatch 1\neager"

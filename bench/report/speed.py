@@ -6,7 +6,8 @@ autocast) and batch size that was measured (nothing is drawn for the others), th
 x axis in the order of their unreduced GMACs, one line per method and timing mode: a method's
 colour is the same as in every other figure, the mode is the line style (:data:`MODE_STYLES`;
 inductor's C++ wrapper is timed on DeiT-Tiny only, so its hollow marker stands alone). The
-legend names each method once and each mode once.
+legend names each method once and each mode once. :func:`plot_speed_grid` gives the same
+numbers as one table of coloured cells, a method per row and a timing setting per column.
 """
 
 from __future__ import annotations
@@ -116,3 +117,109 @@ def _panel(ax, d: pd.DataFrame, column: str, models: list[str], colors: dict, ma
     ax.set_xticks(range(len(models)), [m.removesuffix(RANDOM_WEIGHTS) for m in models], fontsize=7, rotation=15)
     ax.set_ylabel(f"speedup vs unreduced (×), {column.removeprefix('speedup_')}")
     ax.grid(alpha=0.3)
+
+
+MODE_ORDER = [EAGER, "compile", CPP_WRAPPER, "max-autotune", "cudagraphs"]
+"""Timing modes left to right in :func:`plot_speed_grid` (another mode: after these)."""
+BUSY_MARK = "*"
+
+
+def _device_short(device: str) -> str:
+    """``CPU AMD EPYC (2 threads)`` -> ``CPU``; ``NVIDIA H200`` -> ``H200``."""
+    return "CPU" if device.startswith("CPU") else device.removeprefix("NVIDIA ").strip() or "unknown"
+
+
+def _model_short(model: str) -> str:
+    """``deit_small_patch16_224 (random weights)`` -> ``deit_small``."""
+    return re.sub(r"_patch\d+_\d+$", "", model.removesuffix(RANDOM_WEIGHTS))
+
+
+def speed_grid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple]] | None:
+    """Speedups as a (method label × timing setting) table, a same-shaped table of busy flags,
+    and the columns' settings ``(device, precision, batch, mode, model)``, in reading order:
+    device, precision, batch and mode group the columns, the models (smallest first) sit side
+    by side inside a group, so a row read across a group is the method against model size.
+    None unless the rows span two or more settings of model, device, precision or mode at one
+    budget (a single run is read in its leaderboard)."""
+    d = df[(df["method"] != "none") & df["budget"].notna()] if "budget" in df else df.iloc[0:0]
+    sizes = batch_sizes(d)
+    if d.empty or not sizes or d["budget"].nunique() != 1:
+        return None
+    precision = d["latency_precision"] if "latency_precision" in d else pd.Series(FP32, index=d.index)
+    busy = d["latency_busy_reason"].notna() if "latency_busy_reason" in d else pd.Series(False, index=d.index)
+    d = d.assign(latency_precision=precision.fillna(FP32), device=d["device"].fillna(""), busy=busy)
+    settings = d[["device", "latency_precision", "latency_mode", "model"]].drop_duplicates()
+    if len(settings) < 2:
+        return None
+    models = {m: i for i, m in enumerate(model_order(df))}
+    modes = {m: i for i, m in enumerate(MODE_ORDER)}
+    columns: dict[tuple, dict[str, float]] = {}
+    flags: dict[tuple, dict[str, bool]] = {}
+    for _, r in d.iterrows():
+        for batch in sizes:
+            value = r.get(f"speedup_b{batch}")
+            if value is None or value != value:
+                continue
+            key = (r["device"], r["latency_precision"], batch, r["latency_mode"], r["model"])
+            columns.setdefault(key, {})[r["label"]] = float(value)
+            flags.setdefault(key, {})[r["label"]] = bool(r["busy"])
+    order = sorted(
+        columns,
+        key=lambda k: (
+            not k[0].startswith("CPU"),
+            k[0],
+            k[1] != FP32,
+            k[2],
+            modes.get(k[3], len(modes)),
+            k[3],
+            models.get(k[4], len(models)),
+        ),
+    )
+    values = pd.DataFrame({k: columns[k] for k in order})
+    busy_flags = pd.DataFrame({k: flags[k] for k in order}).reindex_like(values).fillna(False).astype(bool)
+    ranked = values.median(axis=1).sort_values(ascending=False, kind="stable").index
+    return values.loc[ranked], busy_flags.loc[ranked], order
+
+
+def plot_speed_grid(df: pd.DataFrame, path: Path) -> Path | None:
+    """Every method's speedup in every timing setting, one cell each, coloured around 1.0
+    (red: slower than unreduced), the number written in; the speed table at a glance. None
+    where :func:`speed_grid` is."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    grid = speed_grid(df)
+    if grid is None:
+        return None
+    values, busy, order = grid
+    ncols, nrows = values.shape[1], values.shape[0]
+    fig, axes = figure(1, 2.4 + 0.62 * ncols, 1.9 + 0.3 * nrows)
+    ax = axes[0]
+    data = values.to_numpy(float)
+    low, high = np.nanmin(data), np.nanmax(data)
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=min(low, 0.5), vmax=max(high, 1.5))
+    ax.imshow(np.ma.masked_invalid(data), cmap="RdBu", norm=norm, aspect="auto")
+    for i in range(nrows):
+        for j in range(ncols):
+            v = data[i, j]
+            if v != v:
+                continue
+            text = f"{v:.2f}" + (BUSY_MARK if busy.iat[i, j] else "")
+            dark = abs(norm(v) - 0.5) > 0.3
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+    ax.set_yticks(range(nrows), list(values.index), fontsize=8)
+    labels = [
+        f"{_model_short(model)}\n{_device_short(device)} {prec}\nbatch {batch}\n{mode}"
+        for device, prec, batch, mode, model in order
+    ]
+    ax.set_xticks(range(ncols), labels, fontsize=6.5)
+    ax.tick_params(length=0)
+    for j in range(1, ncols):  # a white rule where device, precision, batch or mode changes
+        if order[j][:4] != order[j - 1][:4]:
+            ax.axvline(j - 0.5, color="white", lw=3)
+    ax.set_facecolor("#eeeeee")  # not measured
+    budget = df.loc[(df["method"] != "none") & df["budget"].notna(), "budget"].iloc[0]
+    title = f"Speedup vs unreduced at MACs {budget:.2f}, every method and timing setting (red: slower)"
+    title += "\nmeasured on " + "; ".join(dict.fromkeys(device or "an unknown device" for device, *_ in order))
+    if busy.to_numpy().any():
+        title += f"\n{BUSY_MARK}: timed on a busy host (see the leaderboard's notes)"
+    return save(fig, path, title)
