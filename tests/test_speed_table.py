@@ -194,3 +194,12 @@ def test_the_speed_grid_needs_two_settings_at_one_budget(tmp_path, monkeypatch):
     assert "1.00*" in cells and "2.00" in cells and len(cells) == 10
     assert "*: timed on a busy host" in seen["title"] and "measured on CPU x (2 threads); NVIDIA H9" in seen["title"]
     assert seen["ax"].get_xticklabels()[0].get_text() == "deit_tiny\nCPU fp32\nbatch 1\neager"
+
+
+def test_a_label_timed_twice_in_one_setting_shows_its_latest_timing():
+    from bench.report.speed import speed_grid
+
+    df = _grid_rows().assign(timestamp="2026-01-01")
+    again = df[df["method"] == "fast"].assign(timestamp="2026-02-01", speedup_b1=1.7, dataset="other")
+    values, _, _ = speed_grid(pd.concat([again, df], ignore_index=True))
+    assert values.loc["fast"].tolist()[:4] == pytest.approx([1.7, 1.7, 1.7, 1.7])

@@ -155,6 +155,8 @@ def speed_grid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple
     modes = {m: i for i, m in enumerate(MODE_ORDER)}
     columns: dict[tuple, dict[str, float]] = {}
     flags: dict[tuple, dict[str, bool]] = {}
+    if "timestamp" in d:  # one cell per label and setting: the latest timing wins (other images, another run)
+        d = d.sort_values("timestamp", kind="stable", na_position="first")
     for _, r in d.iterrows():
         for batch in sizes:
             value = r.get(f"speedup_b{batch}")
