@@ -278,7 +278,19 @@ def _generate(
     from bench.report.finetuned import finetuned_section
 
     paths += finetuned_section(everything, out, source, resample, n_boot, seed)
+    list_figures(md, [p for p in paths if p.suffix == ".png" and p.parent == out])
     return paths
+
+
+def list_figures(md: Path, figures: list[Path]) -> None:
+    """Link the folder's figures under the leaderboard's opening paragraph: a reader who lands on
+    the table (the README links it) finds the plots without browsing the folder."""
+    if not figures:
+        return
+    head, sep, rest = md.read_text().partition("\n\n")  # the title
+    intro, sep2, rest = rest.partition("\n\n")  # the opening paragraph
+    links = " · ".join(f"[{p.name}]({p.name})" for p in sorted(figures))
+    md.write_text(f"{head}{sep}{intro}{sep2}Figures: {links}.\n\n{rest}")
 
 
 def sync_documents(summary_file: Path) -> list[Path]:

@@ -172,6 +172,15 @@ def test_plots_are_written_per_group(store):
         assert (results / name).stat().st_size > 10_000, name
 
 
+def test_the_leaderboard_links_every_figure_of_its_folder_under_its_opening_paragraph(store):
+    results, _ = store
+    lines = (results / "leaderboard.md").read_text().splitlines()
+    figures = next(line for line in lines if line.startswith("Figures: "))
+    assert lines.index(figures) == 4  # title, blank, opening paragraph, blank
+    linked = re.findall(r"\]\(([^)]+)\)", figures)
+    assert linked == sorted(p.name for p in results.glob("*.png")) and "pareto.png" in linked
+
+
 def test_compare_two_runs(store, capsys):
     results, x = store
     args = ["--results-dir", str(results), "--images", "400", "--device", "CPU A"]
