@@ -162,7 +162,8 @@ def _grid_rows() -> pd.DataFrame:
 def test_the_speed_grid_groups_settings_and_puts_the_models_side_by_side():
     from bench.report.speed import speed_grid
 
-    values, busy, order = speed_grid(_grid_rows())
+    values, busy, order, budget = speed_grid(_grid_rows())
+    assert budget == 0.65
     tiny, small = "deit_tiny_patch16_224", "deit_small_patch16_224 (random weights)"
     assert order == [
         ("CPU x (2 threads)", "fp32", 1, "eager", tiny),
@@ -201,5 +202,5 @@ def test_a_label_timed_twice_in_one_setting_shows_its_latest_timing():
 
     df = _grid_rows().assign(timestamp="2026-01-01")
     again = df[df["method"] == "fast"].assign(timestamp="2026-02-01", speedup_b1=1.7, dataset="other")
-    values, _, _ = speed_grid(pd.concat([again, df], ignore_index=True))
+    values = speed_grid(pd.concat([again, df], ignore_index=True)).values
     assert values.loc["fast"].tolist()[:4] == pytest.approx([1.7, 1.7, 1.7, 1.7])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,13 @@ MODE_STYLES: dict[str, tuple[object, str]] = {
 PANEL_COLUMNS = 3
 
 
+def _with_timing_defaults(d: pd.DataFrame) -> pd.DataFrame:
+    """``d`` with every row's precision (fp32 where a record predates bf16 timing) and device
+    ('' where none was recorded) filled in, so that rows group by them."""
+    precision = d["latency_precision"] if "latency_precision" in d else pd.Series(FP32, index=d.index)
+    return d.assign(latency_precision=precision.fillna(FP32), device=d["device"].fillna(""))
+
+
 def _mode_style(mode: str) -> tuple[object, str]:
     return MODE_STYLES.get(mode, ("--", f"compiled ({mode})"))
 
@@ -63,8 +71,7 @@ def plot_speed_by_size(df: pd.DataFrame, path: Path) -> Path | None:
     if d["model"].nunique() < 2 or not sizes:
         return None
     models = model_order(df)
-    precision = d["latency_precision"] if "latency_precision" in d else pd.Series(FP32, index=d.index)
-    d = d.assign(latency_precision=precision.fillna(FP32), device=d["device"].fillna(""))
+    d = _with_timing_defaults(d)
     panels = []  # (device, precision, batch) that was measured, device by device
     for device, prec in sorted({(str(dev), p) for dev, p in zip(d["device"], d["latency_precision"], strict=True)}):
         here = d[(d["device"] == device) & (d["latency_precision"] == prec)]
@@ -134,9 +141,20 @@ def _model_short(model: str) -> str:
     return re.sub(r"_patch\d+_\d+$", "", model.removesuffix(RANDOM_WEIGHTS))
 
 
-def speed_grid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple]] | None:
+class SpeedGrid(NamedTuple):
+    values: pd.DataFrame
+    """Speedups, a row per method label, a column per timing setting."""
+    busy: pd.DataFrame
+    """Same shape: the cell was timed on a busy host."""
+    columns: list[tuple]
+    """Each column's ``(device, precision, batch, mode, model)``."""
+    budget: float
+    """The MACs budget every cell was timed at."""
+
+
+def speed_grid(df: pd.DataFrame) -> SpeedGrid | None:
     """Speedups as a (method label × timing setting) table, a same-shaped table of busy flags,
-    and the columns' settings ``(device, precision, batch, mode, model)``, in reading order:
+    the columns' settings ``(device, precision, batch, mode, model)`` and the budget, in reading order:
     device, precision, batch and mode group the columns, the models (smallest first) sit side
     by side inside a group, so a row read across a group is the method against model size.
     None unless the rows span two or more settings of model, device, precision or mode at one
@@ -145,9 +163,8 @@ def speed_grid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple
     sizes = batch_sizes(d)
     if d.empty or not sizes or d["budget"].nunique() != 1:
         return None
-    precision = d["latency_precision"] if "latency_precision" in d else pd.Series(FP32, index=d.index)
     busy = d["latency_busy_reason"].notna() if "latency_busy_reason" in d else pd.Series(False, index=d.index)
-    d = d.assign(latency_precision=precision.fillna(FP32), device=d["device"].fillna(""), busy=busy)
+    d = _with_timing_defaults(d).assign(busy=busy)
     settings = d[["device", "latency_precision", "latency_mode", "model"]].drop_duplicates()
     if len(settings) < 2:
         return None
@@ -180,7 +197,7 @@ def speed_grid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple
     values = pd.DataFrame({k: columns[k] for k in order})
     busy_flags = pd.DataFrame({k: flags[k] for k in order}).reindex_like(values).fillna(False).astype(bool)
     ranked = values.median(axis=1).sort_values(ascending=False, kind="stable").index
-    return values.loc[ranked], busy_flags.loc[ranked], order
+    return SpeedGrid(values.loc[ranked], busy_flags.loc[ranked], order, float(d["budget"].iloc[0]))
 
 
 def plot_speed_grid(df: pd.DataFrame, path: Path) -> Path | None:
@@ -192,7 +209,7 @@ def plot_speed_grid(df: pd.DataFrame, path: Path) -> Path | None:
     grid = speed_grid(df)
     if grid is None:
         return None
-    values, busy, order = grid
+    values, busy, order, budget = grid
     ncols, nrows = values.shape[1], values.shape[0]
     fig, axes = figure(1, 2.4 + 0.62 * ncols, 1.9 + 0.3 * nrows)
     ax = axes[0]
@@ -219,7 +236,6 @@ def plot_speed_grid(df: pd.DataFrame, path: Path) -> Path | None:
         if order[j][:4] != order[j - 1][:4]:
             ax.axvline(j - 0.5, color="white", lw=3)
     ax.set_facecolor("#eeeeee")  # not measured
-    budget = df.loc[(df["method"] != "none") & df["budget"].notna(), "budget"].iloc[0]
     title = f"Speedup vs unreduced at MACs {budget:.2f}, every method and timing setting (red: slower)"
     title += "\nmeasured on " + "; ".join(dict.fromkeys(device or "an unknown device" for device, *_ in order))
     if busy.to_numpy().any():

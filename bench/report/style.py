@@ -87,20 +87,23 @@ def base_method(label: str) -> str:
     return re.split(r"[\s@(]", label.strip(), maxsplit=1)[0]
 
 
+def _fixed_for_method(name: str, fixed: dict[str, str], others: list[str]) -> str:
+    """A built-in method's own entry of ``fixed``; a user's method a stable one of ``others``
+    chosen from its name, the same in every run."""
+    base = base_method(name)
+    if base in fixed:
+        return fixed[base]
+    return others[zlib.crc32(base.encode()) % len(others)]
+
+
 def method_marker(name: str) -> str:
     """The fixed marker of a method (a user's method gets a stable one from its name)."""
-    base = base_method(name)
-    if base in METHOD_MARKERS:
-        return METHOD_MARKERS[base]
-    return MARKERS[zlib.crc32(base.encode()) % len(MARKERS)]
+    return _fixed_for_method(name, METHOD_MARKERS, MARKERS)
 
 
 def method_color(name: str) -> str:
     """The fixed colour of a method (a user's method gets a stable one from its name)."""
-    base = base_method(name)
-    if base in METHOD_COLORS:
-        return METHOD_COLORS[base]
-    return OTHER_COLORS[zlib.crc32(base.encode()) % len(OTHER_COLORS)]
+    return _fixed_for_method(name, METHOD_COLORS, OTHER_COLORS)
 
 
 def label_styles(labels: Iterable[str]) -> tuple[dict[str, tuple], dict[str, str]]:
