@@ -20,10 +20,10 @@ from methods.zerotprune import (
     aggregate_heads,
     head_variance,
     initial_scores,
+    kept_page_rank,
     prune_schedule,
     similarity_prune,
     split_counts,
-    sub_attention,
     weighted_page_rank,
     wpr_schedule,
     zerotprune_step,
@@ -116,12 +116,20 @@ def test_the_head_filter_keeps_exactly_the_heads_of_its_range(fill, monkeypatch)
     assert torch.equal(aggregate_heads(scores, 1, (lo, hi)), want)
 
 
-def test_sub_attention_is_the_softmax_over_the_kept_keys():
-    g = torch.Generator().manual_seed(1)
+@pytest.mark.parametrize(("prefix", "cls_boost"), [(1, True), (2, True), (1, False), (0, True)])
+def test_kept_page_rank_is_page_rank_on_the_softmax_over_the_kept_keys(prefix, cls_boost):
+    """The I-stage's graph is the attention among the tokens the S-stage kept, each row
+    renormalised: the softmax over those keys alone. ``kept_page_rank`` never builds it; at the
+    kept positions its scores are PageRank on that graph, from that graph's own initial scores."""
+    g = torch.Generator().manual_seed(1 + prefix)
     logits = torch.randn(2, 3, 9, 9, generator=g)
-    idx = torch.tensor([[0, 2, 3, 7], [0, 1, 5, 8]])
-    want = torch.stack([torch.softmax(logits[b][:, idx[b]][:, :, idx[b]], dim=-1) for b in range(2)])
-    assert torch.allclose(sub_attention(torch.softmax(logits, -1), idx), want, atol=1e-6)
+    dropped = torch.tensor([[4, 5, 6], [3, 7, 2]])
+    idx = torch.stack([torch.tensor([i for i in range(9) if i not in row]) for row in dropped.tolist()])
+    sub = torch.stack([torch.softmax(logits[b][:, idx[b]][:, :, idx[b]], dim=-1) for b in range(2)])
+    for iters in (1, 5, 30):
+        want = weighted_page_rank(sub, initial_scores(sub, prefix, cls_boost), iters)
+        got = kept_page_rank(torch.softmax(logits, -1), dropped, prefix, iters, cls_boost)
+        assert torch.allclose(got.gather(2, idx[:, None, :].expand(2, 3, -1)), want, rtol=1e-5, atol=1e-7)
 
 
 def test_s_stage_drops_the_unimportant_copies_of_other_tokens():
@@ -130,10 +138,13 @@ def test_s_stage_drops_the_unimportant_copies_of_other_tokens():
     e = torch.eye(6)
     keys = torch.stack([e[0], e[1], e[2], e[3], e[1], e[0] + 0.01 * e[5]])[None]
     importance = torch.tensor([[0.1, 0.9, 0.8, 0.7, 0.2, 0.3]])  # A = {0, 4, 5}, B = {3, 2, 1}
-    assert similarity_prune(importance, keys, 1).tolist() == [[0, 1, 2, 3, 5]]
-    assert similarity_prune(importance, keys, 0).tolist() == [[0, 1, 2, 3, 4, 5]]
+    kept, dropped = similarity_prune(importance, keys, 1)
+    assert kept.tolist() == [[0, 1, 2, 3, 5]] and dropped.tolist() == [[4]]
+    kept, dropped = similarity_prune(importance, keys, 0)
+    assert kept.tolist() == [[0, 1, 2, 3, 4, 5]] and dropped.shape == (1, 0)
     # r = |A|: the whole unimportant half goes, most similar first does not matter any more
-    assert similarity_prune(importance, keys, 3).tolist() == [[1, 2, 3]]
+    kept, dropped = similarity_prune(importance, keys, 3)
+    assert kept.tolist() == [[1, 2, 3]] and sorted(dropped[0].tolist()) == [0, 4, 5]
 
 
 def test_i_stage_drops_the_tokens_nobody_attends_to():
