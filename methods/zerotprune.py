@@ -212,8 +212,8 @@ def kept_page_rank(attn: Tensor, dropped: Tensor, num_prefix: int, iters: int, c
     result mean anything (the caller gathers them).
 
     The renormalised sub-matrix is never built: copying every head's kept rows, then their kept
-    columns, then dividing every entry wrote the map three times per block (at batch 32 on the
-    project's 2-core CPU, 8% of a DeiT-Tiny forward). Each step instead scales the scores by
+    columns, then dividing every entry wrote the map three times per block, while the steps
+    only read it. Each step instead scales the scores by
     ``w = keep / (row mass on the kept keys)`` and multiplies by the whole map,
     ``s ← (s ⊙ w) A``: a dropped token has weight 0, so it votes for nobody, and what it
     receives is never read. The scores equal the sub-matrix's to float rounding (tested); the
