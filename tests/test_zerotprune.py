@@ -132,6 +132,24 @@ def test_kept_page_rank_is_page_rank_on_the_softmax_over_the_kept_keys(prefix, c
         assert torch.allclose(got.gather(2, idx[:, None, :].expand(2, 3, -1)), want, rtol=1e-5, atol=1e-7)
 
 
+def test_kept_page_rank_stays_finite_when_kept_rows_attend_only_to_dropped_keys():
+    """Rows whose whole attention went to dropped keys have no mass on the kept ones: the
+    sub-matrix has a zero row there (it votes for nobody), and the huge ``1 / mass`` weight
+    must not overflow what the dropped positions receive (``inf · 0`` would be NaN next step)."""
+    n, dropped = 8, torch.tensor([[5, 6, 7]])
+    attn = torch.softmax(torch.randn(1, 2, n, n, generator=torch.Generator().manual_seed(3)), dim=-1)
+    attn[:, :, 1:5] = 0.0
+    attn[:, :, 1:5, 5:] = 1 / 3  # four of the five kept tokens attend only to dropped keys
+    idx = torch.tensor([[0, 1, 2, 3, 4]])
+    sub = attn[:, :, idx[0]][:, :, :, idx[0]]
+    sub = sub / sub.sum(-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
+    for iters in (1, 5, 30):
+        got = kept_page_rank(attn, dropped, 1, iters, True)
+        assert torch.isfinite(got).all()
+        want = weighted_page_rank(sub, initial_scores(sub, 1, True), iters)
+        assert torch.allclose(got[..., :5], want, rtol=1e-5, atol=1e-7)
+
+
 def test_s_stage_drops_the_unimportant_copies_of_other_tokens():
     """Six patch tokens, the three least important form set A; A's token 4 is an exact copy of
     B's token 1, A's tokens 0 and 5 copy each other (both in A: not a match). r=1 drops 4."""
