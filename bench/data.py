@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,18 @@ def eval_transform(model: nn.Module, img_size: int | None = None):
     return timm.data.create_transform(**cfg, is_training=False)
 
 
+def decode_image(path: str | Path, transform: Callable[[Image.Image], Tensor]) -> Tensor:
+    """One image as the harness evaluates it: decoded, converted to RGB and put through the
+    model's ``transform``; an unreadable or oversized file is one :class:`BenchError`."""
+    try:
+        with Image.open(path) as im:
+            return transform(to_rgb(im, path))
+    except OSError as e:
+        raise BenchError(f"cannot read image {path}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise oversized_image(path, e) from None
+
+
 def load_imagenet_folder(
     root: str | Path,
     model: nn.Module | str,
@@ -153,14 +166,7 @@ def load_imagenet_folder(
     items = [items[i] for i in spread(len(items), limit)]
 
     def decode(item: tuple[Path, int]) -> Tensor:
-        path = item[0]
-        try:
-            with Image.open(path) as im:
-                return transform(to_rgb(im, path))
-        except OSError as e:
-            raise BenchError(f"cannot read image {path}: {e}") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise oversized_image(path, e) from None
+        return decode_image(item[0], transform)
 
     # PIL decodes and resizes without the GIL, so threads use every core; in worker threads the
     # small per-image torch ops (to tensor, normalise) also stay off the intra-op thread pool,

@@ -13,15 +13,15 @@ the sorted folder, so each image sees the same batch as in the published run); w
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, VAL
+from conftest import REPO, VAL, one_config_per_reducer
 from omegaconf import OmegaConf
 
+from bench.store import read_records
 from methods import apply_reducer, remove_reducer
 
 pytestmark = pytest.mark.shared
@@ -35,8 +35,7 @@ def headline_records() -> dict[str, dict]:
     the unreduced model, on the real weights (no variant, not fine-tuned): the rows the README's
     table shows."""
     latest: dict[str, dict] = {}
-    for line in (RESULTS / "runs.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_records(RESULTS):
         cfg = r["config"]
         if (
             r["metrics"].get("outcomes_file")
@@ -55,8 +54,7 @@ RECORDS = headline_records()
 
 def test_every_built_in_method_has_a_headline_record():
     """Otherwise the check below would quietly cover fewer methods than the leaderboard lists."""
-    conf = REPO / "bench" / "conf" / "method"
-    methods = {p.stem for p in conf.glob("*.yaml")} - {"none", "diffrate_deit_s", "diffrate_deit_b"}
+    methods = set(one_config_per_reducer())
     assert methods <= set(RECORDS), f"no headline record for {sorted(methods - set(RECORDS))}"
 
 
@@ -64,9 +62,7 @@ def test_every_built_in_method_has_a_headline_record():
 def record_images(deit_tiny):
     """The images the checks run on, decoded as the harness decodes them, with their ids as the
     outcome files name them, and the batch size the published runs used."""
-    from PIL import Image
-
-    from bench.data import eval_transform, list_images, load_imagenet_folder, to_rgb
+    from bench.data import decode_image, eval_transform, list_images, load_imagenet_folder
 
     size = next(iter(RECORDS.values()))["config"]["data"]["batch_size"]
     if os.environ.get("FATR_RECORDS_ALL_IMAGES") == "1":
@@ -74,11 +70,8 @@ def record_images(deit_tiny):
         return ds.images, [str(Path(p).relative_to(VAL)) for p in ds.paths], size
     transform = eval_transform(deit_tiny)
     items = list_images(VAL)[:size]
-    images = []
-    for path, _ in items:
-        with Image.open(path) as im:
-            images.append(transform(to_rgb(im, path)))
-    return torch.stack(images), [str(Path(p).relative_to(VAL)) for p, _ in items], size
+    images = torch.stack([decode_image(path, transform) for path, _ in items])
+    return images, [str(Path(p).relative_to(VAL)) for p, _ in items], size
 
 
 @pytest.mark.parametrize("method", sorted(RECORDS))
