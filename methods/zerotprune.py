@@ -222,7 +222,9 @@ def kept_page_rank(attn: Tensor, dropped: Tensor, num_prefix: int, iters: int, c
     m = int(n) - int(dropped.shape[1])
     keep = torch.ones(b, n, dtype=attn.dtype, device=attn.device).scatter_(1, dropped, 0.0)
     graph = attn.reshape(b * h, n, n)
-    mass = torch.bmm(attn.reshape(b, h * n, n), keep[:, :, None]).view(b, h, n)
+    # the row mass as a row vector times the transposed map: the same products as ``A @ keep``,
+    # but the CPU BLAS runs this layout about 8x faster at batch 32 (and as fast at batch 1)
+    mass = torch.bmm(keep[:, None, :], attn.reshape(b, h * n, n).transpose(1, 2)).view(b, h, n)
     w = (keep[:, None, :] / mass.clamp_min(torch.finfo(attn.dtype).tiny)).view(b * h, 1, n)
     s = _kept_initial_scores(int(n), m, int(num_prefix) if cls_boost else 0, attn.dtype, attn.device)
     s = s.expand(b * h, 1, n)
