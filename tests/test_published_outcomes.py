@@ -67,11 +67,12 @@ def record_images(deit_tiny):
     size = next(iter(RECORDS.values()))["config"]["data"]["batch_size"]
     if os.environ.get("FATR_RECORDS_ALL_IMAGES") == "1":
         ds = load_imagenet_folder(VAL, "deit_tiny_patch16_224", show_progress=False)
-        return ds.images, [str(Path(p).relative_to(VAL)) for p in ds.paths], size
-    transform = eval_transform(deit_tiny)
-    items = list_images(VAL)[:size]
-    images = torch.stack([decode_image(path, transform) for path, _ in items])
-    return images, [str(Path(p).relative_to(VAL)) for p, _ in items], size
+        images, paths = ds.images, ds.paths
+    else:
+        transform = eval_transform(deit_tiny)
+        paths = [path for path, _ in list_images(VAL)[:size]]
+        images = torch.stack([decode_image(path, transform) for path in paths])
+    return images, [str(Path(p).relative_to(VAL)) for p in paths], size
 
 
 @pytest.mark.parametrize("method", sorted(RECORDS))
