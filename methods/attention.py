@@ -102,20 +102,21 @@ def fused_reweighted(
     return result
 
 
-def rows_first(k: Tensor) -> Tensor:
-    """``k`` (B, H, N, D), a view of the qkv output, laid out for the class token's logits
-    ``q₀ @ kᵀ``: every image's every head is one matrix-vector product of a batch.
+def class_token_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """The class token's attention logits ``(q₀·scale) @ kᵀ`` (B, H, 1, N), from ``q`` and ``k``
+    (B, H, N, D) as views of the qkv output.
 
-    With more than one image the view's image and head strides do not merge, and ``matmul``
-    copies ``kᵀ`` element by element into a fresh (B·H, D, N) tensor, most of the time of
-    these logits. Copying ``k``'s rows as they lie instead halved it at batch 32 (2-core CPU,
-    timed in alternation, 2026-12-06), and the product then reads ``kᵀ`` in the layout it has
-    at batch 1, where the heads alone are the batch and nothing is copied: from the same
-    queries and keys each image's row is the bits it gets alone (tested; through the copied
-    ``kᵀ`` it rounded differently in a batch; the linear layers before it still do). The full
-    map's product, a matrix product, rounds the same either way and is dominated by its
-    arithmetic, so it is left as it was."""
-    return k if k.shape[0] == 1 else k.contiguous()
+    Every image's every head is one matrix-vector product of a batch. With more than one image
+    the view's image and head strides do not merge, and ``matmul`` would copy ``kᵀ`` element by
+    element into a fresh (B·H, D, N) tensor, most of the time of these logits. Copying ``k``'s
+    rows as they lie instead halved it at batch 32 (2-core CPU, timed in alternation,
+    2026-12-06), and the product then reads ``kᵀ`` in the layout it has at batch 1, where the
+    heads alone are the batch and nothing is copied: from the same queries and keys each
+    image's row is the bits it gets alone (tested; through the copied ``kᵀ`` it rounded
+    differently in a batch; the linear layers before it still may). The full map's product
+    ``q @ kᵀ``, a matrix product dominated by its arithmetic, gained nothing from the copy."""
+    keys = k if k.shape[0] == 1 else k.contiguous()
+    return (q[:, :, :1] * scale) @ keys.transpose(-2, -1)
 
 
 def attention_forward(
@@ -158,7 +159,7 @@ def attention_forward(
         else:
             out = fused_reweighted(q, k, v, bias, reweight, valid, attn.scale, drop)
         if CLS_ATTN in needs:
-            logits0 = (q[:, :, :1] * attn.scale) @ rows_first(k).transpose(-2, -1)
+            logits0 = class_token_logits(q, k, attn.scale)
             if bias is not None:
                 logits0 = logits0 + bias
             taps[CLS_ATTN] = logits0.float().softmax(dim=-1)[:, :, 0]

@@ -293,28 +293,24 @@ def test_head_mean_is_means_bits_on_the_attentions_key_layout(dtype):
         assert got.dtype == dtype and torch.equal(got, keys.mean(dim=1)), (batch, tokens, heads, width)
 
 
-@pytest.mark.parametrize("needs", ["attn", "cls_attn"])
-def test_attention_taps_of_an_image_do_not_depend_on_its_batch(needs):
-    """The explicit map and the class token's row, which EViT, top-k, DiffRate, ATS, PPT, MCTF,
-    Zero-TPrune and FATR rank tokens by: from the same block input, each image's taps and
-    output in a batch are the bits it gets alone (``rows_first``: copying the keys' rows keeps
-    ``kᵀ`` in its batch-1 layout; the class token's row rounded differently in a batch before).
-    DeiT-Tiny's head shape at several token counts, and DeiT-S's."""
-    from methods.attention import attention_forward
-    from methods.base import ATTN, CLS_ATTN
+def test_class_token_logits_of_an_image_do_not_depend_on_its_batch():
+    """The class token's attention row, which EViT, top-k, DiffRate, ATS and PPT rank tokens
+    by: from the same queries and keys (views of one qkv output, as the patch has them), each
+    image's logits in a batch are the bits it gets alone, and they are ``q₀·kᵀ`` (the keys'
+    rows are copied first, so ``kᵀ`` keeps its batch-1 layout; through ``matmul``'s own copy
+    of ``kᵀ`` the row rounded differently in a batch). DeiT-T/S/B head counts, several token
+    counts, batches up to 64."""
+    from methods.attention import class_token_logits
 
     g = torch.Generator().manual_seed(5)
-    for heads, tokens in [(3, 197), (3, 120), (3, 61), (6, 197)]:
-        attn = timm.layers.Attention(heads * 64, num_heads=heads, qkv_bias=True).eval()
-        x = torch.randn(6, tokens, heads * 64, generator=g)
-        bias = torch.rand(6, 1, 1, tokens, generator=g).log()
-        tap = {"attn": ATTN, "cls_attn": CLS_ATTN}[needs]
-        with torch.no_grad():
-            out, taps = attention_forward(attn, x, bias, None, None, frozenset({tap}))
-            for i in range(6):
-                one, alone = attention_forward(attn, x[i : i + 1], bias[i : i + 1], None, None, frozenset({tap}))
-                assert torch.equal(taps[tap][i], alone[tap][0]), (heads, tokens, i)
-                assert torch.equal(out[i], one[0]), (heads, tokens, i)
+    for heads, tokens, batch in [(3, 197, 6), (3, 120, 64), (3, 61, 2), (6, 197, 8), (12, 197, 4)]:
+        qkv = torch.randn(batch, tokens, 3 * heads * 64, generator=g)
+        q, k, _ = qkv.reshape(batch, tokens, 3, heads, 64).permute(2, 0, 3, 1, 4).unbind(0)
+        got = class_token_logits(q, k, 0.125)
+        assert torch.allclose(got, (q[:, :, :1] * 0.125) @ k.transpose(-2, -1), rtol=1e-5, atol=1e-6)
+        for i in range(batch):
+            alone = class_token_logits(q[i : i + 1], k[i : i + 1], 0.125)
+            assert torch.equal(got[i], alone[0]), (heads, tokens, batch, i)
 
 
 def test_row_gather_and_scatter_add_compile_to_the_same_values():
